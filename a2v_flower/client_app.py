@@ -1,0 +1,87 @@
+"""Flower ClientApp: a site trains adapters on its cached audio embeddings and scores held-out clips."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import OmegaConf
+
+from a2v_flower import config as C
+from a2v_flower.data.site import SiteData, load_site
+from a2v_flower.metrics import retrieval
+from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
+from a2v_flower.strategy import from_record, to_record
+from a2v_flower.training import class_means, predict, train_adapters
+
+app = ClientApp()
+
+# Per-process memo: in simulation one Ray actor serves many rounds (and sites), so the encoder and
+# the embedded site data are built once; in deployment each message is a new process and the disk
+# cache does the same job.
+_ENCODERS: dict = {}
+_SITES: dict = {}
+
+
+def _setup(msg: Message, context: Context):
+    """Config, site data, class targets and adapters (global, or this site's own when not aggregating)."""
+    cfg = OmegaConf.create(str(msg.content["config"]["run-config"]))
+    site_id = int(context.node_config["partition-id"])
+    if "data-root" in context.node_config:  # deployment: each SuperNode may keep data elsewhere
+        cfg.data.root = str(context.node_config["data-root"])
+    data, part, aspec = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
+    encoder = _ENCODERS.setdefault(aspec, AudioEncoder(aspec))
+    key = (data, part, aspec, site_id)
+    if key not in _SITES:
+        _SITES[key] = load_site(data, part, encoder, site_id)
+    if "targets" in msg.content:  # sent once per node; kept for later rounds
+        context.state["targets"] = msg.content["targets"]
+    if "targets" not in context.state:
+        raise RuntimeError(f"site {site_id}: no class targets received from the server")
+    targets = from_record(context.state["targets"])
+    adapters = build_adapters(encoder_dim(aspec), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+    own = cfg.strategy.aggregation == "none" and "adapters" in context.state
+    adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
+    return cfg, site_id, _SITES[key], targets, adapters
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the adapters locally; reply with their weights, counts, per-class statistics and metrics."""
+    cfg, site_id, site, targets, adapters = _setup(msg, context)
+    x, y = site.splits["train"]
+    rnd = int(msg.content["config"]["server-round"])
+    calls, site.encoder_calls = site.encoder_calls, 0  # report each clip encoding once
+    loss = train_adapters(adapters, x, y, targets, C.train_spec(cfg), seed=cfg.seed + 7919 * rnd + site_id)
+    if cfg.strategy.aggregation == "none":
+        context.state["adapters"] = ArrayRecord(adapters.state_dict())
+    return Message(content=RecordDict({
+        "arrays": ArrayRecord(adapters.state_dict()),
+        "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
+                                 "encoder_calls": calls, "skipped": len(site.skipped)}),
+        "class_stats": class_stats(adapters, site, len(site.classes)),
+    }), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Zero-shot retrieval of the site's held-out clips among all federation classes."""
+    cfg, site_id, site, targets, adapters = _setup(msg, context)
+    x, y = site.splits[cfg.evaluate.split]
+    if len(y) == 0:
+        raise RuntimeError(f"site {site_id} has no clips in split {cfg.evaluate.split!r}")
+    m = retrieval(predict(adapters, x), y, targets)
+    return Message(content=RecordDict({"metrics": MetricRecord(m | {"num-examples": len(y), "site": site_id})}),
+                   reply_to=msg)
+
+
+def class_stats(adapters, site: SiteData, num_classes: int) -> ArrayRecord:
+    """Per-class adapter-output means, audio-embedding mean/variance and counts of the train split."""
+    x, y = site.splits["train"]
+    stats = {f"out/{k}": v for k, v in class_means(predict(adapters, x), y).items()}
+    for c in y.unique().tolist():
+        stats[f"audio_mean/{c}"] = x[y == c].mean(0)
+        stats[f"audio_var/{c}"] = x[y == c].var(0, unbiased=False)
+    stats["counts"] = torch.bincount(y, minlength=num_classes).float()
+    return to_record(stats)

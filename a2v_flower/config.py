@@ -1,0 +1,146 @@
+"""Compose, validate and translate the Hydra config: the one module that reads `cfg` keys."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from a2v_flower.data.partition import MODES
+from a2v_flower.data.site import DataSpec, PartitionSpec
+from a2v_flower.data.synthetic import SyntheticSpec
+from a2v_flower.models.audio_encoder import AudioEncoderSpec
+from a2v_flower.models.text_encoders import TextSpec
+from a2v_flower.training import TrainSpec
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+ALLOWED = {
+    "strategy.aggregation": ("avg", "uniform", "none"),
+    "diffusion.type": ("sd", "flux"),
+    "model.profile": ("tiny", "pretrained"),
+    "data.kind": ("synthetic", "esc50"),
+    "partition.mode": MODES,
+    "wandb.mode": ("offline", "online", "disabled"),
+    "evaluate.split": ("val", "test"),
+}
+POSITIVE = ("num_rounds", "federation.num_sites", "federation.num_cpus", "train.local_epochs",
+            "train.batch_size", "train.lr", "adapter.width", "adapter.heads", "model.audio.tokens",
+            "model.audio.batch_size", "data.clip_seconds", "federation.timeout")
+NON_NEGATIVE = ("train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose conf/config.yaml with Hydra command-line style overrides."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def load_config(run_config: dict) -> DictConfig:
+    """Config of a Flower run: the resolved `config-file` if given, else conf/ composed with `overrides`."""
+    path = str(run_config.get("config-file", "") or "")
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"run config config-file={path!r} does not exist")
+        return OmegaConf.load(path)
+    return compose_config(shlex.split(str(run_config.get("overrides", "") or "")))
+
+
+def absolute_paths(cfg: DictConfig, base: str | Path) -> DictConfig:
+    """Resolve interpolations and make every path absolute against `base` (processes differ in cwd)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in ("paths.output_root", "paths.cache_dir", "data.root"):
+        value = OmegaConf.select(cfg, key)
+        if value not in (None, "???"):
+            OmegaConf.update(cfg, key, str((Path(base) / value).resolve()))
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ValueError naming the key, the bad value and what is allowed, before any work starts."""
+    for key, allowed in ALLOWED.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+    for key in POSITIVE + NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        bad = not isinstance(value, (int, float)) or isinstance(value, bool)
+        if bad or (value <= 0 if key in POSITIVE else value < 0):
+            need = "> 0" if key in POSITIVE else ">= 0"
+            raise ValueError(f"{key}={value!r} is not allowed; expected a number {need}")
+    if not isinstance(cfg.federation.num_cpus, int):
+        raise ValueError(f"federation.num_cpus={cfg.federation.num_cpus!r}: Flower needs a whole number of CPUs")
+    if cfg.adapter.width % cfg.adapter.heads:
+        raise ValueError(f"adapter.width={cfg.adapter.width} must be divisible by adapter.heads={cfg.adapter.heads}")
+    if "{}" not in cfg.prompt_template:
+        raise ValueError(f"prompt_template={cfg.prompt_template!r} must contain '{{}}' for the class name")
+    splits = dict(cfg.data.splits)
+    if set(splits) != {"train", "val", "test"} or abs(sum(splits.values()) - 1) > 1e-6:
+        raise ValueError(f"data.splits={splits} must have train, val and test fractions summing to 1")
+    if cfg.data.kind == "esc50" and OmegaConf.select(cfg, "data.root") in (None, "???"):
+        raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 "
+                         "(the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
+
+
+def check_gpus(num_gpus: float) -> None:
+    """A GPU fraction on a machine without CUDA fails inside Ray with 'ActorPool is empty': say why first."""
+    import torch
+
+    if num_gpus > 0 and not torch.cuda.is_available():
+        raise ValueError(f"federation.num_gpus={num_gpus} but this machine has no CUDA GPU; "
+                         "use federation.num_gpus=0 here")
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """A fresh run folder <output_root>/<date>/<time>_<name>."""
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+    return Path(cfg.paths.output_root) / f"{stamp}_{cfg.name}"
+
+
+# ---- config -> typed specs (modules below never see cfg) ---------------------------------------
+
+def data_spec(cfg: DictConfig) -> DataSpec:
+    """Dataset spec from `data.*`."""
+    d = cfg.data
+    synthetic = None
+    if d.kind == "synthetic":
+        synthetic = SyntheticSpec(tuple(d.classes), d.clips_per_class, d.seconds, d.sample_rate,
+                                  d.noise, d.overlap, d.variation, cfg.seed)
+    return DataSpec(cache_dir=cfg.paths.cache_dir, root=d.root,
+                    classes=tuple(d.classes) if d.classes else None,
+                    folds=tuple(d.folds) if d.get("folds") else None, clip_seconds=d.clip_seconds,
+                    splits=tuple(dict(d.splits).items()), synthetic=synthetic, seed=cfg.seed)
+
+
+def partition_spec(cfg: DictConfig) -> PartitionSpec:
+    """Partition spec from `partition.*` and `federation.num_sites`."""
+    p = cfg.partition
+    sites = tuple(tuple(s) for s in p.sites) if p.get("sites") else None
+    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed)
+
+
+def audio_spec(cfg: DictConfig) -> AudioEncoderSpec:
+    """Audio encoder spec from `model.audio.*`."""
+    a = cfg.model.audio
+    tiny = tuple(sorted(dict(a.tiny).items())) if a.get("tiny") else None
+    return AudioEncoderSpec(a.name_or_path, a.sampling_rate, a.max_length, a.tokens, a.batch_size, tiny, cfg.seed)
+
+
+def text_spec(cfg: DictConfig) -> TextSpec:
+    """Text encoder spec from `model.text.*`."""
+    t = cfg.model.text
+    return TextSpec(t.clip, t.clip_subfolder, t.t5, t.t5_subfolder, cfg.seed)
+
+
+def train_spec(cfg: DictConfig) -> TrainSpec:
+    """Optimisation spec from `train.*`."""
+    t = cfg.train
+    return TrainSpec(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.cosine_weight, t.grad_clip)
+
+
+def t5_seq_len(cfg: DictConfig) -> int:
+    """FLUX T5 sequence length (unused for SD)."""
+    return int(cfg.diffusion.get("t5_seq_len", 16))

@@ -1,0 +1,104 @@
+"""Assign clips to sites (explicit classes, semantic groups, IID, Dirichlet) and split each site."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from a2v_flower.data.esc50 import ESC50_GROUPS, Clip
+
+MODES = ("classes", "groups", "iid", "dirichlet")
+
+
+def site_classes(mode: str, sites: list[list[str]] | None, classes: list[str]) -> list[list[str]]:
+    """Expand `partition.sites` (class or group names) to class lists; validate them."""
+    if sites is None or len(sites) == 0:
+        raise ValueError(f"partition.sites is required for partition.mode={mode!r}: one list per site")
+    out = []
+    for i, names in enumerate(sites):
+        if not names:
+            raise ValueError(f"partition.sites[{i}] is empty: every site needs at least one {mode[:-1]}")
+        if mode == "groups":
+            unknown = [g for g in names if g not in ESC50_GROUPS]
+            if unknown:
+                raise ValueError(f"partition.sites[{i}]: unknown groups {unknown}; "
+                                 f"allowed: {list(ESC50_GROUPS)}")
+            expanded = [c for g in names for c in ESC50_GROUPS[g] if c in classes]
+            if not expanded:
+                raise ValueError(f"partition.sites[{i}]={list(names)}: these groups have no class in "
+                                 f"the dataset's classes {classes}")
+            out.append(expanded)
+        else:
+            unknown = [c for c in names if c not in classes]
+            if unknown:
+                raise ValueError(f"partition.sites[{i}]: unknown classes {unknown}; allowed: {classes}")
+            out.append(list(names))
+    orphans = [c for c in classes if not any(c in s for s in out)]
+    if orphans:
+        raise ValueError(f"partition.sites: classes {orphans} are in no site; add them to a site or "
+                         "drop them with data.classes")
+    return out
+
+
+def partition(clips: list[Clip], mode: str, num_sites: int, seed: int,
+              sites: list[list[str]] | None = None, alpha: float = 0.5) -> list[list[int]]:
+    """Return, for each site, the indices of its clips. Disjoint; every clip is used at most once."""
+    if mode not in MODES:
+        raise ValueError(f"partition.mode={mode!r} is not allowed; expected one of {list(MODES)}")
+    if num_sites < 1:
+        raise ValueError(f"federation.num_sites={num_sites} must be >= 1")
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(clips):
+        by_class[c.category].append(i)
+    classes = sorted(by_class, key=lambda c: clips[by_class[c][0]].target)
+    out: list[list[int]] = [[] for _ in range(num_sites)]
+    if mode in ("classes", "groups"):
+        lists = site_classes(mode, sites, classes)
+        if len(lists) != num_sites:
+            raise ValueError(f"partition.sites has {len(lists)} sites but federation.num_sites="
+                             f"{num_sites}; make them equal")
+        for c in classes:  # a class held by k sites is dealt to them in turn, without overlap
+            owners = [s for s, names in enumerate(lists) if c in names]
+            for j, idx in enumerate(rng.permutation(by_class[c])):
+                out[owners[j % len(owners)]].append(int(idx))
+    elif mode == "iid":
+        for j, idx in enumerate(rng.permutation(len(clips))):
+            out[j % num_sites].append(int(idx))
+    else:
+        if alpha <= 0:
+            raise ValueError(f"partition.alpha={alpha} must be > 0")
+        for c in classes:
+            idx = rng.permutation(by_class[c])
+            cuts = (np.cumsum(rng.dirichlet([alpha] * num_sites)) * len(idx)).astype(int)[:-1]
+            for s, part in enumerate(np.split(idx, cuts)):
+                out[s].extend(int(i) for i in part)
+    empty = [s for s, idx in enumerate(out) if not idx]
+    if empty:
+        raise ValueError(f"partition: sites {empty} got no clips (mode={mode!r}, {len(clips)} clips, "
+                         f"{num_sites} sites); use fewer sites, more data or a larger partition.alpha")
+    return [sorted(s) for s in out]
+
+
+def split(labels: list[int], fractions: dict[str, float], seed: int) -> dict[str, list[int]]:
+    """Stratified split of positions 0..N-1 into named parts (e.g. train/val/test), seeded."""
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-6 or any(f < 0 for f in fractions.values()):
+        raise ValueError(f"data.splits={dict(fractions)} must be non-negative and sum to 1")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {name: [] for name in fractions}
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for pos, y in enumerate(labels):
+        by_label[y].append(pos)
+    names = list(fractions)
+    for y in sorted(by_label):
+        idx = rng.permutation(by_label[y])
+        counts = np.floor(np.array([fractions[n] for n in names]) * len(idx)).astype(int)
+        for k in np.argsort([-fractions[n] for n in names])[: len(idx) - counts.sum()]:
+            counts[k] += 1  # hand out the remainder to the largest parts first
+        start = 0
+        for name, n in zip(names, counts):
+            parts[name].extend(int(i) for i in idx[start:start + n])
+            start += n
+    return {k: sorted(v) for k, v in parts.items()}

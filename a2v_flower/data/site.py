@@ -1,0 +1,91 @@
+"""What one site holds: its share of the federation's clips, embedded (cached) and split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from a2v_flower.cache import TensorCache
+from a2v_flower.data import partition as part_lib
+from a2v_flower.data.esc50 import Clip, read_metadata
+from a2v_flower.data.synthetic import SyntheticSpec, generate
+from a2v_flower.models.audio_encoder import AudioEncoder, embed_clips
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Dataset location and preprocessing (conf: data.*)."""
+
+    cache_dir: str
+    root: str | None = None
+    classes: tuple[str, ...] | None = None
+    folds: tuple[int, ...] | None = None
+    clip_seconds: float = 5.0
+    splits: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
+    synthetic: SyntheticSpec | None = None  # set: generate the dataset first
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How clips are assigned to sites (conf: partition.*, federation.num_sites)."""
+
+    mode: str
+    num_sites: int
+    sites: tuple[tuple[str, ...], ...] | None = None
+    alpha: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class SiteData:
+    """A site's embedded clips per split; labels index `classes` (the whole federation's classes)."""
+
+    classes: list[str]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    skipped: list[str] = field(default_factory=list)
+    encoder_calls: int = 0
+
+    @property
+    def present(self) -> list[int]:
+        """Class indices this site has training clips of."""
+        return sorted(self.splits["train"][1].unique().tolist())
+
+
+def dataset_root(data: DataSpec) -> Path:
+    """The ESC-50-layout folder, generating the synthetic dataset on first use."""
+    if data.synthetic is None:
+        if data.root is None:
+            raise ValueError("data.root is required for data=esc50: the folder with audio/ and meta/")
+        return Path(data.root)
+    root = Path(data.root or Path(data.cache_dir) / "synthetic" / data.synthetic.fingerprint())
+    return generate(root, data.synthetic)
+
+
+def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[str], list[list[int]]]:
+    """All clips, the class list (ESC-50 target order) and each site's clip indices; validates all."""
+    clips = read_metadata(dataset_root(data), list(data.folds) if data.folds else None,
+                          list(data.classes) if data.classes else None)
+    classes = sorted({c.category for c in clips}, key=lambda n: min(c.target for c in clips if c.category == n))
+    sites = [list(s) for s in part.sites] if part.sites else None
+    return clips, classes, part_lib.partition(clips, part.mode, part.num_sites, part.seed, sites, part.alpha)
+
+
+def load_site(data: DataSpec, part: PartitionSpec, encoder: AudioEncoder, site_id: int) -> SiteData:
+    """Embed the site's clips (cache first) and split them stratified per class, seeded by site."""
+    if not 0 <= site_id < part.num_sites:
+        raise ValueError(f"partition-id={site_id} is out of range for federation.num_sites={part.num_sites}")
+    clips, classes, sites = federation(data, part)
+    calls_before = encoder.calls
+    cache = TensorCache(Path(data.cache_dir) / "embeddings")
+    num_samples = int(data.clip_seconds * encoder.spec.sampling_rate)
+    x, kept, skipped = embed_clips(encoder, [clips[i] for i in sites[site_id]], cache, num_samples,
+                                   desc=f"site {site_id} embedding")
+    y = torch.tensor([classes.index(c.category) for c in kept])
+    parts = part_lib.split(y.tolist(), dict(data.splits), seed=data.seed + 1000 * site_id)
+    splits = {name: (x[idx], y[idx]) for name, idx in parts.items()}
+    if len(splits["train"][1]) == 0:
+        raise ValueError(f"site {site_id} has no training clips after splitting; adjust data.splits")
+    return SiteData(classes, splits, skipped, encoder.calls - calls_before)

@@ -1,0 +1,124 @@
+"""Frozen AST audio encoder producing a compact token representation of each clip, with a disk cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, AutoConfig, AutoFeatureExtractor
+
+from a2v_flower.cache import TensorCache, file_sha1, model_identity, sha1_of
+from a2v_flower.data.esc50 import Clip, load_audio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AudioEncoderSpec:
+    """How to build the encoder: `name_or_path=None` builds a tiny random AST from `tiny`."""
+
+    name_or_path: str | None
+    sampling_rate: int = 16000
+    max_length: int = 512
+    tokens: int = 8
+    batch_size: int = 16
+    tiny: tuple[tuple[str, int], ...] | None = None  # ASTConfig overrides of the tiny model
+    seed: int = 0
+
+
+def compact_tokens(hidden: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, 2 + P, D) AST states -> (B, tokens, D): mean of [CLS, DIST] then `tokens-1` pooled patch groups."""
+    summary = hidden[:, :2].mean(dim=1, keepdim=True)                                # (B, 1, D)
+    patches = F.adaptive_avg_pool1d(hidden[:, 2:].transpose(1, 2), tokens - 1)       # (B, D, K-1)
+    return torch.cat([summary, patches.transpose(1, 2)], dim=1)                       # (B, K, D)
+
+
+class AudioEncoder:
+    """ASTFeatureExtractor + frozen ASTModel, loaded on first use; `encode` maps waveforms to (N, tokens, D).
+
+    Its `identity` needs no weights, so a process whose clips are all cached never loads the model.
+    """
+
+    def __init__(self, spec: AudioEncoderSpec):
+        if spec.tokens < 2:
+            raise ValueError(f"model.audio.tokens={spec.tokens} must be >= 2 (summary + pooled patches)")
+        self.spec = spec
+        self.model: ASTModel | None = None
+        self.extractor: ASTFeatureExtractor | None = None
+        self.calls = 0  # clips this instance has run through the network
+        self.identity = sha1_of(model_identity(spec.name_or_path, {"tiny": spec.tiny, "seed": spec.seed}),
+                                spec.max_length, spec.tokens, spec.sampling_rate)
+
+    def load(self) -> AudioEncoder:
+        """Build the tiny random AST (seeded: same weights in every process) or load the named one."""
+        if self.model is not None:
+            return self
+        spec = self.spec
+        if spec.name_or_path is None:
+            torch.manual_seed(spec.seed)
+            config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, **dict(spec.tiny or ()))
+            self.model = ASTModel(config)
+            self.extractor = ASTFeatureExtractor(num_mel_bins=128, max_length=spec.max_length,
+                                                 sampling_rate=spec.sampling_rate)
+        else:
+            self.model = ASTModel.from_pretrained(spec.name_or_path)
+            self.extractor = AutoFeatureExtractor.from_pretrained(spec.name_or_path)
+        self.model.eval().requires_grad_(False)
+        log.info("Loaded audio encoder %s", spec.name_or_path or "tiny-random-AST")
+        return self
+
+    @torch.no_grad()
+    def encode(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """Embed mono float32 waveforms at the encoder's rate: (N, tokens, D)."""
+        self.load()
+        out = []
+        for i in range(0, len(waves), self.spec.batch_size):
+            batch = waves[i:i + self.spec.batch_size]
+            feats = self.extractor(batch, sampling_rate=self.spec.sampling_rate, return_tensors="pt")
+            hidden = self.model(**feats).last_hidden_state                               # (B, T, D)
+            out.append(compact_tokens(hidden, self.spec.tokens))
+            self.calls += len(batch)
+        return torch.cat(out)
+
+
+def encoder_dim(spec: AudioEncoderSpec) -> int:
+    """Token width D of the encoder, read from its config only (no weights loaded)."""
+    if spec.name_or_path is None:
+        return ASTConfig(**dict(spec.tiny or ())).hidden_size
+    return AutoConfig.from_pretrained(spec.name_or_path).hidden_size
+
+
+def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, num_samples: int,
+                desc: str = "embedding") -> tuple[torch.Tensor, list[Clip], list[str]]:
+    """Embeddings (N, tokens, D) of `clips`, from the cache where possible; unreadable files skipped."""
+    keys = [sha1_of(encoder.identity, file_sha1(c.path), num_samples) if c.path.is_file() else None
+            for c in clips]
+    found = {i: cache.get(k) for i, k in enumerate(keys) if k is not None}
+    missing = [i for i, k in enumerate(keys) if k is None or found.get(i) is None]
+    skipped = []
+    for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing, leave=False):
+        chunk = missing[start:start + 64]
+        waves, ok = [], []
+        for i in chunk:
+            try:
+                wave = load_audio(clips[i].path, encoder.spec.sampling_rate, num_samples)
+                if not np.isfinite(wave).all():
+                    raise ValueError("non-finite samples")
+            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+                log.warning("Skipping unreadable audio file %s: %s", clips[i].path, err)
+                skipped.append(str(clips[i].path))
+                continue
+            waves.append(wave)
+            ok.append(i)
+        if waves:
+            for i, emb in zip(ok, encoder.encode(waves)):
+                cache.put(keys[i], {"tokens": emb.clone()})
+                found[i] = {"tokens": emb}
+    kept = [i for i in range(len(clips)) if found.get(i) is not None]
+    if not kept:
+        raise ValueError(f"No usable audio: all {len(clips)} clips were unreadable (first: {skipped[:3]})")
+    return torch.stack([found[i]["tokens"] for i in kept]), [clips[i] for i in kept], skipped
