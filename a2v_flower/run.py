@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,27 @@ def flwr_env() -> dict:
     return env
 
 
+def superlink_running(env: dict) -> bool:
+    """Whether the local SuperLink that `flwr run` manages already answers on its port."""
+    port = int(env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", 39091))
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop_local_superlink(flwr_home: str | Path) -> int:
+    """Stop the detached SuperLink that `flwr run` started for `flwr_home` (Linux /proc); return how many."""
+    marker, stopped = str(Path(flwr_home) / "local-superlink"), 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and marker in cmd:
+            os.kill(int(proc.name), signal.SIGTERM)
+            stopped += 1
+    return stopped
+
+
 def flwr_command(config_file: Path, cfg: DictConfig) -> list[str]:
     """The `flwr run` call that simulates `federation.num_sites` sites on the Ray engine."""
     fed = cfg.federation
@@ -52,7 +75,13 @@ def launch(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     config_file = run_dir / "config.yaml"
     OmegaConf.save(cfg, config_file)
-    proc = subprocess.run(flwr_command(config_file, cfg), env=flwr_env(), cwd=APP_DIR)
+    env = flwr_env()
+    started_here = not superlink_running(env)
+    try:
+        proc = subprocess.run(flwr_command(config_file, cfg), env=env, cwd=APP_DIR)
+    finally:
+        if started_here:  # leave no detached SuperLink behind (it would keep this run's environment)
+            stop_local_superlink(env["FLWR_HOME"])
     summary_file = run_dir / "summary.json"
     if proc.returncode != 0 or not summary_file.is_file():
         raise SystemExit(f"flwr run failed (exit code {proc.returncode}); see the log above and {run_dir}")

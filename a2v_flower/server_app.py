@@ -17,7 +17,7 @@ from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
 from a2v_flower.strategy import A2VStrategy
-from a2v_flower.tracking import RunTracker
+from a2v_flower.tracking import RunTracker, use_flower_logging
 
 log = logging.getLogger("a2v_flower")
 app = ServerApp()
@@ -37,7 +37,7 @@ def prepare_run(run_config: dict) -> tuple:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `num_rounds` of adapter federation and save the global adapters and a summary."""
-    logging.getLogger("a2v_flower").setLevel(logging.INFO)
+    use_flower_logging()
     cfg, run_dir = prepare_run(dict(context.run_config))
     log.info("run folder: %s", run_dir)
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # validates the partition

@@ -93,12 +93,15 @@ class A2VStrategy(FedAvg):
             return None
         rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in ok}
         n = sum(r["num-examples"] for r in rows.values())
+        if n == 0:
+            log.warning("round %s: no site has held-out clips to evaluate", server_round)
+            return None
         correct = np.sum([r["correct_per_class"] for r in rows.values()], axis=0)
         count = np.sum([r["count_per_class"] for r in rows.values()], axis=0)
         glob = {k: float(sum(r[k] * r["num-examples"] for r in rows.values()) / n) for k in ("top1", "top5", "cosine")}
         per_class = {c: float(correct[i] / count[i]) for i, c in enumerate(self.classes) if count[i]}
         sites = {s: {k: float(r[k]) for k in ("top1", "top5", "cosine")} | {"n": int(r["num-examples"])}
-                 for s, r in sorted(rows.items())}
+                 for s, r in sorted(rows.items()) if r["num-examples"]}
         self.tracker.log(server_round, "eval", glob | {"num_examples": int(n), "per_class": per_class,
                                                        "sites": sites})
         log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | %s", server_round, glob["top1"],

@@ -10,6 +10,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def use_flower_logging() -> None:
+    """Send this package's log records through Flower's handlers, so they reach `flwr run --stream`."""
+    pkg = logging.getLogger("a2v_flower")
+    pkg.setLevel(logging.INFO)
+    pkg.handlers = logging.getLogger("flwr").handlers
+    pkg.propagate = False
+
+
 class RunTracker:
     """Writes one JSON line per round event to <run_dir>/metrics.jsonl and mirrors it to wandb."""
 

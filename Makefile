@@ -1,0 +1,19 @@
+# Two commands do everything on a fresh clone:  `make run`  and  `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: setup run test
+
+# torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel, never CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup  ## the main job on the embedded default; pass Hydra overrides with ARGS="num_rounds=3 ..."
+	$(VENV)/bin/a2v-run $(ARGS)
+
+test: setup  ## the whole suite, slow tests (real Flower processes) included
+	$(VENV)/bin/pytest $(PYTEST_ARGS)

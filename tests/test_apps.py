@@ -1,0 +1,139 @@
+"""ClientApp and strategy, called directly with Flower Messages: payloads, aggregation math, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+
+from a2v_flower import client_app
+from a2v_flower import config as C
+from a2v_flower.cache import TensorCache
+from a2v_flower.data.site import federation
+from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.audio_encoder import encoder_dim
+from a2v_flower.models.text_encoders import class_targets
+from a2v_flower.strategy import A2VStrategy, to_record
+
+
+class NullTracker:
+    def __init__(self):
+        self.history = []
+
+    def log(self, round_, kind, metrics):
+        self.history.append({"round": round_, "kind": kind, **metrics})
+
+
+def setup(cfg):
+    _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
+                            TensorCache(f"{cfg.paths.cache_dir}/targets"))
+    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0)
+    return classes, targets, adapters
+
+
+def message(cfg, adapters, targets, kind="train", rnd=1, with_targets=True):
+    content = RecordDict({"arrays": ArrayRecord(adapters.state_dict()),
+                          "config": ConfigRecord({"run-config": OmegaConf.to_yaml(cfg), "server-round": rnd})})
+    if with_targets:
+        content["targets"] = to_record(targets)
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def context(site=0):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": site, "num-partitions": 3},
+                   state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("diffusion", ["sd", "flux"])
+def test_train_reply_carries_only_adapter_weights(make_cfg, task_identity, diffusion):
+    cfg = make_cfg(f"diffusion={diffusion}")
+    _, targets, adapters = setup(cfg)
+    reply = client_app.train(message(cfg, adapters, targets), context())
+    sent = reply.content["arrays"]
+    assert set(sent.keys()) == {n for n, _ in adapters.named_parameters()}  # no buffers, no encoder
+    assert sorted(reply.content.keys()) == ["arrays", "class_stats", "metrics"]
+    assert reply.content["metrics"]["num-examples"] > 0
+    new = sent.to_torch_state_dict()
+    assert any(not torch.equal(new[k], v) for k, v in adapters.state_dict().items())  # it trained
+    encoder = next(iter(client_app._ENCODERS.values()))
+    if encoder.model is not None:
+        assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen
+    stats = reply.content["class_stats"]
+    assert {k.split("/")[0] for k in stats.keys()} == {"out", "audio_mean", "audio_var", "counts"}
+
+
+def test_targets_are_kept_in_state_for_later_rounds(make_cfg, task_identity):
+    cfg = make_cfg()
+    _, targets, adapters = setup(cfg)
+    ctx = context()
+    client_app.train(message(cfg, adapters, targets), ctx)
+    reply = client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), ctx)
+    m = reply.content["metrics"]
+    assert 0 <= m["top1"] <= m["top5"] <= 1 and sum(m["count_per_class"]) == m["num-examples"]
+    with pytest.raises(RuntimeError, match="no class targets"):
+        client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), context())
+
+
+def test_aggregation_none_keeps_site_adapters(make_cfg, task_identity):
+    cfg = make_cfg("strategy=none")
+    _, targets, adapters = setup(cfg)
+    ctx = context()
+    first = client_app.train(message(cfg, adapters, targets), ctx).content["arrays"].to_torch_state_dict()
+    fresh = build_adapters(adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads, 99)
+    reply = client_app.evaluate(message(cfg, fresh, targets, "evaluate"), ctx)  # server's arrays are ignored
+    own = build_adapters(adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads, 0)
+    own.load_state_dict(first)
+    assert reply.content["metrics"]["top1"] == pytest.approx(
+        client_app.evaluate(message(cfg, own, targets, "evaluate"), context()).content["metrics"]["top1"])
+
+
+def replies(weights: list[dict], counts: list[int], cfg_msg):
+    out = []
+    for i, (w, n) in enumerate(zip(weights, counts)):
+        content = RecordDict({
+            "arrays": to_record(w),
+            "metrics": MetricRecord({"num-examples": n, "unit-weight": 1, "train_loss": 0.1, "site": i,
+                                     "encoder_calls": 0, "skipped": 0}),
+            "class_stats": to_record({"counts": torch.ones(2)})})
+        out.append(Message(content=content, reply_to=cfg_msg))
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["avg", "uniform"])
+def test_aggregation_matches_hand_computed_mean(task_identity, aggregation):
+    ws = [{"w": torch.full((2, 3), v), "b": torch.tensor([v])} for v in (1.0, 2.0, 4.0)]
+    counts = [10, 30, 60]
+    strategy = A2VStrategy(aggregation, {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
+    msg = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+    arrays, _ = strategy.aggregate_train(1, replies(ws, counts, msg))
+    got = arrays.to_torch_state_dict()["w"]
+    expected = (1 * 10 + 2 * 30 + 4 * 60) / 100 if aggregation == "avg" else (1 + 2 + 4) / 3
+    assert torch.allclose(got, torch.full((2, 3), expected))
+    assert len(strategy.class_stats) == 3  # statistics kept aside, not averaged into the adapters
+
+
+def test_evaluate_pools_all_sites(task_identity):
+    strategy = A2VStrategy("avg", {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
+    msg = Message(content=RecordDict(), dst_node_id=1, message_type="evaluate")
+    rows = [({"top1": 1.0, "top5": 1.0, "cosine": 0.5, "num-examples": 2, "site": 0,
+              "correct_per_class": [2, 0], "count_per_class": [2, 0]}),
+            ({"top1": 0.0, "top5": 1.0, "cosine": 0.3, "num-examples": 6, "site": 1,
+              "correct_per_class": [0, 0], "count_per_class": [0, 6]})]
+    out = strategy.aggregate_evaluate(1, [Message(content=RecordDict({"metrics": MetricRecord(r)}), reply_to=msg)
+                                          for r in rows])
+    assert out["top1"] == pytest.approx(0.25) and out["cosine"] == pytest.approx((0.5 * 2 + 0.3 * 6) / 8)
+    logged = strategy.tracker.history[-1]
+    assert logged["per_class"] == {"a": 1.0, "b": 0.0} and set(logged["sites"]) == {0, 1}
+
+
+def test_targets_sent_once_per_node(task_identity):
+    strategy = A2VStrategy("avg", {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
+    msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train")
+            for n in (1, 2)]
+    first = strategy._with_targets(msgs)
+    second = strategy._with_targets(msgs)
+    assert all("targets" in m.content for m in first) and not any("targets" in m.content for m in second)
+    assert np.array_equal(first[0].content["targets"]["clip"].numpy(), np.zeros((2, 1)))

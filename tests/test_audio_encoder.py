@@ -1,0 +1,76 @@
+"""The frozen AST encoder and its embedding cache: second runs never re-encode; save/load round trip."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+from a2v_flower import config as C
+from a2v_flower.cache import TensorCache
+from a2v_flower.data.site import federation, load_site
+from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, compact_tokens, embed_clips
+
+
+def test_compact_tokens_shape_and_summary():
+    hidden = torch.randn(2, 2 + 30, 16)
+    out = compact_tokens(hidden, 4)
+    assert out.shape == (2, 4, 16)
+    assert torch.allclose(out[:, 0], hidden[:, :2].mean(1))
+    assert torch.allclose(out[:, 1:].mean(1), hidden[:, 2:].mean(1), atol=1e-6)  # equal groups of 10
+
+
+def test_second_load_makes_zero_encoder_calls(make_cfg, tmp_path):
+    cfg = make_cfg(f"paths.cache_dir={tmp_path}/fresh")  # a cache of its own
+    data, part, spec = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
+    first = load_site(data, part, AudioEncoder(spec), 0)
+    fresh = AudioEncoder(spec)  # a new process in deployment: nothing in memory
+    second = load_site(data, part, fresh, 0)
+    assert first.encoder_calls > 0 and second.encoder_calls == 0
+    assert fresh.model is None  # the weights were never even loaded
+    for name in first.splits:
+        assert torch.equal(first.splits[name][0], second.splits[name][0])
+
+
+def test_changed_clip_or_encoder_is_re_encoded(make_cfg, tmp_path):
+    cfg = make_cfg(f"paths.cache_dir={tmp_path}/c2")
+    clips, _, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    cache, spec = TensorCache(tmp_path / "emb"), C.audio_spec(cfg)
+    few = [clips[i] for i in sites[0][:3]]
+    embed_clips(AudioEncoder(spec), few, cache, 16000)
+    shutil.copy(few[1].path, few[0].path)  # clip 0 now has clip 1's content
+    enc = AudioEncoder(spec)
+    embed_clips(enc, few, cache, 16000)
+    assert enc.calls == 0  # same content as a cached clip: keyed by content, not by name
+    other = AudioEncoder(AudioEncoderSpec(**{**spec.__dict__, "tokens": spec.tokens + 1}))
+    x, _, _ = embed_clips(other, few, cache, 16000)
+    assert other.calls == 3 and x.shape[1] == spec.tokens + 1
+
+
+def test_corrupt_cache_entry_is_recomputed(make_cfg, tmp_path):
+    cfg = make_cfg(f"paths.cache_dir={tmp_path}/c3")
+    clips, _, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    cache, spec = TensorCache(tmp_path / "emb"), C.audio_spec(cfg)
+    few = [clips[i] for i in sites[0][:2]]
+    x1, _, _ = embed_clips(AudioEncoder(spec), few, cache, 16000)
+    next(cache.root.rglob("*.safetensors")).write_bytes(b"truncated")
+    enc = AudioEncoder(spec)
+    x2, _, _ = embed_clips(enc, few, cache, 16000)
+    assert enc.calls == 1 and torch.allclose(x1, x2)
+
+
+def test_pretrained_path_loads_a_saved_model(tmp_path):
+    """The real path (from_pretrained on a folder) with a tiny model saved by save_pretrained."""
+    torch.manual_seed(0)
+    model = ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               max_length=128))
+    ASTFeatureExtractor(max_length=128).save_pretrained(tmp_path / "ast")
+    model.save_pretrained(tmp_path / "ast")
+    enc = AudioEncoder(AudioEncoderSpec(str(tmp_path / "ast"), max_length=128, tokens=3))
+    wave = [torch.randn(16000).numpy() * 0.1]
+    out = enc.encode(wave)
+    feats = ASTFeatureExtractor(max_length=128)(wave, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        ref = compact_tokens(model.eval()(**feats).last_hidden_state, 3)
+    assert out.shape == (1, 3, 32) and torch.allclose(out, ref, atol=1e-5)

@@ -1,0 +1,89 @@
+"""Config composition: every group option composes and validates; bad values are named."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from a2v_flower import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = sorted(p.name for p in C.CONF_DIR.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS if g != "experiment"
+                                          for p in sorted((C.CONF_DIR / g).glob("*.yaml"))])
+def test_every_group_option_composes_and_validates(group, option, make_cfg):
+    cfg = make_cfg(f"{group}={option}", "data.root=/data/ESC-50")
+    C.validate(cfg)
+    assert OmegaConf.select(cfg, f"{group}") is not None
+
+
+@pytest.mark.parametrize("experiment", [p.stem for p in (C.CONF_DIR / "experiment").glob("*.yaml")])
+def test_every_experiment_composes(experiment, make_cfg):
+    C.validate(make_cfg(f"+experiment={experiment}"))
+
+
+def readme_overrides() -> list[list[str]]:
+    """Hydra overrides of every `a2v-run ...` line in the README."""
+    text = (ROOT / "README.md").read_text()
+    lines = re.findall(r"^\s*(?:\.venv/bin/)?a2v-run(.*)$", text, flags=re.M)
+    return [[a for a in shlex.split(line.split("#")[0]) if a not in ("-m", "--multirun")] for line in lines]
+
+
+def test_readme_has_run_commands():
+    assert len(readme_overrides()) >= 3
+
+
+@pytest.mark.parametrize("overrides", readme_overrides())
+def test_every_readme_command_composes(overrides, make_cfg):
+    expanded = []
+    for o in overrides:  # a sweep "k=a,b" composes as each of its values
+        key, _, values = o.partition("=")
+        expanded.append([f"{key}={v}" for v in values.split(",")] if "," in values and "[" not in values else [o])
+    for combo in zip(*[e if len(e) > 1 else e * 8 for e in expanded]):
+        cfg = make_cfg(*combo, "data.root=/data/ESC-50")
+        C.validate(cfg)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("strategy.aggregation=median", r"strategy.aggregation='median' is not allowed; expected one of \['avg'"),
+    ("train.lr=-1", r"train.lr=-1 is not allowed; expected a number > 0"),
+    ("federation.num_cpus=0", r"federation.num_cpus=0"),
+    ("adapter.heads=3", r"adapter.width=64 must be divisible by adapter.heads=3"),
+    ("prompt_template=hello", r"must contain '\{\}'"),
+    ("data.splits.train=0.9", r"data.splits=.* summing to 1"),
+    ("wandb.mode=maybe", r"wandb.mode='maybe'"),
+])
+def test_bad_values_are_named(override, match, make_cfg):
+    with pytest.raises(ValueError, match=match):
+        C.validate(make_cfg(override))
+
+
+def test_esc50_without_root_is_clear(make_cfg, monkeypatch):
+    monkeypatch.delenv("ESC50_ROOT", raising=False)
+    with pytest.raises(ValueError, match="data.root is required"):
+        C.validate(make_cfg("data=esc50"))
+
+
+def test_gpu_request_without_gpu_is_clear():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="federation.num_gpus=0.25 but this machine has no CUDA GPU"):
+        C.check_gpus(0.25)
+
+
+def test_load_config_from_flower_run_config(tmp_path, make_cfg):
+    cfg = make_cfg("num_rounds=4")
+    OmegaConf.save(cfg, tmp_path / "c.yaml")
+    assert C.load_config({"config-file": str(tmp_path / "c.yaml")}).num_rounds == 4
+    assert C.load_config({"config-file": "", "overrides": "num_rounds=9 strategy=uniform"}).strategy.aggregation \
+        == "uniform"
+    with pytest.raises(FileNotFoundError, match="config-file='/nope.yaml'"):
+        C.load_config({"config-file": "/nope.yaml"})

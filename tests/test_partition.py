@@ -1,0 +1,86 @@
+"""Partitioning clips to sites and splitting sites: coverage, disjointness, validation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from a2v_flower.data.esc50 import Clip
+from a2v_flower.data.partition import partition, split
+
+CLASSES = ["dog", "rooster", "rain", "sea_waves", "crying_baby", "sneezing"]
+
+
+def clips(per_class: int = 10) -> list[Clip]:
+    return [Clip(Path(f"{c}-{k}.wav"), k % 5 + 1, t, c) for t, c in enumerate(CLASSES) for k in range(per_class)]
+
+
+def check_disjoint(parts, n):
+    flat = [i for p in parts for i in p]
+    assert len(flat) == len(set(flat)) and set(flat) <= set(range(n))
+
+
+@pytest.mark.parametrize("mode,sites", [("iid", None), ("dirichlet", None),
+                                        ("classes", [["dog", "rooster", "rain"], ["rain", "sea_waves"],
+                                                     ["crying_baby", "sneezing"]]),
+                                        ("groups", [["animals"], ["natural"], ["human"]])])
+def test_modes_cover_all_clips_once(mode, sites):
+    cs = clips()
+    parts = partition(cs, mode, 3, seed=0, sites=sites, alpha=5.0)
+    check_disjoint(parts, len(cs))
+    assert sum(map(len, parts)) == len(cs)
+
+
+def test_class_lists_are_respected_and_shared_class_split():
+    cs = clips()
+    parts = partition(cs, "classes", 2, 0, sites=[["dog", "rain", "rooster"], ["rain", "sea_waves", "crying_baby",
+                                                                             "sneezing"]])
+    site0 = Counter(cs[i].category for i in parts[0])
+    site1 = Counter(cs[i].category for i in parts[1])
+    assert set(site0) == {"dog", "rain", "rooster"} and site0["rain"] == 5 and site1["rain"] == 5
+
+
+def test_groups_expand_to_dataset_classes():
+    cs = clips()
+    parts = partition(cs, "groups", 2, 0, sites=[["animals", "natural"], ["human"]])
+    assert {cs[i].category for i in parts[1]} == {"crying_baby", "sneezing"}
+
+
+def test_same_seed_same_partition_other_seed_differs():
+    cs = clips()
+    assert partition(cs, "iid", 3, 1) == partition(cs, "iid", 3, 1) != partition(cs, "iid", 3, 2)
+
+
+@pytest.mark.parametrize("mode,sites,match", [
+    ("classes", [["dog", "cat"], CLASSES], r"sites\[0\]: unknown classes \['cat'\]; allowed"),
+    ("classes", [["dog"], ["rooster"]], r"classes \['rain', 'sea_waves', .*\] are in no site"),
+    ("classes", [["dog"], []], r"sites\[1\] is empty"),
+    ("groups", [["animals"], ["plants"]], r"unknown groups \['plants'\]; allowed: \['animals'"),
+    ("groups", [["animals", "natural", "human"], ["urban"]], r"sites\[1\]=\['urban'\]: these groups have no class"),
+    ("classes", [CLASSES], r"1 sites but federation.num_sites=2"),
+    ("classes", None, r"partition.sites is required"),
+    ("wrong", None, r"partition.mode='wrong' is not allowed; expected one of"),
+])
+def test_validation_errors_name_the_problem(mode, sites, match):
+    with pytest.raises(ValueError, match=match):
+        partition(clips(), mode, 2, 0, sites=sites)
+
+
+def test_empty_site_is_an_error():
+    with pytest.raises(ValueError, match=r"sites \[.*\] got no clips"):
+        partition(clips(per_class=1), "iid", 10, 0)
+
+
+def test_split_is_stratified_and_disjoint():
+    labels = [c for c in range(4) for _ in range(10)]
+    parts = split(labels, {"train": 0.7, "val": 0.1, "test": 0.2}, seed=0)
+    check_disjoint(list(parts.values()), len(labels))
+    for name, frac in (("train", 7), ("val", 1), ("test", 2)):
+        assert Counter(labels[i] for i in parts[name]) == {c: frac for c in range(4)}
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ValueError, match="data.splits"):
+        split([0, 1], {"train": 0.5, "val": 0.1, "test": 0.1}, seed=0)

@@ -1,0 +1,69 @@
+"""The real thing: `a2v-run` starts `flwr run` (SuperLink + Ray simulation) and writes a run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def a2v_run(tmp_path: Path, cache: Path, *overrides: str) -> Path:
+    """Run the console script like a user; return the single new run folder."""
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    out = tmp_path / "outputs"
+    before = set(out.rglob("summary.json")) if out.exists() else set()
+    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache}", f"paths.output_root={out}",
+                           *overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final top-1 retrieval" in proc.stdout
+    (new,) = set(out.rglob("summary.json")) - before
+    return new.parent
+
+
+@pytest.mark.slow
+def test_simulation_end_to_end_and_cache(tmp_path):
+    cache = tmp_path / "cache"
+    run = a2v_run(tmp_path, cache, "federation.num_sites=3", "wandb.mode=offline", "name=first")
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapters.safetensors", "accuracy.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    trains = [r for r in rows if r["kind"] == "train"]
+    assert [r["round"] for r in evals] == [1, 2] and all(set(r["sites"]) == {"0", "1", "2"} for r in evals)
+    assert trains[0]["encoder_calls"] == 80 and trains[1]["encoder_calls"] == 0  # 10 classes x 8 clips, once
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 <= summary["final_top1"] <= 1 and summary["encoder_calls"] == 80
+
+    second = a2v_run(tmp_path, cache, "federation.num_sites=3", "strategy=uniform", "name=second")
+    assert json.loads((second / "summary.json").read_text())["encoder_calls"] == 0  # all from the disk cache
+    assert "uniform" in (second / "config.yaml").read_text()
+    # no detached SuperLink left behind
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "flwr") not in ps
+
+
+def test_bad_partition_fails_before_anything_starts(tmp_path):
+    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={tmp_path}/c",
+                           f"paths.output_root={tmp_path}/o", "partition=classes",
+                           "partition.sites=[[dog,cat],[rain]]"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "partition.sites[0]: unknown classes ['cat']" in proc.stderr + proc.stdout
+    assert not (tmp_path / "flwr").exists() and not list((tmp_path / "o").rglob("metrics.jsonl"))
