@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from a2v_flower.data.partition import MODES
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
+from a2v_flower.diffusion import DiffusionSpec
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
@@ -26,11 +27,13 @@ ALLOWED = {
     "partition.mode": MODES,
     "wandb.mode": ("offline", "online", "disabled"),
     "evaluate.split": ("val", "test"),
+    "diffusion.dtype": ("float32", "float16", "bfloat16"),
 }
 POSITIVE = ("num_rounds", "federation.num_sites", "federation.num_cpus", "train.local_epochs",
             "train.batch_size", "train.lr", "adapter.width", "adapter.heads", "model.audio.tokens",
-            "model.audio.batch_size", "data.clip_seconds", "federation.timeout")
-NON_NEGATIVE = ("train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
+            "model.audio.batch_size", "data.clip_seconds", "federation.timeout", "diffusion.steps",
+            "diffusion.height", "diffusion.width")
+NON_NEGATIVE = ("diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -144,3 +147,10 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
 def t5_seq_len(cfg: DictConfig) -> int:
     """FLUX T5 sequence length (unused for SD)."""
     return int(cfg.diffusion.get("t5_seq_len", 16))
+
+
+def diffusion_spec(cfg: DictConfig) -> DiffusionSpec:
+    """Rendering pipeline spec from `diffusion.*`."""
+    d = cfg.diffusion
+    return DiffusionSpec(d.type, d.name_or_path, d.steps, d.guidance_scale, d.height, d.width, cfg.seed, d.dtype,
+                         d.cpu_offload, d.attention_slicing)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
@@ -13,9 +13,11 @@ from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.checkpoints import save_tensors
 from a2v_flower.data.site import federation
+from a2v_flower.diffusion import Renderer
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
+from a2v_flower.rendering import RoundRenderer
 from a2v_flower.strategy import A2VStrategy
 from a2v_flower.tracking import RunTracker, use_flower_logging
 
@@ -54,9 +56,21 @@ def main(grid: Grid, context: Context) -> None:
                            min_train_nodes=max(1, round(n * cfg.strategy.fraction_train)),
                            min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
                            min_available_nodes=n)
+    render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), cfg.diffusion.render_every, run_dir / "images",
+                           classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Per-round side effects on the global adapters: rendering (when due)."""
+        if not render.due(server_round, cfg.num_rounds):
+            return None
+        adapters.load_state_dict(arrays.to_torch_state_dict())
+        metrics = render(server_round, adapters, strategy.class_stats)
+        tracker.log(server_round, "render", metrics, image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
+        return MetricRecord(metrics) if metrics else None
+
     run_cfg = ConfigRecord({"run-config": OmegaConf.to_yaml(cfg)})
     result = strategy.start(grid, ArrayRecord(adapters.state_dict()), cfg.num_rounds, cfg.federation.timeout,
-                            train_config=run_cfg, evaluate_config=run_cfg)
+                            train_config=run_cfg, evaluate_config=run_cfg, evaluate_fn=after_round)
     if len(result.arrays):  # empty when no round succeeded
         adapters.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "adapters.safetensors", adapters.state_dict(),

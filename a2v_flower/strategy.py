@@ -38,7 +38,7 @@ class A2VStrategy(FedAvg):
         self.targets = to_record(class_targets)
         self.tracker, self.classes = tracker, classes
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
-        self.class_stats: dict[int, ArrayRecord] = {}  # last per-class statistics from each site
+        self.class_stats: dict[int, dict[str, torch.Tensor]] = {}  # last per-class statistics per site
 
     def _with_targets(self, messages: Iterable[Message]) -> list[Message]:
         """Give every message its own RecordDict; add the class targets for nodes that lack them."""
@@ -74,7 +74,7 @@ class A2VStrategy(FedAvg):
                 continue
             metrics = msg.content["metrics"]
             site = int(metrics["site"])
-            self.class_stats[site] = msg.content["class_stats"]
+            self.class_stats[site] = from_record(msg.content["class_stats"])
             del msg.content["class_stats"]
             sites[site] = {k: metrics[k] for k in ("train_loss", "num-examples", "encoder_calls", "skipped")}
         arrays, metrics = super().aggregate_train(server_round, replies)

@@ -34,14 +34,18 @@ class RunTracker:
             self.wandb = wandb.init(mode=wandb_mode, project=project, name=name, config=config,
                                     dir=str(self.run_dir), reinit="finish_previous")
 
-    def log(self, round_: int, kind: str, metrics: dict) -> None:
-        """Record `metrics` of one kind ("train", "eval", ...) for a round."""
+    def log(self, round_: int, kind: str, metrics: dict, image: Path | None = None) -> None:
+        """Record `metrics` of one kind ("train", "eval", "render", ...) for a round, with an optional image."""
         row = {"round": round_, "kind": kind, **metrics}
         self.history.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             flat = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if image is not None and Path(image).is_file():
+                import wandb
+
+                flat[f"{kind}/image"] = wandb.Image(str(image))
             self.wandb.log({"round": round_, **flat})
 
     def finish(self, summary: dict) -> None:
