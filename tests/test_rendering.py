@@ -1,0 +1,46 @@
+"""Render rounds: due only when configured, lazy pipeline, files written, judged."""
+
+from __future__ import annotations
+
+import torch
+
+from a2v_flower import diffusion
+from a2v_flower.diffusion import DiffusionSpec, Renderer
+from a2v_flower.models.adapters import build_adapters
+from a2v_flower.rendering import RoundRenderer, class_audio_means
+
+
+def stats(counts, k=4, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {"counts": torch.tensor(counts, dtype=torch.float)}
+    for c, n in enumerate(counts):
+        if n:
+            out[f"audio_mean/{c}"] = torch.randn(k, d, generator=g)
+    return out
+
+
+def test_class_means_are_count_weighted():
+    a, b = stats([2, 0, 1]), stats([2, 6, 0], seed=1)
+    present, means = class_audio_means({0: a, 1: b}, 3)
+    assert present == [0, 1, 2]
+    assert torch.allclose(means[0], (a["audio_mean/0"] + b["audio_mean/0"]) / 2)
+    assert torch.allclose(means[1], b["audio_mean/1"])
+
+
+def test_render_round_is_lazy_and_writes_outputs(tmp_path):
+    classes = ["dog", "rain", "siren"]
+    targets = {"clip": torch.randn(3, 77, 768)}
+    adapters = build_adapters(16, targets, 32, 2, 0)
+    rr = RoundRenderer(Renderer(DiffusionSpec("sd")), every=2, out_dir=tmp_path, classes=classes,
+                       targets=targets, judge_id=None)
+    assert [r for r in range(1, 6) if rr.due(r, last_round=5)] == [2, 4, 5]
+    assert not RoundRenderer(rr.renderer, 0, tmp_path, classes, targets, None).due(5, 5)
+    assert rr.renderer.pipe is None  # nothing built before a render round
+    built = diffusion.PIPELINES_BUILT
+    metrics = rr(2, adapters, {0: stats([1, 1, 0])})
+    assert diffusion.PIPELINES_BUILT == built + 1 and rr.renderer.pipe is None  # built once, freed after
+    folder = tmp_path / "round_002"
+    for name in ("dog.png", "dog_oracle.png", "rain.png", "grid.png", "index.html"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "siren.png").exists()  # no statistics for siren yet
+    assert 0 <= metrics["images/accuracy"] <= 1 and 0 <= metrics["oracle_images/macro_f1"] <= 1
