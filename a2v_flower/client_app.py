@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 
 from a2v_flower import config as C
+from a2v_flower import replay as R
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
 from a2v_flower.models.adapters import build_adapters
@@ -54,6 +55,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site_id, site, targets, adapters = _setup(msg, context)
     x, y = site.splits["train"]
     rnd = int(msg.content["config"]["server-round"])
+    replay = C.replay_spec(cfg, site.classes)
+    extra, losses = {}, {}
+    if replay is not None:
+        extra["generators"], losses = train_generators(context, replay, x, y, site.classes, targets)
+    if "synthetic" in msg.content:  # augmentation: the server's samples of classes this site lacks
+        syn = from_record(msg.content["synthetic"])
+        x, y = torch.cat([x, syn["x"]]), torch.cat([y, syn["y"].long()])
     calls, site.encoder_calls = site.encoder_calls, 0  # report each clip encoding once
     loss = train_adapters(adapters, x, y, targets, C.train_spec(cfg), seed=cfg.seed + 7919 * rnd + site_id)
     if cfg.strategy.aggregation == "none":
@@ -61,9 +69,25 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({
         "arrays": ArrayRecord(adapters.state_dict()),
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
-                                 "encoder_calls": calls, "skipped": len(site.skipped)}),
+                                 "encoder_calls": calls, "skipped": len(site.skipped),
+                                 "synthetic": len(y) - len(site.splits["train"][1]),
+                                 "generator_loss": sum(losses.values()) / max(1, len(losses))}),
         "class_stats": class_stats(adapters, site, len(site.classes)),
+        **extra,
     }), reply_to=msg)
+
+
+def train_generators(context: Context, replay, x, y, classes, targets) -> tuple[ArrayRecord, dict]:
+    """Continue this site's generators (kept in context.state) on its embeddings; reply with their weights."""
+    states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
+    seen = set(context.state["gen_seen"]["classes"]) if "gen_seen" in context.state else set()
+    states, losses = R.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
+                                             replay.generator, targets, replay.reset_on_new_classes)
+    for key, state in states.items():
+        context.state[f"gen/{key}"] = to_record(state)
+    context.state["gen_seen"] = ConfigRecord({"classes": sorted(seen | set(y.unique().tolist()))})
+    sent = {f"{key}/{k}": v for key, state in states.items() for k, v in R.weights_only(state).items()}
+    return to_record(sent), losses
 
 
 @app.evaluate()

@@ -13,6 +13,8 @@ from a2v_flower.data.partition import MODES
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
 from a2v_flower.diffusion import DiffusionSpec
+from a2v_flower.models.generators import GeneratorSpec, generator_keys
+from a2v_flower.replay import ReplaySpec, default_groups
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
@@ -20,7 +22,9 @@ from a2v_flower.training import TrainSpec
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 ALLOWED = {
-    "strategy.aggregation": ("avg", "uniform", "none"),
+    "strategy.aggregation": ("avg", "uniform", "none", "kd"),
+    "generator.type": ("none", "gaussian", "vae", "cvae", "gan"),
+    "granularity.granularity": ("unified", "per_class", "per_group"),
     "diffusion.type": ("sd", "flux"),
     "model.profile": ("tiny", "pretrained"),
     "data.kind": ("synthetic", "esc50"),
@@ -33,7 +37,8 @@ POSITIVE = ("num_rounds", "federation.num_sites", "federation.num_cpus", "train.
             "train.batch_size", "train.lr", "adapter.width", "adapter.heads", "model.audio.tokens",
             "model.audio.batch_size", "data.clip_seconds", "federation.timeout", "diffusion.steps",
             "diffusion.height", "diffusion.width")
-NON_NEGATIVE = ("diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
+NON_NEGATIVE = ("replay.samples_per_class", "replay.refine_epochs", "replay.synthetic_samples_per_class",
+                "replay.kd_epochs", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -78,6 +83,16 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"federation.num_cpus={cfg.federation.num_cpus!r}: Flower needs a whole number of CPUs")
     if cfg.adapter.width % cfg.adapter.heads:
         raise ValueError(f"adapter.width={cfg.adapter.width} must be divisible by adapter.heads={cfg.adapter.heads}")
+    gen = cfg.generator.type
+    if gen == "vae" and cfg.granularity.granularity != "per_class":
+        raise ValueError(f"generator.type='vae' is unconditioned, so granularity={cfg.granularity.granularity!r} "
+                         "cannot sample a given class; use granularity=per_class or generator=cvae|gan|gaussian")
+    if cfg.strategy.aggregation == "kd" and gen == "none":
+        raise ValueError("strategy.aggregation='kd' distils on generator samples but generator.type='none'; "
+                         "choose generator=gaussian|vae|cvae|gan")
+    if gen == "none" and (cfg.replay.refine_epochs or cfg.replay.synthetic_samples_per_class):
+        raise ValueError("replay.refine_epochs / replay.synthetic_samples_per_class need generator samples but "
+                         "generator.type='none'; choose generator=gaussian|vae|cvae|gan")
     if "{}" not in cfg.prompt_template:
         raise ValueError(f"prompt_template={cfg.prompt_template!r} must contain '{{}}' for the class name")
     splits = dict(cfg.data.splits)
@@ -154,3 +169,23 @@ def diffusion_spec(cfg: DictConfig) -> DiffusionSpec:
     d = cfg.diffusion
     return DiffusionSpec(d.type, d.name_or_path, d.steps, d.guidance_scale, d.height, d.width, cfg.seed, d.dtype,
                          d.cpu_offload, d.attention_slicing)
+
+
+def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
+    """Generator use from `generator.*`, `granularity.*`, `replay.*`; None without generators.
+
+    Validates the groups against `classes` (a class in two groups, in none, or unknown: ValueError).
+    """
+    g = cfg.generator
+    if g.type == "none":
+        return None
+    spec = GeneratorSpec(g.type, g.latent_dim, g.hidden, g.lr, g.weight_decay, g.epochs, g.batch_size, g.grad_clip,
+                         g.kl_weight, g.kl_warmup, g.early_stopping_patience, cfg.seed)
+    gran = cfg.granularity.granularity
+    groups = OmegaConf.to_container(cfg.granularity.groups) if cfg.granularity.groups else None
+    if gran == "per_group" and groups is None:
+        groups = default_groups(classes)
+    generator_keys(gran, classes, groups)
+    r = cfg.replay
+    return ReplaySpec(spec, gran, groups, r.samples_per_class, r.refine_epochs, r.synthetic_samples_per_class,
+                      r.kd_epochs, r.reset_on_new_classes)

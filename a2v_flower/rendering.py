@@ -10,20 +10,9 @@ from tqdm.auto import tqdm
 
 from a2v_flower.diffusion import ImageJudge, Renderer, save_grid, write_gallery
 from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.replay import class_audio_means
 
 log = logging.getLogger(__name__)
-
-
-def class_audio_means(class_stats: dict, num_classes: int) -> tuple[list[int], torch.Tensor]:
-    """Count-weighted mean audio embedding per class over all sites' statistics: (classes, (C', K, D))."""
-    sums, counts = {}, torch.zeros(num_classes)
-    for stats in class_stats.values():
-        n = stats["counts"]
-        for c in torch.nonzero(n).flatten().tolist():
-            sums[c] = sums.get(c, 0) + n[c] * stats[f"audio_mean/{c}"]
-            counts[c] += n[c]
-    present = sorted(sums)
-    return present, torch.stack([sums[c] / counts[c] for c in present]) if present else torch.empty(0)
 
 
 class RoundRenderer:

@@ -71,7 +71,8 @@ def launch(cfg: DictConfig) -> float | None:
     cfg = C.absolute_paths(cfg, Path.cwd())
     C.validate(cfg)
     C.check_gpus(cfg.federation.num_gpus)
-    federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here, nothing started
+    _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
+    C.replay_spec(cfg, classes)                                            # and bad generator groups
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     config_file = run_dir / "config.yaml"
     OmegaConf.save(cfg, config_file)

@@ -46,8 +46,13 @@ def main(grid: Grid, context: Context) -> None:
     log.info("%d clips, %d classes, sites hold %s clips", len(clips), len(classes), [len(s) for s in sites])
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
                             C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
-    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads,
-                              cfg.seed)
+    dim = encoder_dim(C.audio_spec(cfg))
+    replay = C.replay_spec(cfg, classes)  # validates generator groups against the classes
+
+    def make_adapters():
+        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+
+    adapters = make_adapters()
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name)
     n = cfg.federation.num_sites
     strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes,
@@ -55,7 +60,8 @@ def main(grid: Grid, context: Context) -> None:
                            fraction_evaluate=cfg.strategy.fraction_evaluate,
                            min_train_nodes=max(1, round(n * cfg.strategy.fraction_train)),
                            min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
-                           min_available_nodes=n)
+                           min_available_nodes=n, replay=replay, make_adapters=make_adapters,
+                           train_spec=C.train_spec(cfg), seed=cfg.seed, token_shape=(cfg.model.audio.tokens, dim))
     render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), cfg.diffusion.render_every, run_dir / "images",
                            classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from dataclasses import replace
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -11,11 +12,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from a2v_flower import replay as R
+from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = {"avg": "num-examples", "uniform": "unit-weight", "none": "num-examples"}
+AGGREGATIONS = {"avg": "num-examples", "uniform": "unit-weight", "none": "num-examples", "kd": "num-examples"}
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -32,13 +35,33 @@ class A2VStrategy(FedAvg):
     """FedAvg whose weighting follows `aggregation` (avg: by examples, uniform: equal, none: unused)."""
 
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
-                 classes: list[str], **kwargs):
+                 classes: list[str], replay: R.ReplaySpec | None = None,
+                 make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
+                 token_shape: tuple[int, int] = (8, 64), **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
-        self.aggregation = aggregation
+        self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
+        self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
+        self.class_targets = class_targets
         self.targets = to_record(class_targets)
         self.tracker, self.classes = tracker, classes
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
         self.class_stats: dict[int, dict[str, torch.Tensor]] = {}  # last per-class statistics per site
+        self.generators: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # site -> key -> weights
+        self.site_of_node: dict[int, int] = {}
+
+    def owners(self) -> dict[int, list[int]]:
+        """Class index -> sites whose last statistics show training clips of it."""
+        out: dict[int, list[int]] = {}
+        for site, stats in sorted(self.class_stats.items()):
+            for c in torch.nonzero(stats["counts"]).flatten().tolist():
+                out.setdefault(c, []).append(site)
+        return out
+
+    def synthetic(self, per_class: int, wanted: list[int] | None = None, seed: int = 0):
+        """Samples of the sites' generators: (x (N, K, D), y (N,))."""
+        r = self.replay
+        return R.synthesize(self.generators, self.owners(), self.classes, r.granularity, r.groups, r.generator,
+                            self.token_shape, self.class_targets, per_class, wanted, seed)
 
     def _with_targets(self, messages: Iterable[Message]) -> list[Message]:
         """Give every message its own RecordDict; add the class targets for nodes that lack them."""
@@ -54,8 +77,18 @@ class A2VStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """FedAvg's messages, plus targets where needed."""
-        return self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        """FedAvg's messages, plus targets where needed and synthetic samples of classes a site lacks."""
+        messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        n = self.replay.synthetic_samples_per_class if self.replay else 0
+        for msg in messages if n and self.generators else []:
+            site = self.site_of_node.get(msg.metadata.dst_node_id)
+            if site is None:
+                continue
+            lacking = [c for c in self.owners() if site not in self.owners()[c]]
+            x, y = self.synthetic(n, lacking, seed=self.seed + 31 * server_round + site)
+            if len(y):
+                msg.content["synthetic"] = to_record({"x": x, "y": y})
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -66,7 +99,7 @@ class A2VStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Keep each site's class statistics aside, then average the adapters (FedAvg wants one ArrayRecord)."""
         replies = list(replies)
-        sites = {}
+        sites, teachers = {}, {}
         for msg in replies:
             if msg.has_error():
                 log.warning("round %s: site on node %s failed: %s", server_round,
@@ -74,16 +107,55 @@ class A2VStrategy(FedAvg):
                 continue
             metrics = msg.content["metrics"]
             site = int(metrics["site"])
+            self.site_of_node[msg.metadata.src_node_id] = site
             self.class_stats[site] = from_record(msg.content["class_stats"])
             del msg.content["class_stats"]
-            sites[site] = {k: metrics[k] for k in ("train_loss", "num-examples", "encoder_calls", "skipped")}
+            if "generators" in msg.content:  # "<key>/<tensor>" -> per key
+                gens: dict[str, dict[str, torch.Tensor]] = {}
+                for name, t in from_record(msg.content["generators"]).items():
+                    key, _, rest = name.partition("/")
+                    gens.setdefault(key, {})[rest] = t
+                self.generators[site] = gens
+                del msg.content["generators"]
+            if self.aggregation == "kd":
+                teachers[site] = msg.content["arrays"].to_torch_state_dict()
+            sites[site] = {k: metrics[k] for k in ("train_loss", "num-examples", "encoder_calls", "skipped",
+                                                   "synthetic", "generator_loss")}
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.tracker.log(server_round, "train", {
+        server = self.server_training(server_round, arrays, teachers) if arrays is not None else {}
+        if server.pop("arrays", None) is not None:
+            arrays = ArrayRecord(self._global.state_dict())
+        self.tracker.log(server_round, "train", server | {
             "train_loss": float(np.mean([s["train_loss"] for s in sites.values()])) if sites else None,
             "encoder_calls": int(sum(s["encoder_calls"] for s in sites.values())),
             "skipped_files": int(sum(s["skipped"] for s in sites.values())),
             "failures": len(replies) - len(sites), "sites": sites})
         return arrays, metrics
+
+    def server_training(self, server_round: int, arrays: ArrayRecord, teachers: dict) -> dict:
+        """After averaging: kd distillation and/or refinement of the global adapters with synthetic samples."""
+        r = self.replay
+        if r is None or not self.generators or not (self.aggregation == "kd" or r.refine_epochs):
+            return {}
+        self._global = self.make_adapters()
+        self._global.load_state_dict(arrays.to_torch_state_dict())
+        x, y = self.synthetic(r.samples_per_class, seed=self.seed + server_round)
+        out = {"server/synthetic_samples": len(y), "arrays": True}
+        if self.aggregation == "kd" and len(y):
+            models = {}
+            for site, state in teachers.items():
+                models[site] = self.make_adapters()
+                models[site].load_state_dict(state)
+            spec = replace(self.train_spec, epochs=r.kd_epochs)
+            out["server/kd_loss"] = R.distill(self._global, models, self.owners(), x, y, spec, self.seed)
+        if r.refine_epochs:
+            present, means = R.class_audio_means(self.class_stats, len(self.classes))
+            xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
+            spec = replace(self.train_spec, epochs=r.refine_epochs)
+            out["server/adapter_finetuning_loss"] = R.refine(self._global, xs, ys, self.class_targets, spec, self.seed)
+        log.info("round %s: server training %s", server_round,
+                 {k: round(v, 4) for k, v in out.items() if isinstance(v, float)})
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too."""

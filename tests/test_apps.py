@@ -96,7 +96,8 @@ def replies(weights: list[dict], counts: list[int], cfg_msg):
         content = RecordDict({
             "arrays": to_record(w),
             "metrics": MetricRecord({"num-examples": n, "unit-weight": 1, "train_loss": 0.1, "site": i,
-                                     "encoder_calls": 0, "skipped": 0}),
+                                     "encoder_calls": 0, "skipped": 0, "synthetic": 0,
+                                     "generator_loss": 0.0}),
             "class_stats": to_record({"counts": torch.ones(2)})})
         out.append(Message(content=content, reply_to=cfg_msg))
     return out

@@ -18,7 +18,8 @@ GROUPS = sorted(p.name for p in C.CONF_DIR.iterdir() if p.is_dir())
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS if g != "experiment"
                                           for p in sorted((C.CONF_DIR / g).glob("*.yaml"))])
 def test_every_group_option_composes_and_validates(group, option, make_cfg):
-    cfg = make_cfg(f"{group}={option}", "data.root=/data/ESC-50")
+    needs = {"vae": ["granularity=per_class"], "kd": ["generator=gaussian"]}.get(option, [])
+    cfg = make_cfg(f"{group}={option}", "data.root=/data/ESC-50", *needs)
     C.validate(cfg)
     assert OmegaConf.select(cfg, f"{group}") is not None
 
@@ -58,6 +59,9 @@ def test_every_readme_command_composes(overrides, make_cfg):
     ("prompt_template=hello", r"must contain '\{\}'"),
     ("data.splits.train=0.9", r"data.splits=.* summing to 1"),
     ("wandb.mode=maybe", r"wandb.mode='maybe'"),
+    ("generator=vae", r"generator.type='vae' is unconditioned, so granularity='unified' cannot"),
+    ("strategy=kd", r"strategy.aggregation='kd' distils on generator samples but generator.type='none'"),
+    ("replay.refine_epochs=3", r"replay.refine_epochs .* need generator samples"),
 ])
 def test_bad_values_are_named(override, match, make_cfg):
     with pytest.raises(ValueError, match=match):
@@ -87,3 +91,11 @@ def test_load_config_from_flower_run_config(tmp_path, make_cfg):
         == "uniform"
     with pytest.raises(FileNotFoundError, match="config-file='/nope.yaml'"):
         C.load_config({"config-file": "/nope.yaml"})
+
+
+def test_generator_groups_are_checked_against_classes(make_cfg):
+    cfg = make_cfg("generator=cvae", "granularity=per_group", "granularity.groups={a: [dog, rain], b: [dog]}")
+    with pytest.raises(ValueError, match="'dog' is in generator.groups.a and generator.groups.b"):
+        C.replay_spec(cfg, ["dog", "rain"])
+    spec = C.replay_spec(make_cfg("generator=gan", "granularity=per_group"), ["dog", "rain", "siren"])
+    assert spec.groups == {"animals": ["dog"], "natural": ["rain"], "urban": ["siren"]}  # ESC-50 groups

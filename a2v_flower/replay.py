@@ -1,0 +1,120 @@
+"""Generators in the federation: sites train them on their embeddings; the server samples them for
+knowledge distillation (kd), refinement of the global adapters, and augmentation of sites' training."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from a2v_flower.data.esc50 import ESC50_GROUPS
+from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.models.generators import (GeneratorSpec, build_generator, generator_keys, key_for,
+                                          sample_classes, train_generator)
+from a2v_flower.training import TrainSpec, predict, train_adapters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """What sites and server do with generators (conf: generator.*, granularity.*, replay.*)."""
+
+    generator: GeneratorSpec
+    granularity: str = "unified"
+    groups: dict | None = None
+    samples_per_class: int = 32
+    refine_epochs: int = 0
+    synthetic_samples_per_class: int = 0
+    kd_epochs: int = 5
+    reset_on_new_classes: bool = True
+
+
+def default_groups(classes: list[str]) -> dict[str, list[str]]:
+    """ESC-50's semantic groups restricted to `classes` (empty groups dropped)."""
+    groups = {g: [c for c in members if c in classes] for g, members in ESC50_GROUPS.items()}
+    return {g: m for g, m in groups.items() if m}
+
+
+def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[int], x: torch.Tensor,
+                          y: torch.Tensor, classes: list[str], granularity: str, groups: dict | None,
+                          spec: GeneratorSpec, class_targets: dict[str, torch.Tensor], reset_on_new: bool
+                          ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """Train (or continue) one generator per key on the site's (x, y); reset keys that meet new classes.
+
+    Returns the updated full states (weights + optimizer) and the last epoch's loss per key.
+    """
+    keys = generator_keys(granularity, classes, groups)
+    out, losses = dict(states), {}
+    for key, members in keys.items():
+        ids = [classes.index(c) for c in members]
+        mask = torch.isin(y, torch.tensor(ids))
+        if not mask.any():
+            continue
+        gen = build_generator(spec, tuple(x.shape[1:]))
+        new = set(y[mask].unique().tolist()) - seen
+        if key in states and not (reset_on_new and new):
+            gen.load_state_tensors(states[key])
+        elif key in states:
+            log.info("Resetting generator %r: new classes %s", key, sorted(classes[c] for c in new))
+        history = train_generator(gen, x[mask], y[mask], class_targets, spec)
+        out[key] = gen.state_tensors()
+        losses[key] = sum(v for k, v in history[-1].items() if k not in ("epoch", "kl_beta", "val"))
+    return out, losses
+
+
+def weights_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a generator needs to sample: its weights and buffers, not optimizer state or RNG."""
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def synthesize(site_states: dict[int, dict[str, dict[str, torch.Tensor]]], owners: dict[int, list[int]],
+               classes: list[str], granularity: str, groups: dict | None, spec: GeneratorSpec,
+               token_shape: tuple[int, int], class_targets: dict[str, torch.Tensor], per_class: int,
+               wanted: list[int] | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` samples of every wanted class, split over the generators of the sites owning it."""
+    rng = torch.Generator().manual_seed(seed)
+    xs, ys, cache = [], [], {}
+    for c in (wanted if wanted is not None else sorted(owners)):
+        sites = [s for s in owners.get(c, []) if key_for(granularity, classes[c], groups) in site_states.get(s, {})]
+        for j, site in enumerate(sites):
+            n = per_class // len(sites) + (j < per_class % len(sites))
+            key = key_for(granularity, classes[c], groups)
+            if (site, key) not in cache:
+                gen = build_generator(spec, token_shape)
+                gen.load_state_tensors(site_states[site][key])
+                cache[site, key] = gen.eval()
+            with torch.no_grad():
+                xs.append(sample_classes(cache[site, key], class_targets, torch.full((n,), c), generator=rng))
+            ys.append(torch.full((n,), c))
+    if not xs:
+        return torch.empty(0, *token_shape), torch.empty(0, dtype=torch.long)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def distill(global_adapters: AdapterSet, teachers: dict[int, AdapterSet], owners: dict[int, list[int]],
+            x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, seed: int = 0) -> float:
+    """Fit the global adapters to the mean output, on (x, y), of the teachers that own each sample's class."""
+    outs = {s: predict(t, x) for s, t in teachers.items()}
+    target = {h: torch.stack([torch.stack([outs[s][h][i] for s in owners[int(c)] if s in outs]).mean(0)
+                              for i, c in enumerate(y)]) for h in global_adapters}
+    return train_adapters(global_adapters, x, torch.arange(len(x)), target, spec, seed)
+
+
+def refine(global_adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor, class_targets: dict[str, torch.Tensor],
+           spec: TrainSpec, seed: int = 0) -> float:
+    """global_model_train: fit the global adapters toward the class targets on (synthetic + real-mean) samples."""
+    return train_adapters(global_adapters, x, y, class_targets, spec, seed)
+
+
+def class_audio_means(class_stats: dict, num_classes: int) -> tuple[list[int], torch.Tensor]:
+    """Count-weighted mean audio embedding per class over all sites' statistics: (classes, (C', K, D))."""
+    sums, counts = {}, torch.zeros(num_classes)
+    for stats in class_stats.values():
+        n = stats["counts"]
+        for c in torch.nonzero(n).flatten().tolist():
+            sums[c] = sums.get(c, 0) + n[c] * stats[f"audio_mean/{c}"]
+            counts[c] += n[c]
+    present = sorted(sums)
+    return present, torch.stack([sums[c] / counts[c] for c in present]) if present else torch.empty(0)

@@ -1,0 +1,73 @@
+"""Generators in the federation: site training with reset, server sampling, kd and refinement."""
+
+from __future__ import annotations
+
+import torch
+
+from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.generators import GeneratorSpec
+from a2v_flower.replay import distill, refine, synthesize, train_site_generators, weights_only
+from a2v_flower.training import TrainSpec, predict
+
+CLASSES = ["dog", "rain", "siren"]
+TARGETS = {"pooled": torch.randn(3, 12, generator=torch.Generator().manual_seed(0))}
+
+
+def toy(classes=(0, 1), n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor([c for c in classes for _ in range(n)])
+    centres = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1)) * 3
+    return centres[y] + 0.3 * torch.randn(len(y), 4, 8, generator=g), y
+
+
+def test_site_generators_per_class_and_reset(caplog):
+    spec = GeneratorSpec("gaussian")
+    x, y = toy((0, 1))
+    states, losses = train_site_generators({}, set(), x, y, CLASSES, "per_class", None, spec, TARGETS, True)
+    assert set(states) == {"dog", "rain"} and set(losses) == {"dog", "rain"}  # no data of siren, no generator
+    x2, y2 = toy((0, 2), seed=1)
+    st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
+                                  TARGETS, True)
+    with caplog.at_level("INFO"):
+        train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
+                              TARGETS, True)
+    assert "Resetting generator 'unified': new classes ['siren']" in caplog.text
+
+
+def test_synthesize_uses_owner_sites_and_lands_near_class():
+    spec = GeneratorSpec("gaussian")
+    xa, ya = toy((0,), seed=2)
+    xb, yb = toy((1, 2), seed=3)
+    sa, _ = train_site_generators({}, set(), xa, ya, CLASSES, "per_class", None, spec, TARGETS, True)
+    sb, _ = train_site_generators({}, set(), xb, yb, CLASSES, "per_class", None, spec, TARGETS, True)
+    site_states = {0: {k: weights_only(v) for k, v in sa.items()}, 1: {k: weights_only(v) for k, v in sb.items()}}
+    x, y = synthesize(site_states, {0: [0], 1: [1], 2: [1]}, CLASSES, "per_class", None, spec, (4, 8), TARGETS,
+                      per_class=10)
+    assert x.shape == (30, 4, 8) and torch.bincount(y).tolist() == [10, 10, 10]
+    centres = torch.stack([xa.mean(0), xb[yb == 1].mean(0), xb[yb == 2].mean(0)])
+    nearest = torch.cdist(x.flatten(1), centres.flatten(1)).argmin(1)
+    assert torch.equal(nearest, y)
+    x2, y2 = synthesize(site_states, {0: [0], 1: [1]}, CLASSES, "per_class", None, spec, (4, 8), TARGETS, 5,
+                        wanted=[1])
+    assert y2.tolist() == [1] * 5
+
+
+def test_distill_matches_owner_teachers_mean():
+    x, y = toy((0, 1), n=16)
+    teachers = {s: build_adapters(8, TARGETS, 16, 2, seed=s) for s in (0, 1, 2)}
+    student = build_adapters(8, TARGETS, 16, 2, seed=9)
+    owners = {0: [0, 1], 1: [2]}
+    target0 = (predict(teachers[0], x[y == 0])["pooled"] + predict(teachers[1], x[y == 0])["pooled"]) / 2
+    before = (predict(student, x[y == 0])["pooled"] - target0).pow(2).mean()
+    distill(student, teachers, owners, x, y, TrainSpec(epochs=60, lr=3e-3, batch_size=16))
+    after = (predict(student, x[y == 0])["pooled"] - target0).pow(2).mean()
+    assert after < 0.5 * before
+
+
+def test_refine_moves_outputs_toward_class_targets():
+    x, y = toy((0, 1, 2), n=10)
+    adapters = build_adapters(8, TARGETS, 16, 2, seed=0)
+    err = lambda: (predict(adapters, x)["pooled"] - TARGETS["pooled"][y]).pow(2).mean()  # noqa: E731
+    before = err()
+    refine(adapters, x, y, TARGETS, TrainSpec(epochs=40, lr=3e-3, batch_size=16))
+    assert err() < 0.5 * before
