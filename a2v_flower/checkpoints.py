@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -13,14 +17,23 @@ from safetensors.torch import load_file, save_file
 META_KEY = "a2v_meta"  # JSON metadata stored in the safetensors header
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
-    """Write `tensors` (+ JSON `meta`) to `path` via a temp file and rename: never a half-written file."""
-    path = Path(path)
+def _stage(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None) -> Path:
+    """Write a hidden temp file beside `path` (removed again if writing fails); the caller renames it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta or {})})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta or {})})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+    """Write `tensors` (+ JSON `meta`) to `path` via a temp file and rename: never a half-written file."""
+    path = Path(path)
+    os.replace(_stage(path, tensors, meta), path)
     return path
 
 
@@ -36,3 +49,174 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as err:
         raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {err}") from err
     return tensors, meta
+
+
+def load_torch_weights_only(path: str | Path) -> Any:
+    """A legacy .pt file via torch.load(weights_only=True) on CPU; ValueError naming it if it needs pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} is corrupt or needs pickled code to load (refused): {first_line}") from err
+
+
+# ---- generator checkpoints ----------------------------------------------------------------------
+
+GENERATOR_EXT = ".safetensors"
+GRANULARITIES = ("unified", "per_class", "per_group")    # = models.generators.GRANULARITIES (a test checks)
+_KEY_INFIX = {"per_class": "_class_", "per_group": "_group_"}  # the predecessor's file-name infixes
+
+# Metadata keys of a generator file: the fields of GeneratorMeta, JSON in the header under META_KEY.
+GEN_TYPE = "type"
+GEN_GRANULARITY = "granularity"
+GEN_KEY = "key"
+GEN_TOKEN_SHAPE = "token_shape"
+GEN_COND_DIM = "cond_dim"
+GEN_CLASSES = "classes"
+GEN_SITE = "site"
+GEN_ROUND = "round"
+GEN_SEEN_CLASSES = "seen_classes"
+GEN_CONFIG_FINGERPRINT = "config_fingerprint"
+GEN_META_KEYS = (GEN_TYPE, GEN_GRANULARITY, GEN_KEY, GEN_TOKEN_SHAPE, GEN_COND_DIM, GEN_CLASSES, GEN_SITE,
+                 GEN_ROUND, GEN_SEEN_CLASSES, GEN_CONFIG_FINGERPRINT)
+
+
+@dataclass
+class GeneratorMeta:
+    """Self-description of one generator file (weights and optimizer state sit beside it in the same file)."""
+
+    type: str                     # generator type: vae, cvae, gan, gaussian
+    granularity: str              # unified, per_class or per_group
+    key: str                      # generator key: "unified", a class name or a group name
+    token_shape: list[int]        # (K, D) of the embeddings it models
+    cond_dim: int                 # condition width (0 for unconditioned types)
+    classes: list[str]            # classes this generator models
+    site: str = ""                # where it was trained: "client" or "server"
+    round: int | None = None      # server round the weights are from
+    seen_classes: list[str] = field(default_factory=list)  # classes trained so far (reset on new class)
+    config_fingerprint: str = ""  # hash of the config that built it
+
+    def __post_init__(self):
+        """Normalise JSON values (tuples -> lists, ints) and check the granularity."""
+        _check_granularity(self.granularity)
+        self.token_shape, self.cond_dim = [int(s) for s in self.token_shape], int(self.cond_dim)
+        self.classes, self.seen_classes = list(self.classes), list(self.seen_classes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, strict: bool = True) -> GeneratorMeta:
+        """Build from a dict; ValueError naming missing (and, if strict, unknown) fields or bad values."""
+        if (unknown := sorted(set(d) - set(GEN_META_KEYS))) and strict:
+            raise ValueError(f"generator metadata has unknown fields {unknown}; allowed: {list(GEN_META_KEYS)}")
+        try:
+            return cls(**{k: d[k] for k in GEN_META_KEYS if k in d})
+        except (TypeError, ValueError) as err:                           # missing field or bad value
+            raise ValueError(f"generator metadata is invalid: {err}") from err
+
+
+def _check_granularity(granularity: str) -> None:
+    """ValueError unless granularity is one of GRANULARITIES."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"generator granularity={granularity!r} is not allowed; expected one of {list(GRANULARITIES)}")
+
+
+def generator_checkpoint_name(base: str, node: int | str, granularity: str, key: str,
+                              round_: int | None = None) -> str:
+    """`{base}_node{N}[_class_{c} | _group_{g}][_round_{R}].safetensors` (unified ignores `key`)."""
+    _check_granularity(granularity)
+    for what, value in (("base", str(base)), ("key", str(key))):                 # names stay inside the folder
+        if not value or value.startswith(".") or "/" in value or os.sep in value:
+            raise ValueError(f"generator checkpoint {what}={value!r} is not allowed; expected a plain file-name part")
+    name = f"{base}_node{node}"
+    if granularity != "unified":
+        name += f"{_KEY_INFIX[granularity]}{key}"
+    return name + ("" if round_ is None else f"_round_{int(round_)}") + GENERATOR_EXT
+
+
+def _meta_for(key: str, granularity: str, meta: Mapping, round_: int | None) -> GeneratorMeta:
+    """`key`'s GeneratorMeta: `meta` plus granularity/key/round; `classes` may map key -> classes."""
+    classes = meta.get(GEN_CLASSES)
+    if isinstance(classes, Mapping):
+        if key not in classes:
+            raise ValueError(f"meta {GEN_CLASSES} has no entry for generator key {key!r}; it has {list(classes)}")
+        classes = classes[key]
+    return GeneratorMeta.from_dict({**meta, GEN_GRANULARITY: granularity, GEN_KEY: key, GEN_ROUND: round_,
+                                    **({} if classes is None else {GEN_CLASSES: classes})})
+
+
+def save_generator_checkpoints(directory: str | Path, base: str, node: int | str, granularity: str,
+                               states: Mapping[str, dict[str, torch.Tensor]], meta: Mapping,
+                               round_: int | None, round_copy: bool = False) -> list[Path]:
+    """Write each key's file (+ `_round_{R}` copy), all staged before any rename; returns the paths."""
+    # meta: GeneratorMeta fields shared by the keys (granularity, key, round come from the arguments);
+    # its classes is a list or a mapping key -> classes (generator_keys(...)). A failed write changes no file.
+    if not states or (granularity == "unified" and len(states) != 1):
+        raise ValueError(f"states has keys {list(states)}; expected one key for 'unified', at least one otherwise")
+    if round_copy and round_ is None:
+        raise ValueError("round_copy=True needs round_")
+    staged: list[tuple[Path, Path]] = []                                # (temp file, final path)
+    try:
+        for key, tensors in states.items():
+            info = asdict(_meta_for(key, granularity, meta, round_))
+            for r in (None, round_) if round_copy else (None,):
+                path = Path(directory) / generator_checkpoint_name(base, node, granularity, key, r)
+                staged.append((_stage(path, tensors, info), path))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    return [path for _, path in staged]
+
+
+def _canon(name: str, value: Any) -> Any:
+    """A metadata value in comparable form: class lists sorted, token_shape as a list of ints."""
+    if value is None or name not in (GEN_CLASSES, GEN_SEEN_CLASSES, GEN_TOKEN_SHAPE):
+        return value
+    return [int(s) for s in value] if name == GEN_TOKEN_SHAPE else sorted(value)
+
+
+def _mismatches(meta: GeneratorMeta, wanted: Mapping, key: str) -> list[str]:
+    """'<field> is <file value> in the file but <wanted> was asked' for each field that differs."""
+    out = []
+    for name, want in wanted.items():
+        want = want.get(key) if name == GEN_CLASSES and isinstance(want, Mapping) else want
+        have, want = _canon(name, getattr(meta, name)), _canon(name, want)
+        if have != want:
+            out.append(f"{name} is {have!r} in the file but {want!r} was asked")
+    return out
+
+
+def load_generator_checkpoints(directory: str | Path, base: str, node: int | str, granularity: str,
+                               keys: list[str], expect: Mapping | None = None,
+                               round_: int | None = None) -> dict[str, tuple[dict[str, torch.Tensor], GeneratorMeta]]:
+    """All or nothing: {key: (tensors, meta)}, or one ValueError naming every missing, corrupt or mismatched file."""
+    # expect: any GeneratorMeta fields but key (classes as a list or a mapping key -> classes);
+    # granularity and each file's key are always checked. round_ reads the `_round_{R}` copies.
+    expect, allowed = dict(expect or {}), [k for k in GEN_META_KEYS if k != GEN_KEY]
+    if unknown := sorted(set(expect) - set(allowed)):
+        raise ValueError(f"expect has unknown fields {unknown}; allowed: {allowed}")
+    if expect.setdefault(GEN_GRANULARITY, granularity) != granularity:
+        raise ValueError(f"expect granularity {expect[GEN_GRANULARITY]!r} contradicts granularity={granularity!r}")
+    if not keys:
+        raise ValueError(f"no generator keys to load from {directory}")
+    loaded, problems = {}, []
+    for key in keys:
+        name = generator_checkpoint_name(base, node, granularity, key, round_)
+        try:
+            tensors, raw = load_tensors(Path(directory) / name)
+            meta = GeneratorMeta.from_dict(raw, strict=False)           # newer fields are ignored
+        except FileNotFoundError:
+            problems.append(f"{name}: file does not exist")
+            continue
+        except ValueError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        problems += [f"{name}: {m}" for m in _mismatches(meta, {**expect, GEN_KEY: key}, key)]
+        loaded[key] = (tensors, meta)
+    if problems:
+        raise ValueError(f"generator checkpoints in {directory} not loaded (nothing changed): " + "; ".join(problems))
+    return loaded
