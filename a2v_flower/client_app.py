@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,6 +19,7 @@ from a2v_flower.strategy import from_record, to_record
 from a2v_flower.tracking import use_flower_logging
 from a2v_flower.training import class_means, predict, train_adapters
 
+log = logging.getLogger(__name__)
 app = ClientApp()
 
 # Per-process memo: in simulation one Ray actor serves many rounds (and sites), so the encoder and
@@ -58,12 +61,16 @@ def train(msg: Message, context: Context) -> Message:
     replay = C.replay_spec(cfg, site.classes)
     extra, losses = {}, {}
     if replay is not None:
-        extra["generators"], losses = train_generators(context, replay, x, y, site.classes, targets)
+        extra["generators"], losses = train_generators(context, msg, replay, x, y, site.classes, targets, site_id,
+                                                       rnd, cfg.num_rounds)
     if "synthetic" in msg.content:  # augmentation: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
         x, y = torch.cat([x, syn["x"]]), torch.cat([y, syn["y"].long()])
     calls, site.encoder_calls = site.encoder_calls, 0  # report each clip encoding once
-    loss = train_adapters(adapters, x, y, targets, C.train_spec(cfg), seed=cfg.seed + 7919 * rnd + site_id)
+    if replay is not None and replay.only:  # generator_only_mode: adapters untouched
+        loss = 0.0
+    else:
+        loss = train_adapters(adapters, x, y, targets, C.train_spec(cfg), seed=cfg.seed + 7919 * rnd + site_id)
     if cfg.strategy.aggregation == "none":
         context.state["adapters"] = ArrayRecord(adapters.state_dict())
     return Message(content=RecordDict({
@@ -77,17 +84,31 @@ def train(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-def train_generators(context: Context, replay, x, y, classes, targets) -> tuple[ArrayRecord, dict]:
-    """Continue this site's generators (kept in context.state) on its embeddings; reply with their weights."""
+def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, x, y, classes, targets,
+                     site_id: int, rnd: int, last_round: int) -> tuple[ArrayRecord, dict]:
+    """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained;
+    checkpointed; replied as weights (or full states when shared)."""
     states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
-    seen = set(context.state["gen_seen"]["classes"]) if "gen_seen" in context.state else set()
-    states, losses = R.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
-                                             replay.generator, targets, replay.reset_on_new_classes)
+    seen = {classes.index(c) for c in context.state["gen_seen"]["classes"]} if "gen_seen" in context.state else set()
+    if "shared_generators" in msg.content:
+        shared = R.unflatten(from_record(msg.content["shared_generators"]))
+        log.info("[Client %s]: Receiving %d SHARED generators from server (sharing=averaged)", site_id, len(shared))
+        states.update(shared)
+    if replay.pretrained and not states:
+        states, seen = R.load_site_generators(replay, site_id, classes, y)
+    losses = {}
+    if replay.train:
+        states, losses = R.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
+                                                 replay.generator, targets, replay.reset_on_new_classes)
+        seen |= set(y.unique().tolist())
+        freq = replay.checkpoint_frequency
+        R.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
+                               round_copy=bool(freq) and (rnd % freq == 0 or rnd == last_round))
     for key, state in states.items():
         context.state[f"gen/{key}"] = to_record(state)
-    context.state["gen_seen"] = ConfigRecord({"classes": sorted(seen | set(y.unique().tolist()))})
-    sent = {f"{key}/{k}": v for key, state in states.items() for k, v in R.weights_only(state).items()}
-    return to_record(sent), losses
+    context.state["gen_seen"] = ConfigRecord({"classes": sorted(classes[c] for c in seen)})
+    sent = {key: (state if replay.shared else R.weights_only(state)) for key, state in states.items()}
+    return to_record(R.flatten(sent)), losses
 
 
 @app.evaluate()

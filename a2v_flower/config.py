@@ -60,7 +60,7 @@ def load_config(run_config: dict) -> DictConfig:
 def absolute_paths(cfg: DictConfig, base: str | Path) -> DictConfig:
     """Resolve interpolations and make every path absolute against `base` (processes differ in cwd)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("paths.output_root", "paths.cache_dir", "data.root"):
+    for key in ("paths.output_root", "paths.cache_dir", "data.root", "generator_checkpoint.dir"):
         value = OmegaConf.select(cfg, key)
         if value not in (None, "???"):
             OmegaConf.update(cfg, key, str((Path(base) / value).resolve()))
@@ -93,6 +93,9 @@ def validate(cfg: DictConfig) -> None:
     if gen == "none" and (cfg.replay.refine_epochs or cfg.replay.synthetic_samples_per_class):
         raise ValueError("replay.refine_epochs / replay.synthetic_samples_per_class need generator samples but "
                          "generator.type='none'; choose generator=gaussian|vae|cvae|gan")
+    if gen == "none" and (cfg.mode.generator_only_mode or cfg.mode.use_pretrained_generators):
+        raise ValueError(f"mode generator_only_mode={cfg.mode.generator_only_mode} / use_pretrained_generators="
+                         f"{cfg.mode.use_pretrained_generators} need a generator but generator.type='none'")
     if "{}" not in cfg.prompt_template:
         raise ValueError(f"prompt_template={cfg.prompt_template!r} must contain '{{}}' for the class name")
     splits = dict(cfg.data.splits)
@@ -186,6 +189,7 @@ def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
     if gran == "per_group" and groups is None:
         groups = default_groups(classes)
     generator_keys(gran, classes, groups)
-    r = cfg.replay
+    r, m, ck = cfg.replay, cfg.mode, cfg.generator_checkpoint
     return ReplaySpec(spec, gran, groups, r.samples_per_class, r.refine_epochs, r.synthetic_samples_per_class,
-                      r.kd_epochs, r.reset_on_new_classes)
+                      r.kd_epochs, r.reset_on_new_classes, m.generator_training_mode, m.generator_only_mode,
+                      m.use_pretrained_generators, cfg.sharing.shared, ck.dir, ck.base_name, ck.frequency)

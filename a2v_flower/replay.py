@@ -8,10 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from a2v_flower import checkpoints as ckpt
+from a2v_flower.cache import sha1_of
 from a2v_flower.data.esc50 import ESC50_GROUPS
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators import (GeneratorSpec, build_generator, generator_keys, key_for,
                                           sample_classes, train_generator)
+from a2v_flower.models.generators import CONDITION_DIM
 from a2v_flower.training import TrainSpec, predict, train_adapters
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,13 @@ class ReplaySpec:
     synthetic_samples_per_class: int = 0
     kd_epochs: int = 5
     reset_on_new_classes: bool = True
+    train: bool = True               # mode.generator_training_mode
+    only: bool = False               # mode.generator_only_mode
+    pretrained: bool = False         # mode.use_pretrained_generators
+    shared: bool = False             # sharing.shared (averaged)
+    checkpoint_dir: str = "generators"
+    checkpoint_base: str = "generator"
+    checkpoint_frequency: int = 0
 
 
 def default_groups(classes: list[str]) -> dict[str, list[str]]:
@@ -62,6 +72,66 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
         out[key] = gen.state_tensors()
         losses[key] = sum(v for k, v in history[-1].items() if k not in ("epoch", "kl_beta", "val"))
     return out, losses
+
+
+def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of generator states, optimizer moments included (keys present in all of them)."""
+    keys = set.intersection(*(set(s) for s in states))
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    out = {}
+    for k in keys:
+        if k == "rng" or not states[0][k].is_floating_point():
+            out[k] = states[0][k].clone()   # RNG state, step counters: taken from the first site
+        else:
+            out[k] = sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype)
+    return out
+
+
+def flatten(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{key: {name: t}} -> {"key/name": t} (one ArrayRecord for all generators)."""
+    return {f"{key}/{name}": t for key, state in states.items() for name, t in state.items()}
+
+
+def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of `flatten` (keys are class or group names, which contain no '/')."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        key, _, rest = name.partition("/")
+        out.setdefault(key, {})[rest] = t
+    return out
+
+
+def _fingerprint(replay: ReplaySpec) -> str:
+    """Hash of what must match between the run that saved generators and the one that loads them."""
+    return sha1_of(replay.generator.type, replay.generator.latent_dim, replay.generator.hidden, replay.granularity,
+                   replay.groups)[:12]
+
+
+def save_site_generators(replay: ReplaySpec, site: int, states: dict, classes: list[str], seen: set[int],
+                         token_shape: tuple[int, int], rnd: int, round_copy: bool) -> None:
+    """Checkpoint a site's generators (weights + optimizer) under the predecessor's names, atomically."""
+    if not states:
+        return
+    keys = generator_keys(replay.granularity, classes, replay.groups)
+    meta = {"type": replay.generator.type, "token_shape": list(token_shape), "cond_dim": CONDITION_DIM,
+            "classes": {k: keys[k] for k in states}, "site": f"node{site}",
+            "seen_classes": sorted(classes[c] for c in seen), "config_fingerprint": _fingerprint(replay)}
+    ckpt.save_generator_checkpoints(replay.checkpoint_dir, replay.checkpoint_base, site, replay.granularity,
+                                    states, meta, rnd, round_copy)
+
+
+def load_site_generators(replay: ReplaySpec, site: int, classes: list[str], y: torch.Tensor
+                         ) -> tuple[dict[str, dict[str, torch.Tensor]], set[int]]:
+    """Load the generators of this site's classes: all or nothing; a mismatch names file and both sides."""
+    keys = generator_keys(replay.granularity, classes, replay.groups)
+    mine = sorted({key_for(replay.granularity, classes[c], replay.groups) for c in y.unique().tolist()})
+    loaded = ckpt.load_generator_checkpoints(replay.checkpoint_dir, replay.checkpoint_base, site, replay.granularity,
+                                             mine, expect={"type": replay.generator.type,
+                                                           "classes": {k: keys[k] for k in mine},
+                                                           "config_fingerprint": _fingerprint(replay)})
+    seen = {classes.index(c) for _, meta in loaded.values() for c in meta.seen_classes if c in classes}
+    log.info("site %s: loaded %d pretrained generators from %s", site, len(loaded), replay.checkpoint_dir)
+    return {k: tensors for k, (tensors, _) in loaded.items()}, seen
 
 
 def weights_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

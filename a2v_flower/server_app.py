@@ -62,7 +62,8 @@ def main(grid: Grid, context: Context) -> None:
                            min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
                            min_available_nodes=n, replay=replay, make_adapters=make_adapters,
                            train_spec=C.train_spec(cfg), seed=cfg.seed, token_shape=(cfg.model.audio.tokens, dim))
-    render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), cfg.diffusion.render_every, run_dir / "images",
+    every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
+    render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
                            classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

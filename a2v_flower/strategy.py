@@ -48,6 +48,7 @@ class A2VStrategy(FedAvg):
         self.class_stats: dict[int, dict[str, torch.Tensor]] = {}  # last per-class statistics per site
         self.generators: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # site -> key -> weights
         self.site_of_node: dict[int, int] = {}
+        self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
 
     def owners(self) -> dict[int, list[int]]:
         """Class index -> sites whose last statistics show training clips of it."""
@@ -79,6 +80,10 @@ class A2VStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed and synthetic samples of classes a site lacks."""
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        if self.shared:
+            record = to_record(R.flatten(self.shared))
+            for msg in messages:
+                msg.content["shared_generators"] = record
         n = self.replay.synthetic_samples_per_class if self.replay else 0
         for msg in messages if n and self.generators else []:
             site = self.site_of_node.get(msg.metadata.dst_node_id)
@@ -110,18 +115,16 @@ class A2VStrategy(FedAvg):
             self.site_of_node[msg.metadata.src_node_id] = site
             self.class_stats[site] = from_record(msg.content["class_stats"])
             del msg.content["class_stats"]
-            if "generators" in msg.content:  # "<key>/<tensor>" -> per key
-                gens: dict[str, dict[str, torch.Tensor]] = {}
-                for name, t in from_record(msg.content["generators"]).items():
-                    key, _, rest = name.partition("/")
-                    gens.setdefault(key, {})[rest] = t
-                self.generators[site] = gens
+            if "generators" in msg.content:
+                self.generators[site] = R.unflatten(from_record(msg.content["generators"]))
                 del msg.content["generators"]
             if self.aggregation == "kd":
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: metrics[k] for k in ("train_loss", "num-examples", "encoder_calls", "skipped",
                                                    "synthetic", "generator_loss")}
         arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.replay and self.replay.shared and self.generators:
+            self.share_generators()
         server = self.server_training(server_round, arrays, teachers) if arrays is not None else {}
         if server.pop("arrays", None) is not None:
             arrays = ArrayRecord(self._global.state_dict())
@@ -132,10 +135,25 @@ class A2VStrategy(FedAvg):
             "failures": len(replies) - len(sites), "sites": sites})
         return arrays, metrics
 
+    def share_generators(self) -> None:
+        """sharing=averaged: one state per key, the count-weighted mean over the sites that trained it
+        (weights and AdamW moments); every site gets it next round. Memory: one state per key."""
+        owners, keys = self.owners(), {}
+        for site, gens in self.generators.items():
+            for key in gens:
+                keys.setdefault(key, []).append(site)
+        shared = {}
+        for key, sites in keys.items():
+            weight = [float(sum(self.class_stats[s]["counts"][c] for c in owners if s in owners[c])) or 1.0
+                      for s in sites]
+            shared[key] = R.average_states([self.generators[s][key] for s in sites], weight)
+        self.shared = shared
+        self.generators = {site: shared for site in self.generators}  # the same objects, not copies
+
     def server_training(self, server_round: int, arrays: ArrayRecord, teachers: dict) -> dict:
         """After averaging: kd distillation and/or refinement of the global adapters with synthetic samples."""
         r = self.replay
-        if r is None or not self.generators or not (self.aggregation == "kd" or r.refine_epochs):
+        if r is None or r.only or not self.generators or not (self.aggregation == "kd" or r.refine_epochs):
             return {}
         self._global = self.make_adapters()
         self._global.load_state_dict(arrays.to_torch_state_dict())

@@ -1,0 +1,93 @@
+"""Generator lifecycle through the ClientApp/strategy: modes, two-run workflow, sharing, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from a2v_flower import client_app, diffusion
+from a2v_flower import replay as R
+from a2v_flower.strategy import A2VStrategy
+from tests.test_apps import NullTracker, context, message, setup
+
+GEN = ["generator=gaussian", "granularity=per_class"]
+
+
+def gen_state(ctx) -> dict:
+    return {k: v for k, v in ctx.state.items() if k.startswith("gen/")}
+
+
+def test_generator_only_mode_trains_generators_not_adapters(make_cfg, task_identity, tmp_path):
+    cfg = make_cfg(*GEN, "mode=generator_training", f"generator_checkpoint.dir={tmp_path}/gens")
+    _, targets, adapters = setup(cfg)
+    built = diffusion.PIPELINES_BUILT
+    reply = client_app.train(message(cfg, adapters, targets), context(0))
+    sent = reply.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], v) for k, v in adapters.state_dict().items())  # adapters untouched
+    assert len(reply.content["generators"]) > 0
+    assert diffusion.PIPELINES_BUILT == built  # no pipeline anywhere
+    names = sorted(p.name for p in (tmp_path / "gens").iterdir())
+    assert names and all(n.startswith("gaussian_per_class_node0_class_") for n in names)
+
+
+def test_two_run_workflow_loads_what_run_one_saved(make_cfg, task_identity, tmp_path, caplog):
+    ck = f"generator_checkpoint.dir={tmp_path}/gens"
+    cfg1 = make_cfg(*GEN, "mode=generator_training", ck)
+    _, targets, adapters = setup(cfg1)
+    ctx1 = context(1)
+    client_app.train(message(cfg1, adapters, targets), ctx1)
+    cfg2 = make_cfg(*GEN, "mode=use_pretrained", ck)
+    ctx2 = context(1)  # a new run: empty state
+    with caplog.at_level("INFO"):
+        reply = client_app.train(message(cfg2, adapters, targets), ctx2)
+    assert "loaded" in caplog.text and "pretrained generators" in caplog.text
+    s1, s2 = gen_state(ctx1), gen_state(ctx2)
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        a, b = s1[k].to_torch_state_dict(), s2[k].to_torch_state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a)  # not retrained in run 2 (training mode off)
+    assert reply.content["metrics"]["train_loss"] > 0  # adapters do train in run 2
+
+
+def test_pretrained_with_a_corrupt_file_fails_whole(make_cfg, task_identity, tmp_path):
+    ck = f"generator_checkpoint.dir={tmp_path}/gens"
+    cfg1 = make_cfg(*GEN, "mode=generator_training", ck)
+    _, targets, adapters = setup(cfg1)
+    client_app.train(message(cfg1, adapters, targets), context(2))
+    victim = sorted((tmp_path / "gens").iterdir())[-1]
+    victim.write_bytes(b"not a checkpoint")
+    ctx = context(2)
+    with pytest.raises(ValueError, match=victim.name):
+        client_app.train(message(make_cfg(*GEN, "mode=use_pretrained", ck), adapters, targets), ctx)
+    assert not gen_state(ctx)  # nothing half-loaded
+
+
+def test_mismatched_granularity_names_both_sides(make_cfg, task_identity, tmp_path):
+    ck = [f"generator_checkpoint.dir={tmp_path}/gens", "generator_checkpoint.base_name=g"]
+    cfg1 = make_cfg("generator=gaussian", "granularity=unified", "mode=generator_training", *ck)
+    _, targets, adapters = setup(cfg1)
+    client_app.train(message(cfg1, adapters, targets), context(0))
+    (tmp_path / "gens" / "g_node0.safetensors").rename(tmp_path / "gens" / "g_node0_class_dog.safetensors")
+    cfg2 = make_cfg("generator=gaussian", "granularity=per_class", "mode=use_pretrained", *ck)
+    with pytest.raises(ValueError, match="granularity is 'unified' in the file but 'per_class' was asked"):
+        client_app.train(message(cfg2, adapters, targets), context(0))
+
+
+def test_shared_generators_are_one_state_with_averaged_moments(task_identity):
+    spec = R.GeneratorSpec("cvae", epochs=2)
+    classes = ["dog", "rain"]
+    targets = {"pooled": torch.randn(2, 12)}
+    strategy = A2VStrategy("avg", targets, NullTracker(), classes,
+                           replay=R.ReplaySpec(spec, "unified", shared=True))
+    for site, seed in ((0, 0), (1, 1), (2, 2)):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(20, 4, 8, generator=g), torch.tensor([0, 1] * 10)
+        states, _ = R.train_site_generators({}, set(), x, y, classes, "unified", None, spec, targets, True)
+        strategy.generators[site] = states
+        strategy.class_stats[site] = {"counts": torch.tensor([10.0, 10.0])}
+    before = {s: strategy.generators[s]["unified"] for s in range(3)}
+    strategy.share_generators()
+    shared = strategy.shared["unified"]
+    assert all(strategy.generators[s] is strategy.shared for s in range(3))  # no per-site copies kept
+    moment = next(k for k in shared if k.endswith("exp_avg_sq"))
+    assert torch.allclose(shared[moment], sum(before[s][moment] for s in range(3)) / 3)
