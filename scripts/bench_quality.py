@@ -1,0 +1,262 @@
+"""Learning-quality benchmark: every method side by side on hard data, non-IID and class-incremental.
+
+    python scripts/bench_quality.py                 # default size, 3 seeds (about 20-40 min on 2 cores)
+    python scripts/bench_quality.py --quick         # smoke size (a minute or two)
+    python scripts/bench_quality.py data=esc50 data.root=/data/ESC-50 model=pretrained   # real data
+
+Sites are simulated in one process with the same functions the Flower apps call (site loading with
+the embedding cache, `train_adapters`, the replay functions, weighted averaging as FedAvg does), so a
+method's number here is the number its Flower run would give, minus network and process overhead.
+Writes <out>/quality.csv, quality.md and quality_rounds.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from a2v_flower import config as C
+from a2v_flower import replay as R
+from a2v_flower.cache import TensorCache
+from a2v_flower.data.site import SiteData, load_site
+from a2v_flower.metrics import retrieval
+from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
+from a2v_flower.models.generators import GeneratorSpec
+from a2v_flower.models.text_encoders import class_targets
+from a2v_flower.training import predict, train_adapters
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: how sites and server behave."""
+
+    name: str
+    aggregate: bool = True            # False: each site keeps its adapters (local only)
+    central: bool = False             # one site holding all data (upper bound)
+    generator: str | None = None      # generator type, None = no generators
+    granularity: str = "unified"
+    kd: bool = False
+    refine: bool = False
+    augment: bool = False
+    replay: bool = False              # class-incremental: replay own old classes from the site's generator
+
+
+def methods(quick: bool) -> list[Method]:
+    """Methods compared; --quick keeps one of each kind."""
+    out = [Method("local only", aggregate=False), Method("FedAvg"), Method("centralised (upper bound)", central=True),
+           Method("+ kd (gaussian)", generator="gaussian", kd=True),
+           Method("+ refinement (gaussian)", generator="gaussian", refine=True),
+           Method("+ augmentation (gaussian)", generator="gaussian", augment=True)]
+    gens = [("gaussian", "per_class"), ("cvae", "unified")] if quick else [
+        ("gaussian", "per_class"), ("vae", "per_class"), ("cvae", "unified"), ("cvae", "per_class"),
+        ("cvae", "per_group"), ("gan", "unified"), ("gan", "per_group")]
+    out += [Method(f"+ replay ({g}, {gr})", generator=g, granularity=gr, replay=True) for g, gr in gens]
+    if not quick:
+        out += [Method("+ augmentation (cvae, unified)", generator="cvae", augment=True)]
+    return out
+
+
+def average(states: list[dict], weights: list[float]) -> dict:
+    """Weighted mean of state dicts (what FedAvg's aggregate_arrayrecords computes)."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    return {k: sum(wi * s[k].double() for wi, s in zip(w, states)).float() for k in states[0]}
+
+
+def schedule(site: SiteData, rnd: int, rounds: int, incremental: bool) -> list[int]:
+    """Classes a site trains on in a round: all, or its first half then its second half (class-incremental)."""
+    present = site.present
+    if not incremental or len(present) < 2:
+        return present
+    half = (len(present) + 1) // 2
+    return present[:half] if rnd <= rounds // 2 else present[half:]
+
+
+def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: GeneratorSpec, rounds: int,
+        incremental: bool, seed: int) -> dict:
+    """Federated rounds of one method; per round top-1 on all classes seen so far, forgetting, bytes."""
+    torch.manual_seed(seed)
+    if method.central:
+        xs = [s.splits["train"] for s in sites]
+        merged = SiteData(sites[0].classes, {"train": (torch.cat([x for x, _ in xs]), torch.cat([y for _, y in xs])),
+                                             "test": sites[0].splits["test"]})
+        sites_run = [merged]
+    else:
+        sites_run = sites
+    global_ad = make()
+    locals_ = [copy.deepcopy(global_ad) for _ in sites_run]
+    gens: dict[int, dict] = {i: {} for i in range(len(sites_run))}
+    seen_gen: dict[int, set] = {i: set() for i in range(len(sites_run))}
+    classes, seen, history, nbytes = sites[0].classes, set(), [], 0
+    best: dict[int, float] = {}
+    token_shape = tuple(sites[0].splits["train"][0].shape[1:])
+    server_pool = None  # last round's server-side synthetic samples (augmentation)
+    t0 = time.perf_counter()
+    for rnd in range(1, rounds + 1):
+        states, weights, stats = [], [], {}
+        for i, site in enumerate(sites_run):
+            x, y = site.splits["train"]
+            now = schedule(site, rnd, rounds, incremental and not method.central)  # joint = all data at once
+            mask = torch.isin(y, torch.tensor(now))
+            x, y = x[mask], y[mask]
+            seen |= set(now)
+            if method.generator:
+                gens[i], _ = R.train_site_generators(gens[i], seen_gen[i], x, y, classes, method.granularity,
+                                                     R.default_groups(classes), replace(gspec, type=method.generator,
+                                                                                        seed=seed), targets, True)
+                seen_gen[i] |= set(now)
+            extra_x, extra_y = [], []
+            if method.replay and gens[i]:  # own old classes, from the site's own generators
+                old = sorted(seen_gen[i] - set(now))
+                if old:
+                    w = {k: R.weights_only(v) for k, v in gens[i].items()}
+                    sx, sy = R.synthesize({0: w}, {c: [0] for c in old}, classes, method.granularity,
+                                          R.default_groups(classes), replace(gspec, type=method.generator),
+                                          token_shape, targets, max(8, len(y) // max(1, len(now))),
+                                          seed=seed + rnd)
+                    extra_x.append(sx), extra_y.append(sy)
+            if method.augment and rnd > 1 and server_pool is not None:
+                px, py = server_pool
+                lack = ~torch.isin(py, y.unique())
+                extra_x.append(px[lack][:8 * len(classes)]), extra_y.append(py[lack][:8 * len(classes)])
+            model = locals_[i] if not method.aggregate else copy.deepcopy(global_ad)
+            train_adapters(model, torch.cat([x, *extra_x]), torch.cat([y, *extra_y]), targets, spec, seed + rnd + i)
+            locals_[i] = model
+            states.append(model.state_dict())
+            weights.append(len(y))
+            nbytes += sum(v.numel() * 4 for v in model.state_dict().values())
+            stats[i] = {"counts": torch.bincount(y, minlength=len(classes)).float(),
+                        **{f"audio_mean/{c}": x[y == c].mean(0) for c in y.unique().tolist()}}
+            nbytes += sum(v.numel() * 4 for g in gens[i].values() for v in R.weights_only(g).values())
+        if method.aggregate:
+            global_ad.load_state_dict(average(states, weights))
+        if method.generator and (method.kd or method.refine or method.augment):
+            owners = {}
+            for i, st in stats.items():
+                for c in torch.nonzero(st["counts"]).flatten().tolist():
+                    owners.setdefault(c, []).append(i)
+            w = {i: {k: R.weights_only(v) for k, v in g.items()} for i, g in gens.items()}
+            sx, sy = R.synthesize(w, owners, classes, method.granularity, R.default_groups(classes),
+                                  replace(gspec, type=method.generator), token_shape, targets, 32, seed=seed + rnd)
+            server_pool = (sx, sy)
+            if method.kd:
+                teachers = {i: locals_[i] for i in range(len(sites_run))}
+                R.distill(global_ad, teachers, owners, sx, sy, replace(spec, epochs=5), seed)
+            if method.refine:
+                present, means = R.class_audio_means(stats, len(classes))
+                R.refine(global_ad, torch.cat([sx, means]), torch.cat([sy, torch.tensor(present)]), targets,
+                         replace(spec, epochs=3), seed)
+        # evaluation on every site's held-out clips of the classes seen so far
+        xt = torch.cat([s.splits["test"][0] for s in sites])
+        yt = torch.cat([s.splits["test"][1] for s in sites])
+        keep = torch.isin(yt, torch.tensor(sorted(seen)))
+        if method.aggregate:
+            m = retrieval(predict(global_ad, xt[keep]), yt[keep], targets)
+            correct, count = np.array(m["correct_per_class"]), np.array(m["count_per_class"])
+        else:  # each site's own adapters on its own held-out clips
+            correct = count = 0
+            for s, model in zip(sites, locals_):
+                xs_, ys_ = s.splits["test"]
+                k = torch.isin(ys_, torch.tensor(sorted(seen)))
+                if k.any():
+                    m = retrieval(predict(model, xs_[k]), ys_[k], targets)
+                    correct = correct + np.array(m["correct_per_class"])
+                    count = count + np.array(m["count_per_class"])
+        acc = {c: correct[c] / count[c] for c in range(len(classes)) if count[c]}
+        for c, a in acc.items():
+            best[c] = max(best.get(c, 0.0), a)
+        history.append(float(correct.sum() / max(1, count.sum())))
+    forgetting = float(np.mean([best[c] - acc.get(c, 0.0) for c in best])) if best else 0.0
+    return {"top1": history[-1], "forgetting": forgetting, "history": history,
+            "bytes_per_site_round": nbytes / rounds / len(sites_run), "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    """Parse arguments, load sites once, run every method x scenario x seed, write the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ (data, model, train, ...)")
+    ap.add_argument("--quick", action="store_true", help="smoke size: 1 seed, 3 rounds, fewer methods")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--out", default="outputs/bench")
+    args = ap.parse_args()
+    seeds, rounds = (1, 3) if args.quick else (args.seeds, args.rounds)
+    extra = ["data.clips_per_class=16", "train.local_epochs=4", "generator.epochs=10"] if args.quick else []
+    cfg = C.absolute_paths(C.compose_config(["partition=groups", "federation.num_sites=5",
+                                             "partition.sites=[[animals],[natural],[human],[domestic],[urban]]",
+                                             "generator=cvae", *extra, *args.overrides]), Path.cwd())
+    C.validate(cfg)
+    encoder = AudioEncoder(C.audio_spec(cfg))
+    sites = [load_site(C.data_spec(cfg), C.partition_spec(cfg), encoder, i) for i in range(cfg.federation.num_sites)]
+    classes = sites[0].classes
+    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
+                            TensorCache(Path(cfg.paths.cache_dir) / "targets"))
+    dim = encoder_dim(C.audio_spec(cfg))
+
+    def make():
+        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+
+    gspec = C.replay_spec(cfg, classes).generator
+    rows = []
+    for scenario in ("non-IID (one group per site)", "class-incremental"):
+        for method in methods(args.quick):
+            if scenario.startswith("non") and method.replay:
+                continue  # replay of old classes only means something when classes change
+            runs = [run(method, sites, targets, make, C.train_spec(cfg), gspec, rounds,
+                        scenario == "class-incremental", seed) for seed in range(seeds)]
+            row = {"scenario": scenario, "method": method.name,
+                   "top1_mean": np.mean([r["top1"] for r in runs]), "top1_std": np.std([r["top1"] for r in runs]),
+                   "forgetting_mean": np.mean([r["forgetting"] for r in runs]),
+                   "forgetting_std": np.std([r["forgetting"] for r in runs]),
+                   "mb_per_site_round": np.mean([r["bytes_per_site_round"] for r in runs]) / 1e6,
+                   "seconds": np.mean([r["seconds"] for r in runs]),
+                   "history": np.mean([r["history"] for r in runs], axis=0).round(4).tolist()}
+            rows.append(row)
+            print(f"{scenario:32s} {method.name:34s} top1 {row['top1_mean']:.3f}±{row['top1_std']:.3f} "
+                  f"forgetting {row['forgetting_mean']:.3f} {row['mb_per_site_round']:.2f} MB {row['seconds']:.1f}s",
+                  flush=True)
+    write(rows, Path(args.out), seeds, rounds, len(classes))
+
+
+def write(rows: list[dict], out: Path, seeds: int, rounds: int, num_classes: int) -> None:
+    """quality.csv, quality.md (table) and quality_rounds.png (accuracy by round)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "quality.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"{seeds} seed(s), {rounds} rounds, {num_classes} classes (chance top-1 {1 / num_classes:.3f}); "
+             "top-1 = retrieval on held-out clips of all classes seen so far.", "",
+             "| scenario | method | final top-1 | avg forgetting | MB sent / site / round | wall s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['scenario']} | {r['method']} | {r['top1_mean']:.3f} ± {r['top1_std']:.3f} | "
+              f"{r['forgetting_mean']:.3f} ± {r['forgetting_std']:.3f} | {r['mb_per_site_round']:.2f} | "
+              f"{r['seconds']:.1f} |" for r in rows]
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = sorted({r["scenario"] for r in rows})
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(7 * len(scenarios), 4.5), squeeze=False)
+    for ax, sc in zip(axes[0], scenarios):
+        for r in rows:
+            if r["scenario"] == sc:
+                ax.plot(range(1, len(r["history"]) + 1), r["history"], marker="o", label=r["method"])
+        ax.set(title=sc, xlabel="round", ylabel="top-1 (classes seen)", ylim=(0, 1))
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "quality_rounds.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
