@@ -18,6 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from a2v_flower import config as C
@@ -90,6 +91,13 @@ def launch(cfg: DictConfig) -> float | None:
     print(f"final top-1 retrieval {summary['final_top1']:.3f} (chance {summary['chance_top1']:.3f}); "
           f"outputs in {run_dir}")
     return summary["final_top1"]
+
+
+class SweepReport(Callback):
+    """After a multirun (`a2v-run -m ...`): one comparison table and plot of all its runs."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        subprocess.run([sys.executable, str(APP_DIR / "scripts" / "sweep_report.py"), str(config.hydra.sweep.dir)])
 
 
 def main() -> None:

@@ -41,3 +41,22 @@ def test_generator_benchmark_writes_ratios(tmp_path):
     assert figures["batched_speedup"] > 1  # batching must beat one sample at a time
     assert figures["sizes"]["cvae 8x768"]["predecessor_over_ours_params"] > 100
     assert "samples/s" in (out / "generators.md").read_text()
+
+
+def test_sweep_report_compares_runs(tmp_path, make_cfg):
+    from omegaconf import OmegaConf
+
+    for i, (agg, tops) in enumerate((("avg", [0.2, 0.5]), ("none", [0.3, 0.4]))):
+        run = tmp_path / f"{i}_strategy={agg}"
+        run.mkdir()
+        OmegaConf.save(make_cfg(f"strategy={agg}"), run / "config.yaml")
+        (run / "metrics.jsonl").write_text("".join(
+            f'{{"round": {r + 1}, "kind": "eval", "top1": {t}, "top5": 1.0}}\n' for r, t in enumerate(tops)))
+        (run / "summary.json").write_text(f'{{"final_top1": {tops[-1]}, "final_top5": 1.0}}')
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "sweep.md").read_text()
+    assert "strategy.aggregation" in table and "| 0_strategy=avg | avg | 0.500 | 0.500 |" in table
+    assert "| 1_strategy=none | none | 0.400 | 0.400 |" in table
+    assert (tmp_path / "sweep_rounds.png").is_file() and (tmp_path / "sweep.csv").is_file()

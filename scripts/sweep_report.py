@@ -1,0 +1,84 @@
+"""Compare the runs of a sweep: one CSV + Markdown table and a plot of accuracy by round per run.
+
+    a2v-run -m strategy=avg,uniform,none partition=iid,groups
+    python scripts/sweep_report.py outputs/multirun/<date>/<time>
+
+Reads every run folder below the given folder (each has config.yaml, metrics.jsonl, summary.json);
+writes sweep.csv, sweep.md and sweep_rounds.png there and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+KEYS = ("strategy.aggregation", "partition.mode", "generator.type", "granularity.granularity", "mode",
+        "sharing.shared", "diffusion.type", "num_rounds", "seed")
+
+
+def pick(cfg: dict, dotted: str):
+    """cfg["a"]["b"] for "a.b" (None when absent); a mapping is shown by its generator_only_mode flag."""
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    if isinstance(cfg, dict):
+        return "generator_only" if cfg.get("generator_only_mode") else (
+            "use_pretrained" if cfg.get("use_pretrained_generators") else "federated")
+    return cfg
+
+
+def collect(root: Path) -> list[dict]:
+    """One row per run folder under `root`."""
+    rows = []
+    for summary in sorted(root.rglob("summary.json")):
+        run = summary.parent
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if e["kind"] == "eval"]
+        s = json.loads(summary.read_text())
+        rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in KEYS},
+                     "final_top1": s["final_top1"], "final_top5": s["final_top5"],
+                     "best_top1": max((e["top1"] for e in evals), default=None),
+                     "top1_by_round": [round(e["top1"], 4) for e in evals]})
+    return rows
+
+
+def main() -> None:
+    """Write the comparison of all runs under the given folder."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path, help="a multirun folder (or any folder holding run folders)")
+    root = ap.parse_args().root
+    rows = collect(root)
+    if not rows:
+        raise SystemExit(f"no run folders with summary.json under {root}")
+    varying = [k for k in KEYS if len({str(r[k]) for r in rows}) > 1] or list(KEYS[:2])
+    with open(root / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    head = ["run", *varying, "final top-1", "best top-1", "final top-5"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying], f"{r['final_top1']:.3f}",
+                                 f"{r['best_top1']:.3f}", f"{r['final_top5']:.3f}"]) + " |" for r in rows]
+    (root / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        label = ", ".join(f"{k.split('.')[0]}={r[k]}" for k in varying)
+        ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], marker="o", label=label)
+    ax.set(xlabel="round", ylabel="top-1 retrieval", ylim=(0, 1), title=root.name)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "sweep_rounds.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
