@@ -60,9 +60,12 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content["config"]["server-round"])
     replay = C.replay_spec(cfg, site.classes)
     extra, losses = {}, {}
+    quality = {}
     if replay is not None:
         extra["generators"], losses = train_generators(context, msg, replay, x, y, site.classes, targets, site_id,
                                                        rnd, cfg.num_rounds)
+        states = {n[4:]: from_record(r) for n, r in context.state.items() if n.startswith("gen/")}
+        quality = R.generator_quality(states, x, y, adapters, site.classes, replay, targets)
     if "synthetic" in msg.content:  # augmentation: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
         x, y = torch.cat([x, syn["x"]]), torch.cat([y, syn["y"].long()])
@@ -78,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
                                  "encoder_calls": calls, "skipped": len(site.skipped),
                                  "synthetic": len(y) - len(site.splits["train"][1]),
-                                 "generator_loss": sum(losses.values()) / max(1, len(losses))}),
+                                 "generator_loss": sum(losses.values()) / max(1, len(losses)),
+                                 **quality}),
         "class_stats": class_stats(adapters, site, len(site.classes)),
         **extra,
     }), reply_to=msg)

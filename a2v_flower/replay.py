@@ -14,7 +14,8 @@ from a2v_flower.data.esc50 import ESC50_GROUPS
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators import (GeneratorSpec, build_generator, generator_keys, key_for,
                                           sample_classes, train_generator)
-from a2v_flower.models.generators import CONDITION_DIM
+from a2v_flower.models.generators import CONDITION_DIM, sample_quality
+from a2v_flower.metrics import retrieval
 from a2v_flower.training import TrainSpec, predict, train_adapters
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,31 @@ def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) 
         else:
             out[k] = sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype)
     return out
+
+
+def generator_quality(states: dict, x: torch.Tensor, y: torch.Tensor, adapters: AdapterSet, classes: list[str],
+                      replay: ReplaySpec, class_targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per class: synthetic vs real embeddings (mean distance, Fréchet, precision, coverage), averaged over the
+    site's classes; plus retrieval top-1 of the current adapters on the synthetic samples."""
+    rows, xs, ys = [], [], []
+    for c in y.unique().tolist():
+        key = key_for(replay.granularity, classes[c], replay.groups)
+        real = x[y == c]
+        if key not in states or len(real) < 2:
+            continue
+        gen = build_generator(replay.generator, tuple(x.shape[1:]))
+        gen.load_state_tensors(states[key])
+        with torch.no_grad():
+            fake = sample_classes(gen.eval(), class_targets, torch.full((max(2, len(real)),), c),
+                                  generator=torch.Generator().manual_seed(c))
+        rows.append(sample_quality(real, fake))
+        xs.append(fake), ys.append(torch.full((len(fake),), c))
+    keys = ("mean_l2", "frechet", "precision", "coverage")
+    if not rows:  # same keys on every site (Flower checks replies agree)
+        return {f"gen_{k}": 0.0 for k in keys} | {"gen_synthetic_top1": 0.0, "gen_classes_measured": 0}
+    out = {f"gen_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+    out["gen_synthetic_top1"] = retrieval(predict(adapters, torch.cat(xs)), torch.cat(ys), class_targets)["top1"]
+    return out | {"gen_classes_measured": len(rows)}
 
 
 def flatten(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

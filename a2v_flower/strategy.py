@@ -120,15 +120,16 @@ class A2VStrategy(FedAvg):
                 del msg.content["generators"]
             if self.aggregation == "kd":
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
-            sites[site] = {k: metrics[k] for k in ("train_loss", "num-examples", "encoder_calls", "skipped",
-                                                   "synthetic", "generator_loss")}
+            sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
         arrays, metrics = super().aggregate_train(server_round, replies)
         if self.replay and self.replay.shared and self.generators:
             self.share_generators()
         server = self.server_training(server_round, arrays, teachers) if arrays is not None else {}
         if server.pop("arrays", None) is not None:
             arrays = ArrayRecord(self._global.state_dict())
-        self.tracker.log(server_round, "train", server | {
+        gen = {k: float(np.mean([s[k] for s in sites.values()])) for k in next(iter(sites.values()), {})
+               if k.startswith("gen_")}
+        self.tracker.log(server_round, "train", server | gen | {
             "train_loss": float(np.mean([s["train_loss"] for s in sites.values()])) if sites else None,
             "encoder_calls": int(sum(s["encoder_calls"] for s in sites.values())),
             "skipped_files": int(sum(s["skipped"] for s in sites.values())),

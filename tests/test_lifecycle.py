@@ -25,6 +25,8 @@ def test_generator_only_mode_trains_generators_not_adapters(make_cfg, task_ident
     sent = reply.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(sent[k], v) for k, v in adapters.state_dict().items())  # adapters untouched
     assert len(reply.content["generators"]) > 0
+    m = reply.content["metrics"]
+    assert 0 <= m["gen_precision"] <= 1 and m["gen_frechet"] >= 0 and m["gen_classes_measured"] >= 1
     assert diffusion.PIPELINES_BUILT == built  # no pipeline anywhere
     names = sorted(p.name for p in (tmp_path / "gens").iterdir())
     assert names and all(n.startswith("gaussian_per_class_node0_class_") for n in names)
