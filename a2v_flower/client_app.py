@@ -36,6 +36,11 @@ def _setup(msg: Message, context: Context):
     site_id = int(context.node_config["partition-id"])
     if "data-root" in context.node_config:  # deployment: each SuperNode may keep data elsewhere
         cfg.data.root = str(context.node_config["data-root"])
+    if "cache-dir" in context.node_config:  # deployment: each SuperNode caches data/embeddings locally
+        cfg.paths.cache_dir = str(context.node_config["cache-dir"])
+    n = context.node_config.get("num-partitions")
+    if n is not None and int(n) != cfg.federation.num_sites:
+        raise ValueError(f"SuperNode num-partitions={n} but federation.num_sites={cfg.federation.num_sites}")
     data, part, aspec = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
     encoder = _ENCODERS.setdefault(aspec, AudioEncoder(aspec))
     key = (data, part, aspec, site_id)

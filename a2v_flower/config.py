@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 from a2v_flower.data.partition import MODES
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
-from a2v_flower.diffusion import DiffusionSpec
 from a2v_flower.models.generators import GeneratorSpec, generator_keys
 from a2v_flower.replay import ReplaySpec, default_groups
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
@@ -167,8 +166,10 @@ def t5_seq_len(cfg: DictConfig) -> int:
     return int(cfg.diffusion.get("t5_seq_len", 16))
 
 
-def diffusion_spec(cfg: DictConfig) -> DiffusionSpec:
-    """Rendering pipeline spec from `diffusion.*`."""
+def diffusion_spec(cfg: DictConfig):
+    """Rendering pipeline spec from `diffusion.*` (diffusers is imported only where images are made)."""
+    from a2v_flower.diffusion import DiffusionSpec
+
     d = cfg.diffusion
     return DiffusionSpec(d.type, d.name_or_path, d.steps, d.guidance_scale, d.height, d.width, cfg.seed, d.dtype,
                          d.cpu_offload, d.attention_slicing)

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, AutoConfig, AutoFeatureExtractor
 
 from a2v_flower.cache import TensorCache, file_sha1, model_identity, sha1_of
 from a2v_flower.data.esc50 import Clip, load_audio
@@ -47,8 +46,8 @@ class AudioEncoder:
         if spec.tokens < 2:
             raise ValueError(f"model.audio.tokens={spec.tokens} must be >= 2 (summary + pooled patches)")
         self.spec = spec
-        self.model: ASTModel | None = None
-        self.extractor: ASTFeatureExtractor | None = None
+        self.model = None      # transformers ASTModel, built on first use
+        self.extractor = None  # ASTFeatureExtractor
         self.calls = 0  # clips this instance has run through the network
         self.identity = sha1_of(model_identity(spec.name_or_path, {"tiny": spec.tiny, "seed": spec.seed}),
                                 spec.max_length, spec.tokens, spec.sampling_rate)
@@ -57,6 +56,8 @@ class AudioEncoder:
         """Build the tiny random AST (seeded: same weights in every process) or load the named one."""
         if self.model is not None:
             return self
+        from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, AutoFeatureExtractor  # slow import
+
         spec = self.spec
         if spec.name_or_path is None:
             torch.manual_seed(spec.seed)
@@ -87,6 +88,8 @@ class AudioEncoder:
 
 def encoder_dim(spec: AudioEncoderSpec) -> int:
     """Token width D of the encoder, read from its config only (no weights loaded)."""
+    from transformers import ASTConfig, AutoConfig
+
     if spec.name_or_path is None:
         return ASTConfig(**dict(spec.tiny or ())).hidden_size
     return AutoConfig.from_pretrained(spec.name_or_path).hidden_size

@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
-                          T5TokenizerFast)
 
 from a2v_flower.cache import TensorCache, model_identity, sha1_of
 
@@ -34,8 +31,11 @@ def head_shapes(diffusion: str, t5_seq_len: int = 16) -> dict[str, tuple[int, ..
     raise ValueError(f"diffusion.type={diffusion!r} is not allowed; expected 'sd' or 'flux'")
 
 
-def tiny_clip_tokenizer() -> CLIPTokenizer:
+def tiny_clip_tokenizer():
     """Byte-level CLIP BPE with no merges (one token per character): no files, no download."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
     syms = sorted(ByteLevel.alphabet())
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for s in syms + [s + "</w>" for s in syms]:
@@ -43,16 +43,20 @@ def tiny_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_SEQ_LEN)
 
 
-def tiny_t5_tokenizer() -> T5TokenizerFast:
+def tiny_t5_tokenizer():
     """Unigram T5 tokenizer over printable ASCII; pad=0, eos=1, unk=2 like the real one."""
+    from transformers import T5TokenizerFast
+
     chars = [chr(c) for c in range(33, 127)]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_clip(spec: TextSpec) -> tuple[CLIPTokenizer, CLIPTextModel]:
+def build_clip(spec: TextSpec):
     """CLIP text tokenizer + encoder: from `spec.clip` or tiny random (768-d, 1 layer)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # transformers loads slowly
+
     if spec.clip is None:
         tok = tiny_clip_tokenizer()
         torch.manual_seed(spec.seed)
@@ -66,8 +70,10 @@ def build_clip(spec: TextSpec) -> tuple[CLIPTokenizer, CLIPTextModel]:
     return tok, CLIPTextModel.from_pretrained(spec.clip, subfolder=sub).eval()
 
 
-def build_t5(spec: TextSpec) -> tuple[T5TokenizerFast, T5EncoderModel]:
+def build_t5(spec: TextSpec):
     """T5 tokenizer + encoder: from `spec.t5` or tiny random (d_model 4096, 1 layer)."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
     if spec.t5 is None:
         tok = tiny_t5_tokenizer()
         torch.manual_seed(spec.seed + 1)
