@@ -54,6 +54,7 @@ def _setup(msg: Message, context: Context):
     adapters = build_adapters(encoder_dim(aspec), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
     own = cfg.strategy.aggregation == "none" and "adapters" in context.state
     adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
+    adapters.to("cuda" if torch.cuda.is_available() else "cpu")  # each process picks CUDA when present
     return cfg, site_id, _SITES[key], targets, adapters
 
 
@@ -79,6 +80,7 @@ def train(msg: Message, context: Context) -> Message:
         loss = 0.0
     else:
         loss = train_adapters(adapters, x, y, targets, C.train_spec(cfg), seed=cfg.seed + 7919 * rnd + site_id)
+    adapters.cpu()  # what travels and what is kept are CPU tensors
     if cfg.strategy.aggregation == "none":
         context.state["adapters"] = ArrayRecord(adapters.state_dict())
     return Message(content=RecordDict({

@@ -39,6 +39,8 @@ def train_adapters(adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor,
     """Fit `adapters` so that x[i] maps to class_targets[head][y[i]]; returns the last epoch's mean loss."""
     opt = torch.optim.AdamW(adapters.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    dev = next(adapters.parameters()).device  # data follow the model (CPU or CUDA)
+    class_targets = {h: t.to(dev) for h, t in class_targets.items()}
     adapters.train()
     epoch_loss = float("nan")
     for _ in range(spec.epochs):
@@ -46,7 +48,8 @@ def train_adapters(adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor,
         total = 0.0
         for i in range(0, len(x), spec.batch_size):
             idx = order[i:i + spec.batch_size]
-            loss = adapter_loss(adapters(x[idx]), {h: t[y[idx]] for h, t in class_targets.items()},
+            xb, yb = x[idx].to(dev), y[idx].to(dev)
+            loss = adapter_loss(adapters(xb), {h: t[yb] for h, t in class_targets.items()},
                                 spec.cosine_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -63,8 +66,9 @@ def train_adapters(adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor,
 def predict(adapters: AdapterSet, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Adapter outputs for every row of x, per head."""
     adapters.eval()
-    parts = [adapters(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    return {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
+    dev = next(adapters.parameters()).device
+    parts = [adapters(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)]
+    return {h: torch.cat([p[h].cpu() for p in parts]) for h in parts[0]}
 
 
 def class_means(outputs: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
