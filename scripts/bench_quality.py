@@ -90,7 +90,7 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
         sites_run = [merged]
     else:
         sites_run = sites
-    global_ad = make()
+    global_ad = make(seed)  # seeds vary the initial adapters, batch order and generator sampling
     locals_ = [copy.deepcopy(global_ad) for _ in sites_run]
     gens: dict[int, dict] = {i: {} for i in range(len(sites_run))}
     seen_gen: dict[int, set] = {i: set() for i in range(len(sites_run))}
@@ -200,8 +200,8 @@ def main() -> None:
                             TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     dim = encoder_dim(C.audio_spec(cfg))
 
-    def make():
-        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+    def make(seed: int):
+        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, seed)
 
     gspec = C.replay_spec(cfg, classes).generator
     rows = []
