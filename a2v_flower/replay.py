@@ -192,8 +192,12 @@ def synthesize(site_states: dict[int, dict[str, dict[str, torch.Tensor]]], owner
 def distill(global_adapters: AdapterSet, teachers: dict[int, AdapterSet], owners: dict[int, list[int]],
             x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, seed: int = 0) -> float:
     """Fit the global adapters to the mean output, on (x, y), of the teachers that own each sample's class."""
+    keep = torch.tensor([any(s in teachers for s in owners.get(int(c), [])) for c in y], dtype=torch.bool)
+    x, y = x[keep], y[keep]  # classes whose owners all failed this round have no teacher
+    if not len(y):
+        return float("nan")
     outs = {s: predict(t, x) for s, t in teachers.items()}
-    target = {h: torch.stack([torch.stack([outs[s][h][i] for s in owners[int(c)] if s in outs]).mean(0)
+    target = {h: torch.stack([torch.stack([outs[s][h][i] for s in owners.get(int(c), []) if s in outs]).mean(0)
                               for i, c in enumerate(y)]) for h in global_adapters}
     return train_adapters(global_adapters, x, torch.arange(len(x)), target, spec, seed)
 

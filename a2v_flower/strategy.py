@@ -124,9 +124,7 @@ class A2VStrategy(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if self.replay and self.replay.shared and self.generators:
             self.share_generators()
-        server = self.server_training(server_round, arrays, teachers) if arrays is not None else {}
-        if server.pop("arrays", None) is not None:
-            arrays = ArrayRecord(self._global.state_dict())
+        arrays, server = self.server_training(server_round, arrays, teachers)
         gen = {k: float(np.mean([s[k] for s in sites.values()])) for k in next(iter(sites.values()), {})
                if k.startswith("gen_")}
         self.tracker.log(server_round, "train", server | gen | {
@@ -151,30 +149,32 @@ class A2VStrategy(FedAvg):
         self.shared = shared
         self.generators = {site: shared for site in self.generators}  # the same objects, not copies
 
-    def server_training(self, server_round: int, arrays: ArrayRecord, teachers: dict) -> dict:
+    def server_training(self, server_round: int, arrays: ArrayRecord | None, teachers: dict
+                        ) -> tuple[ArrayRecord | None, dict]:
         """After averaging: kd distillation and/or refinement of the global adapters with synthetic samples."""
         r = self.replay
-        if r is None or r.only or not self.generators or not (self.aggregation == "kd" or r.refine_epochs):
-            return {}
-        self._global = self.make_adapters()
-        self._global.load_state_dict(arrays.to_torch_state_dict())
+        if (arrays is None or r is None or r.only or not self.generators
+                or not (self.aggregation == "kd" or r.refine_epochs)):
+            return arrays, {}
+        glob = self.make_adapters()
+        glob.load_state_dict(arrays.to_torch_state_dict())
         x, y = self.synthetic(r.samples_per_class, seed=self.seed + server_round)
-        out = {"server/synthetic_samples": len(y), "arrays": True}
+        out = {"server/synthetic_samples": len(y)}
         if self.aggregation == "kd" and len(y):
             models = {}
             for site, state in teachers.items():
                 models[site] = self.make_adapters()
                 models[site].load_state_dict(state)
             spec = replace(self.train_spec, epochs=r.kd_epochs)
-            out["server/kd_loss"] = R.distill(self._global, models, self.owners(), x, y, spec, self.seed)
+            out["server/kd_loss"] = R.distill(glob, models, self.owners(), x, y, spec, self.seed)
         if r.refine_epochs:
             present, means = R.class_audio_means(self.class_stats, len(self.classes))
             xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
             spec = replace(self.train_spec, epochs=r.refine_epochs)
-            out["server/adapter_finetuning_loss"] = R.refine(self._global, xs, ys, self.class_targets, spec, self.seed)
+            out["server/adapter_finetuning_loss"] = R.refine(glob, xs, ys, self.class_targets, spec, self.seed)
         log.info("round %s: server training %s", server_round,
                  {k: round(v, 4) for k, v in out.items() if isinstance(v, float)})
-        return out
+        return ArrayRecord(glob.state_dict()), out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from a2v_flower.models.adapters import build_adapters
@@ -71,3 +73,13 @@ def test_refine_moves_outputs_toward_class_targets():
     before = err()
     refine(adapters, x, y, TARGETS, TrainSpec(epochs=40, lr=3e-3, batch_size=16))
     assert err() < 0.5 * before
+
+
+def test_distill_skips_classes_without_a_teacher():
+    x, y = toy((0, 1), n=8)
+    student = build_adapters(8, TARGETS, 16, 2, seed=9)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    loss = distill(student, {0: build_adapters(8, TARGETS, 16, 2, seed=0)}, {0: [0], 1: [5]}, x, y,
+                   TrainSpec(epochs=2, batch_size=8))
+    assert not math.isnan(loss) and any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert math.isnan(distill(student, {}, {0: [0]}, x, y, TrainSpec(epochs=1)))  # no teacher at all
