@@ -122,10 +122,11 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
                                           token_shape, targets, max(8, len(y) // max(1, len(now))),
                                           seed=seed + rnd)
                     extra_x.append(sx), extra_y.append(sy)
-            if method.augment and rnd > 1 and server_pool is not None:
+            if method.augment and server_pool is not None:  # 8 samples of every class this site lacks
                 px, py = server_pool
-                lack = ~torch.isin(py, y.unique())
-                extra_x.append(px[lack][:8 * len(classes)]), extra_y.append(py[lack][:8 * len(classes)])
+                take = torch.cat([torch.nonzero(py == c).flatten()[:8] for c in py.unique().tolist()
+                                  if c not in set(y.tolist())] or [torch.empty(0, dtype=torch.long)])
+                extra_x.append(px[take]), extra_y.append(py[take])
             model = locals_[i] if not method.aggregate else copy.deepcopy(global_ad)
             train_adapters(model, torch.cat([x, *extra_x]), torch.cat([y, *extra_y]), targets, spec, seed + rnd + i)
             locals_[i] = model
@@ -186,6 +187,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="outputs/bench")
+    ap.add_argument("--only", default="", help="run only methods whose name contains this text")
     args = ap.parse_args()
     seeds, rounds = (1, 3) if args.quick else (args.seeds, args.rounds)
     extra = ["data.clips_per_class=16", "train.local_epochs=4", "generator.epochs=10"] if args.quick else []
@@ -207,7 +209,7 @@ def main() -> None:
     rows = []
     for scenario in ("non-IID (one group per site)", "class-incremental"):
         for method in methods(args.quick):
-            if scenario.startswith("non") and method.replay:
+            if args.only not in method.name or (scenario.startswith("non") and method.replay):
                 continue  # replay of old classes only means something when classes change
             runs = [run(method, sites, targets, make, C.train_spec(cfg), gspec, rounds,
                         scenario == "class-incremental", seed) for seed in range(seeds)]
