@@ -65,12 +65,12 @@ def train(msg: Message, context: Context) -> Message:
     x, y = site.splits["train"]
     rnd = int(msg.content["config"]["server-round"])
     replay = C.replay_spec(cfg, site.classes)
-    extra, losses = {}, {}
-    quality = {}
+    extra, losses, quality = {}, {}, {}
     if replay is not None:
-        extra["generators"], losses = train_generators(context, msg, replay, x, y, site.classes, targets, site_id,
-                                                       rnd, cfg.num_rounds)
-        states = {n[4:]: from_record(r) for n, r in context.state.items() if n.startswith("gen/")}
+        states, losses = train_generators(context, msg, replay, x, y, site.classes, targets, site_id, rnd,
+                                          cfg.num_rounds)
+        sent = {key: (state if replay.shared else R.weights_only(state)) for key, state in states.items()}
+        extra["generators"] = to_record(R.flatten(sent))
         quality = R.generator_quality(states, x, y, adapters, site.classes, replay, targets)
     if "synthetic" in msg.content:  # augmentation: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
@@ -96,9 +96,9 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, x, y, classes, targets,
-                     site_id: int, rnd: int, last_round: int) -> tuple[ArrayRecord, dict]:
+                     site_id: int, rnd: int, last_round: int) -> tuple[dict, dict]:
     """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained;
-    checkpointed; replied as weights (or full states when shared)."""
+    checkpointed; returns their full states and the last training losses."""
     states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
     seen = {classes.index(c) for c in context.state["gen_seen"]["classes"]} if "gen_seen" in context.state else set()
     if "shared_generators" in msg.content:
@@ -118,8 +118,7 @@ def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, x, y,
     for key, state in states.items():
         context.state[f"gen/{key}"] = to_record(state)
     context.state["gen_seen"] = ConfigRecord({"classes": sorted(classes[c] for c in seen)})
-    sent = {key: (state if replay.shared else R.weights_only(state)) for key, state in states.items()}
-    return to_record(R.flatten(sent)), losses
+    return states, losses
 
 
 @app.evaluate()
