@@ -26,6 +26,11 @@ def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
 
 
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays in a message (serialised numpy, as they travel)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """ArrayRecord -> tensors."""
     return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
@@ -49,6 +54,7 @@ class A2VStrategy(FedAvg):
         self.generators: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # site -> key -> weights
         self.site_of_node: dict[int, int] = {}
         self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
+        self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
 
     def owners(self) -> dict[int, list[int]]:
         """Class index -> sites whose last statistics show training clips of it."""
@@ -93,6 +99,7 @@ class A2VStrategy(FedAvg):
             x, y = self.synthetic(n, lacking, seed=self.seed + 31 * server_round + site)
             if len(y):
                 msg.content["synthetic"] = to_record({"x": x, "y": y})
+        self.bytes_down = {msg.metadata.dst_node_id: payload_bytes(msg.content) for msg in messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -113,6 +120,7 @@ class A2VStrategy(FedAvg):
             metrics = msg.content["metrics"]
             site = int(metrics["site"])
             self.site_of_node[msg.metadata.src_node_id] = site
+            up = payload_bytes(msg.content)
             self.class_stats[site] = from_record(msg.content["class_stats"])
             del msg.content["class_stats"]
             if "generators" in msg.content:
@@ -121,12 +129,13 @@ class A2VStrategy(FedAvg):
             if self.aggregation == "kd":
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
+            sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(msg.metadata.src_node_id, 0)}
         arrays, metrics = super().aggregate_train(server_round, replies)
         if self.replay and self.replay.shared and self.generators:
             self.share_generators()
         arrays, server = self.server_training(server_round, arrays, teachers)
         gen = {k: float(np.mean([s[k] for s in sites.values()])) for k in next(iter(sites.values()), {})
-               if k.startswith("gen_")}
+               if k.startswith("gen_") or k.startswith("bytes_")}
         self.tracker.log(server_round, "train", server | gen | {
             "train_loss": float(np.mean([s["train_loss"] for s in sites.values()])) if sites else None,
             "encoder_calls": int(sum(s["encoder_calls"] for s in sites.values())),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class RunTracker:
 
     def log(self, round_: int, kind: str, metrics: dict, image: Path | None = None) -> None:
         """Record `metrics` of one kind ("train", "eval", "render", ...) for a round, with an optional image."""
-        row = {"round": round_, "kind": kind, **metrics}
+        row = {"round": round_, "kind": kind, "time": time.time(), **metrics}
         self.history.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

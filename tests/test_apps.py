@@ -15,7 +15,7 @@ from a2v_flower.data.site import federation
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
-from a2v_flower.strategy import A2VStrategy, to_record
+from a2v_flower.strategy import A2VStrategy, payload_bytes, to_record
 
 
 class NullTracker:
@@ -109,8 +109,12 @@ def test_aggregation_matches_hand_computed_mean(task_identity, aggregation):
     counts = [10, 30, 60]
     strategy = A2VStrategy(aggregation, {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
     msg = Message(content=RecordDict(), dst_node_id=1, message_type="train")
-    arrays, _ = strategy.aggregate_train(1, replies(ws, counts, msg))
+    rs = replies(ws, counts, msg)
+    sent = [payload_bytes(r.content) for r in rs]  # adapters + class statistics, before they are set aside
+    arrays, _ = strategy.aggregate_train(1, rs)
     got = arrays.to_torch_state_dict()["w"]
+    assert [s["bytes_up"] for s in strategy.tracker.history[-1]["sites"].values()] == sent
+    assert sent[0] > (6 + 1 + 2) * 4  # at least the raw float32 payload
     expected = (1 * 10 + 2 * 30 + 4 * 60) / 100 if aggregation == "avg" else (1 + 2 + 4) / 3
     assert torch.allclose(got, torch.full((2, 3), expected))
     assert len(strategy.class_stats) == 3  # statistics kept aside, not averaged into the adapters
