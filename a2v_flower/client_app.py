@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -11,6 +12,8 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import replay as R
+from a2v_flower.checkpoints import load_tensors, save_tensors
+from a2v_flower.data.schedule import stage_classes
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
 from a2v_flower.models.adapters import build_adapters
@@ -52,29 +55,49 @@ def _setup(msg: Message, context: Context):
         raise RuntimeError(f"site {site_id}: no class targets received from the server")
     targets = from_record(context.state["targets"])
     adapters = build_adapters(encoder_dim(aspec), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+    resumed = int(msg.content["config"].get("resume-round", 0))
+    if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
+        restore_site_state(cfg, context, site_id, resumed)
+        context.state["restored"] = ConfigRecord({"round": resumed})
     own = cfg.strategy.aggregation == "none" and "adapters" in context.state
-    adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
+    if own or "arrays" in msg.content:  # "train.generators" messages carry no adapters
+        adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
     adapters.to("cuda" if torch.cuda.is_available() else "cpu")  # each process picks CUDA when present
     return cfg, site_id, _SITES[key], targets, adapters
+
+
+def round_data(cfg, site: SiteData, site_id: int, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train split restricted to this round's stage of the class-incremental schedule (if any)."""
+    x, y = site.splits["train"]
+    names = stage_classes(C.schedule_of(cfg), site_id, rnd)
+    if names is None:
+        return x, y
+    keep = torch.isin(y, torch.tensor([site.classes.index(c) for c in names]))
+    return x[keep], y[keep]
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the adapters locally; reply with their weights, counts, per-class statistics and metrics."""
     cfg, site_id, site, targets, adapters = _setup(msg, context)
-    x, y = site.splits["train"]
     rnd = int(msg.content["config"]["server-round"])
+    x, y = round_data(cfg, site, site_id, rnd)
+    trained = _trained(context, site, y)
     replay = C.replay_spec(cfg, site.classes)
-    extra, losses, quality = {}, {}, {}
+    extra, losses, quality, resets = {}, {}, {}, {}
     if replay is not None:
-        states, losses = train_generators(context, msg, replay, x, y, site.classes, targets, site_id, rnd,
-                                          cfg.num_rounds)
-        sent = {key: (state if replay.shared else R.weights_only(state)) for key, state in states.items()}
-        extra["generators"] = to_record(R.flatten(sent))
+        # sequential sharing: the generators were trained in this round's "train.generators" pass
+        states, losses = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
+                                          train=replay.train and replay.sharing != "sequential", resets=resets)
+        if replay.sharing == "none":
+            extra["generators"] = to_record(R.flatten({k: R.weights_only(v) for k, v in states.items()}))
+        elif replay.sharing == "averaged":
+            extra["generators"] = to_record(R.flatten(states))
         quality = R.generator_quality(states, x, y, adapters, site.classes, replay, targets)
-    if "synthetic" in msg.content:  # augmentation: the server's samples of classes this site lacks
+    if "synthetic" in msg.content:  # augmentation / replay: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
         x, y = torch.cat([x, syn["x"]]), torch.cat([y, syn["y"].long()])
+    n_real = len(y) - (len(syn["y"]) if "synthetic" in msg.content else 0)
     calls, site.encoder_calls = site.encoder_calls, 0  # report each clip encoding once
     if replay is not None and replay.only:  # generator_only_mode: adapters untouched
         loss = 0.0
@@ -83,42 +106,140 @@ def train(msg: Message, context: Context) -> Message:
     adapters.cpu()  # what travels and what is kept are CPU tensors
     if cfg.strategy.aggregation == "none":
         context.state["adapters"] = ArrayRecord(adapters.state_dict())
+    save_site_state(cfg, context, site_id, rnd)
+    reset_q = [r for r in resets.values() if r["before"] and r["after"]]
     return Message(content=RecordDict({
         "arrays": ArrayRecord(adapters.state_dict()),
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
                                  "encoder_calls": calls, "skipped": len(site.skipped),
-                                 "synthetic": len(y) - len(site.splits["train"][1]),
+                                 "synthetic": len(y) - n_real,
                                  "generator_loss": sum(losses.values()) / max(1, len(losses)),
+                                 "resets": len(resets),
+                                 "reset_frechet_before": _mean([r["before"]["frechet"] for r in reset_q]),
+                                 "reset_frechet_after": _mean([r["after"]["frechet"] for r in reset_q]),
                                  **quality}),
-        "class_stats": class_stats(adapters, site, len(site.classes)),
+        "class_stats": class_stats(adapters, x[:n_real], y[:n_real], len(site.classes), trained),
         **extra,
     }), reply_to=msg)
 
 
-def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, x, y, classes, targets,
-                     site_id: int, rnd: int, last_round: int) -> tuple[dict, dict]:
-    """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained;
-    checkpointed; returns their full states and the last training losses."""
+@app.train("generators")
+def train_shared_generators(msg: Message, context: Context) -> Message:
+    """sharing=sequential: train the shared generator states this site is handed, and hand them back."""
+    cfg, site_id, site, targets, _ = _setup(msg, context)
+    rnd = int(msg.content["config"]["server-round"])
+    x, y = round_data(cfg, site, site_id, rnd)
+    _trained(context, site, y)
+    replay = C.replay_spec(cfg, site.classes)
+    states, losses = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd, train=True)
+    mine = {key: states[key] for key in losses}  # the keys this site trained (it may hold only some classes)
+    return Message(content=RecordDict({
+        "generators": to_record(R.flatten(mine)),
+        "metrics": MetricRecord({"site": site_id, "generator_loss": sum(losses.values()) / max(1, len(losses))}),
+    }), reply_to=msg)
+
+
+@app.query("site")
+def which_site(msg: Message, context: Context) -> Message:
+    """The partition id this node serves (the server asks after a resume, when node ids are new)."""
+    return Message(content=RecordDict({"metrics": MetricRecord({"site": int(context.node_config["partition-id"])})}),
+                   reply_to=msg)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:
+    """Classes this site has trained on in any round so far (kept in context.state), this round's included."""
+    before = list(context.state["trained"]["classes"]) if "trained" in context.state else []
+    now = sorted(set(before) | {site.classes[c] for c in y.unique().tolist()})
+    context.state["trained"] = ConfigRecord({"classes": now})
+    return [site.classes.index(c) for c in now]
+
+
+def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, cfg, site: SiteData, site_id: int,
+                     x, y, targets, rnd: int, train: bool, resets: dict | None = None) -> tuple[dict, dict]:
+    """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained
+    when `train`; checkpointed; returns their full states and the last training losses."""
+    classes = site.classes
     states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
     seen = {classes.index(c) for c in context.state["gen_seen"]["classes"]} if "gen_seen" in context.state else set()
     if "shared_generators" in msg.content:
         shared = R.unflatten(from_record(msg.content["shared_generators"]))
-        log.info("[Client %s]: Receiving %d SHARED generators from server (sharing=averaged)", site_id, len(shared))
+        log.info("[Client %s]: Receiving %d SHARED generators from server (sharing=%s)", site_id, len(shared),
+                 replay.sharing)
         states.update(shared)
     if replay.pretrained and not states:
         states, seen = R.load_site_generators(replay, site_id, classes, y)
     losses = {}
-    if replay.train:
+    if train:
+        new = set(y.unique().tolist()) - seen
+        if seen and new:
+            log.info("[Client %s] Detected new classes: %s", site_id, sorted(classes[c] for c in new))
+        scheduled = bool(replay.reset_every) and rnd > 1 and (rnd - 1) % replay.reset_every == 0
+        val = site.splits["val"] if replay.generator.early_stopping_patience else None
         states, losses = R.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
-                                                 replay.generator, targets, replay.reset_on_new_classes)
+                                                 replay.generator, targets, replay.reset_on_new_classes,
+                                                 scheduled_reset=scheduled, layers=replay.reset_layers,
+                                                 val=val, resets=resets)
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
         R.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
-                               round_copy=bool(freq) and (rnd % freq == 0 or rnd == last_round))
-    for key, state in states.items():
-        context.state[f"gen/{key}"] = to_record(state)
+                               round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
+    if not replay.shared:  # shared states come from the server every round
+        for key, state in states.items():
+            context.state[f"gen/{key}"] = to_record(state)
     context.state["gen_seen"] = ConfigRecord({"classes": sorted(classes[c] for c in seen)})
     return states, losses
+
+
+def save_site_state(cfg, context: Context, site_id: int, rnd: int) -> None:
+    """What this site keeps between rounds (generators, seen classes, own adapters), on disk per round, so a
+    resumed run restores it: <state-dir>/site_{N}_round_{R}.safetensors; rounds before R-1 are removed."""
+    folder = site_state_dir(cfg, context)
+    if folder is None:
+        return
+    tensors, meta = {}, {"round": rnd, "site": site_id, "configs": {}}
+    for name, rec in context.state.items():
+        if name == "targets":
+            continue
+        if isinstance(rec, ArrayRecord):
+            tensors |= {f"{name}//{k}": v for k, v in from_record(rec).items()}
+            meta.setdefault("arrays", []).append(name)
+        elif isinstance(rec, ConfigRecord):
+            meta["configs"][name] = {k: list(v) if isinstance(v, list) else v for k, v in rec.items()}
+    save_tensors(folder / f"site_{site_id}_round_{rnd}.safetensors", tensors, meta)
+    for old in folder.glob(f"site_{site_id}_round_*.safetensors"):
+        if int(old.stem.rsplit("_", 1)[1]) < rnd - 1:
+            old.unlink(missing_ok=True)
+
+
+def restore_site_state(cfg, context: Context, site_id: int, rnd: int) -> None:
+    """Load what `save_site_state` wrote after round `rnd` into an empty context (all or nothing)."""
+    folder = site_state_dir(cfg, context)
+    path = folder / f"site_{site_id}_round_{rnd}.safetensors"
+    tensors, meta = load_tensors(path)  # raises naming the file if missing or corrupt; context untouched
+    if meta.get("round") != rnd or meta.get("site") != site_id:
+        raise ValueError(f"{path}: holds site {meta.get('site')} round {meta.get('round')}, "
+                         f"expected site {site_id} round {rnd}")
+    arrays: dict = {}
+    for key, t in tensors.items():
+        name, _, k = key.partition("//")
+        arrays.setdefault(name, {})[k] = t
+    for name in meta.get("arrays", []):
+        context.state[name] = to_record(arrays.get(name, {}))
+    for name, values in meta["configs"].items():
+        context.state[name] = ConfigRecord(values)
+    log.info("[Client %s] restored its state after round %s from %s", site_id, rnd, path)
+
+
+def site_state_dir(cfg, context: Context) -> Path | None:
+    """Where this site keeps its per-round state: node config `state-dir` (deployment) or <run_dir>/state."""
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"]))
+    run_dir = OmegaConf.select(cfg, "paths.run_dir")
+    return Path(run_dir) / "state" if run_dir else None
 
 
 @app.evaluate()
@@ -135,12 +256,14 @@ def evaluate(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def class_stats(adapters, site: SiteData, num_classes: int) -> ArrayRecord:
-    """Per-class adapter-output means, audio-embedding mean/variance and counts of the train split."""
-    x, y = site.splits["train"]
+def class_stats(adapters, x: torch.Tensor, y: torch.Tensor, num_classes: int, trained: list[int]) -> ArrayRecord:
+    """Per-class adapter-output means, audio-embedding mean/variance and counts of this round's training
+    clips, and which classes the site has trained on in any round ("seen": its generators cover them)."""
     stats = {f"out/{k}": v for k, v in class_means(predict(adapters, x), y).items()}
     for c in y.unique().tolist():
         stats[f"audio_mean/{c}"] = x[y == c].mean(0)
         stats[f"audio_var/{c}"] = x[y == c].var(0, unbiased=False)
     stats["counts"] = torch.bincount(y, minlength=num_classes).float()
+    stats["seen"] = torch.zeros(num_classes)
+    stats["seen"][trained] = 1.0
     return to_record(stats)

@@ -13,7 +13,7 @@ from a2v_flower.data.partition import MODES
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
 from a2v_flower.models.generators import GeneratorSpec, generator_keys
-from a2v_flower.replay import ReplaySpec, default_groups
+from a2v_flower.replay import ReplaySpec, check_reset_layers, default_groups
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
@@ -31,13 +31,14 @@ ALLOWED = {
     "wandb.mode": ("offline", "online", "disabled"),
     "evaluate.split": ("val", "test"),
     "diffusion.dtype": ("float32", "float16", "bfloat16"),
+    "sharing.mode": ("none", "averaged", "sequential"),
 }
 POSITIVE = ("num_rounds", "federation.num_sites", "federation.num_cpus", "train.local_epochs",
             "train.batch_size", "train.lr", "adapter.width", "adapter.heads", "model.audio.tokens",
             "model.audio.batch_size", "data.clip_seconds", "federation.timeout", "diffusion.steps",
             "diffusion.height", "diffusion.width")
 NON_NEGATIVE = ("replay.samples_per_class", "replay.refine_epochs", "replay.synthetic_samples_per_class",
-                "replay.kd_epochs", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
+                "replay.kd_epochs", "reset.every_rounds", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -175,6 +176,15 @@ def diffusion_spec(cfg: DictConfig):
                          d.cpu_offload, d.attention_slicing)
 
 
+def schedule_of(cfg: DictConfig) -> dict | None:
+    """`schedule` as {site id: [{from_round, classes}]} (site ids given as strings become ints); None if unset."""
+    sched = OmegaConf.select(cfg, "schedule")
+    if not sched:
+        return None
+    sched = OmegaConf.to_container(sched)
+    return {int(k) if str(k).isdigit() else k: v for k, v in sched.items()}
+
+
 def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
     """Generator use from `generator.*`, `granularity.*`, `replay.*`; None without generators.
 
@@ -190,7 +200,10 @@ def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
     if gran == "per_group" and groups is None:
         groups = default_groups(classes)
     generator_keys(gran, classes, groups)
+    layers = tuple(cfg.reset.layers or ())
+    check_reset_layers(spec, layers)
     r, m, ck = cfg.replay, cfg.mode, cfg.generator_checkpoint
     return ReplaySpec(spec, gran, groups, r.samples_per_class, r.refine_epochs, r.synthetic_samples_per_class,
-                      r.kd_epochs, r.reset_on_new_classes, m.generator_training_mode, m.generator_only_mode,
-                      m.use_pretrained_generators, cfg.sharing.shared, ck.dir, ck.base_name, ck.frequency)
+                      r.kd_epochs, cfg.reset.reset_generator_on_class_change, m.generator_training_mode,
+                      m.generator_only_mode, m.use_pretrained_generators, cfg.sharing.mode, ck.dir, ck.base_name,
+                      ck.frequency, cfg.reset.every_rounds, layers)

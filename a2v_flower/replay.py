@@ -32,14 +32,21 @@ class ReplaySpec:
     refine_epochs: int = 0
     synthetic_samples_per_class: int = 0
     kd_epochs: int = 5
-    reset_on_new_classes: bool = True
+    reset_on_new_classes: bool = True  # reset.reset_generator_on_class_change
     train: bool = True               # mode.generator_training_mode
     only: bool = False               # mode.generator_only_mode
     pretrained: bool = False         # mode.use_pretrained_generators
-    shared: bool = False             # sharing.shared (averaged)
+    sharing: str = "none"            # sharing.mode: none | averaged | sequential
     checkpoint_dir: str = "generators"
     checkpoint_base: str = "generator"
     checkpoint_frequency: int = 0
+    reset_every: int = 0             # reset.every_rounds
+    reset_layers: tuple[str, ...] = ()  # reset.layers: parameter-name prefixes (empty = whole generator)
+
+    @property
+    def shared(self) -> bool:
+        """All sites train one state per key (sharing=averaged|sequential)."""
+        return self.sharing != "none"
 
 
 def default_groups(classes: list[str]) -> dict[str, list[str]]:
@@ -50,11 +57,17 @@ def default_groups(classes: list[str]) -> dict[str, list[str]]:
 
 def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[int], x: torch.Tensor,
                           y: torch.Tensor, classes: list[str], granularity: str, groups: dict | None,
-                          spec: GeneratorSpec, class_targets: dict[str, torch.Tensor], reset_on_new: bool
-                          ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
-    """Train (or continue) one generator per key on the site's (x, y); reset keys that meet new classes.
+                          spec: GeneratorSpec, class_targets: dict[str, torch.Tensor], reset_on_new: bool, *,
+                          scheduled_reset: bool = False, layers: tuple[str, ...] = (),
+                          val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          resets: dict | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """Train (or continue) one generator per key on the site's (x, y); reset keys that meet new classes
+    (`reset_on_new`: the site has trained before, on `seen`, and the key's state never saw some of this
+    round's classes) or all keys (`scheduled_reset`), entirely or only the parameters named by `layers`.
 
-    Returns the updated full states (weights + optimizer) and the last epoch's loss per key.
+    Returns the updated full states (weights + optimizer) and the last epoch's loss per key. A reset is
+    recorded in `resets[key]`: why, and sample quality (Fréchet, mean distance) on this round's data just
+    before the reset and after retraining.
     """
     keys = generator_keys(granularity, classes, groups)
     out, losses = dict(states), {}
@@ -64,24 +77,91 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
         if not mask.any():
             continue
         gen = build_generator(spec, tuple(x.shape[1:]))
-        new = set(y[mask].unique().tolist()) - seen
-        if key in states and not (reset_on_new and new):
-            gen.load_state_tensors(states[key])
-        elif key in states:
-            log.info("Resetting generator %r: new classes %s", key, sorted(classes[c] for c in new))
-        history = train_generator(gen, x[mask], y[mask], class_targets, spec)
-        out[key] = gen.state_tensors()
+        old = states.get(key)
+        # classes this state was ever trained on, kept in the state (a shared generator remembers every site's);
+        # never forgotten, so each class resets a generator at most once in a run
+        key_seen = set(old["seen"].tolist()) if old is not None and "seen" in old else set(seen) & set(ids)
+        now = set(y[mask].unique().tolist())
+        new = now - key_seen
+        # a class change: this site trained before (`seen`) and now brings classes the generator never saw
+        why = ("new classes " + str(sorted(classes[c] for c in new)) if reset_on_new and new and seen
+               else "schedule" if scheduled_reset else None)
+        if old is not None and why:
+            before = _quality(old, spec, x[mask], y[mask], class_targets)
+            fresh = gen.state_tensors()
+            gen.load_state_tensors(partial_reset(old, fresh, layers) if layers else fresh)
+            log.info("Resetting generator %r (%s, %s): quality before %s", key, why,
+                     "layers " + ", ".join(layers) if layers else "all layers", _fmt(before))
+        elif old is not None:
+            gen.load_state_tensors(old)
+        vmask = torch.isin(val[1], torch.tensor(ids)) if val is not None else None
+        history = train_generator(gen, x[mask], y[mask], class_targets, spec,
+                                  (val[0][vmask], val[1][vmask]) if vmask is not None and vmask.any() else None)
+        out[key] = gen.state_tensors() | {"seen": torch.tensor(sorted(key_seen | now), dtype=torch.long)}
         losses[key] = sum(v for k, v in history[-1].items() if k not in ("epoch", "kl_beta", "val"))
+        if old is not None and why:
+            after = _quality(out[key], spec, x[mask], y[mask], class_targets)
+            log.info("Generator %r after reset and retraining: quality %s", key, _fmt(after))
+            if resets is not None:
+                resets[key] = {"why": why, "before": before, "after": after}
     return out, losses
+
+
+def partial_reset(state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], layers: tuple[str, ...]
+                  ) -> dict[str, torch.Tensor]:
+    """`state` with the parameters whose names start with one of `layers` taken from `fresh`, and their
+    AdamW moments dropped (they restart with the weights); everything else is kept."""
+    def hit(k: str) -> bool:
+        name = k[6:] if k.startswith("model.") else k.split(".", 2)[2] if k.startswith("optim.") else ""
+        return name.startswith(tuple(layers))
+
+    out = {k: (fresh[k] if k.startswith("model.") and hit(k) else v) for k, v in state.items()
+           if not (k.startswith("optim.") and hit(k))}
+    return out
+
+
+def check_reset_layers(spec: GeneratorSpec, layers: tuple[str, ...]) -> None:
+    """ValueError naming reset.layers unless every prefix names at least one parameter of the generator."""
+    names = [n for n, _ in build_generator(spec, (2, 4)).named_parameters()]
+    if layers and not names:
+        raise ValueError(f"reset.layers={list(layers)} but generator.type={spec.type!r} has no trainable layers; "
+                         "use reset.layers=[] (whole reset) or generator=vae|cvae|gan")
+    for prefix in layers:
+        if not any(n.startswith(prefix) for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"reset.layers entry {prefix!r} names no parameter of generator.type="
+                             f"{spec.type!r}; allowed prefixes start with one of {tops} (e.g. {names[0]!r})")
+
+
+def _quality(state: dict, spec: GeneratorSpec, x: torch.Tensor, y: torch.Tensor, class_targets: dict) -> dict:
+    """Sample quality of a generator state on (x, y): mean over classes of mean_l2 and frechet."""
+    gen = build_generator(spec, tuple(x.shape[1:]))
+    gen.load_state_tensors(state)
+    rows = []
+    for c in y.unique().tolist():
+        real = x[y == c]
+        if len(real) < 2:
+            continue
+        with torch.no_grad():
+            fake = sample_classes(gen.eval(), class_targets, torch.full((len(real),), c),
+                                  generator=torch.Generator().manual_seed(c))
+        rows.append(sample_quality(real, fake))
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("mean_l2", "frechet")} if rows else {}
+
+
+def _fmt(q: dict) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in q.items()) or "n/a (fewer than 2 clips per class)"
 
 
 def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted mean of generator states, optimizer moments included (keys present in all of them)."""
-    keys = set.intersection(*(set(s) for s in states))
+    keys = set.intersection(*(set(s) for s in states)) | ({"seen"} if all("seen" in s for s in states) else set())
     w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
     out = {}
     for k in keys:
-        if k == "rng" or not states[0][k].is_floating_point():
+        if k == "seen":  # classes any of the averaged states was trained on
+            out[k] = torch.unique(torch.cat([s[k] for s in states]))
+        elif k == "rng" or not states[0][k].is_floating_point():
             out[k] = states[0][k].clone()   # RNG state, step counters: taken from the first site
         else:
             out[k] = sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype)

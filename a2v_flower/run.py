@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from a2v_flower import config as C
+from a2v_flower.data.schedule import check_schedule, held_classes
 from a2v_flower.data.site import federation
 
 APP_DIR = C.CONF_DIR.parent
@@ -72,8 +73,9 @@ def launch(cfg: DictConfig) -> float | None:
     cfg = C.absolute_paths(cfg, Path.cwd())
     C.validate(cfg)
     C.check_gpus(cfg.federation.num_gpus)
-    _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
-    C.replay_spec(cfg, classes)                                            # and bad generator groups
+    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
+    C.replay_spec(cfg, classes)                                                    # and bad generator groups
+    check_schedule(C.schedule_of(cfg), held_classes(clips, sites), cfg.num_rounds)  # and a bad schedule
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     config_file = run_dir / "config.yaml"
     OmegaConf.save(cfg, config_file)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
-from a2v_flower.checkpoints import save_tensors
+from a2v_flower.checkpoints import load_tensors, save_tensors
+from a2v_flower.data.schedule import check_schedule, held_classes, seen_classes
 from a2v_flower.data.site import federation
 from a2v_flower.diffusion import Renderer
 from a2v_flower.models.adapters import build_adapters
@@ -26,14 +27,67 @@ app = ServerApp()
 
 
 def prepare_run(run_config: dict) -> tuple:
-    """Config (validated, absolute paths) and the run folder it is saved in."""
+    """Config (validated, absolute paths) and the run folder it is saved in (the resumed run's folder)."""
     cfg = C.absolute_paths(C.load_config(run_config), Path.cwd())
     C.validate(cfg)
     given = str(run_config.get("config-file", "") or "")
-    run_dir = Path(given).parent if given else C.run_dir_for(cfg)
+    if cfg.resume:
+        run_dir = Path(cfg.resume).resolve()
+        if not (run_dir / "checkpoints").is_dir():
+            raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoints/ folder there; expected the folder "
+                                    "of a run started by this app (it holds config.yaml and checkpoints/)")
+    else:
+        run_dir = Path(given).parent if given else C.run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    cfg.paths.run_dir = str(run_dir)  # sites keep their per-round state under <run_dir>/state
+    OmegaConf.save(cfg, run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml"))
     return cfg, run_dir
+
+
+# What must match between a run and its resumption (rounds, names, paths and rendering may change).
+RESUME_KEYS = ("seed", "data", "partition", "model", "adapter", "train", "strategy", "generator", "granularity",
+               "sharing", "reset", "mode", "replay", "schedule", "prompt_template", "federation.num_sites",
+               "diffusion.type")
+
+
+def save_checkpoint(run_dir: Path, rnd: int, adapters, strategy: A2VStrategy, cfg) -> Path:
+    """<run_dir>/checkpoints/server_round_{R}.safetensors: global adapters, strategy state, round; the
+    previous round's file is kept (a crash while sites save their round-R state must not lose R-1)."""
+    tensors, meta = strategy.state_tensors()
+    tensors |= {f"adapters/{k}": v for k, v in adapters.state_dict().items()}
+    meta |= {"round": rnd, "resume_keys": {k: _plain(OmegaConf.select(cfg, k)) for k in RESUME_KEYS}}
+    folder = run_dir / "checkpoints"
+    path = save_tensors(folder / f"server_round_{rnd}.safetensors", tensors, meta)
+    for old in folder.glob("server_round_*.safetensors"):
+        if int(old.stem.rsplit("_", 1)[1]) < rnd - 1:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
+    """The newest server checkpoint of `run_dir`: (round, adapter state, strategy tensors, metadata).
+    Raises naming the file if it is corrupt, and the key with both values if the config differs."""
+    files = sorted((run_dir / "checkpoints").glob("server_round_*.safetensors"),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        raise FileNotFoundError(f"resume={str(run_dir)!r}: no server_round_*.safetensors in {run_dir / 'checkpoints'}")
+    tensors, meta = load_tensors(files[-1])
+    for key, saved in meta.get("resume_keys", {}).items():
+        now = _plain(OmegaConf.select(cfg, key))
+        if now != saved:
+            raise ValueError(f"resume: {key}={now!r} differs from the checkpoint's {key}={saved!r} ({files[-1]}); "
+                             "a resumed run must use the same config (num_rounds, name, paths may change)")
+    rnd = int(meta["round"])
+    if rnd >= cfg.num_rounds:
+        raise ValueError(f"resume: {files[-1]} is at round {rnd} but num_rounds={cfg.num_rounds}; "
+                         f"set num_rounds above {rnd} to train further")
+    adapters = {k[9:]: v for k, v in tensors.items() if k.startswith("adapters/")}
+    rest = {k: v for k, v in tensors.items() if not k.startswith("adapters/")}
+    return rnd, adapters, rest, meta
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 @app.main()
@@ -43,6 +97,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg, run_dir = prepare_run(dict(context.run_config))
     log.info("run folder: %s", run_dir)
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # validates the partition
+    held = held_classes(clips, sites)
+    schedule = C.schedule_of(cfg)
+    check_schedule(schedule, held, cfg.num_rounds)
     log.info("%d clips, %d classes, sites hold %s clips", len(clips), len(classes), [len(s) for s in sites])
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
                             C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
@@ -61,22 +118,36 @@ def main(grid: Grid, context: Context) -> None:
                            min_train_nodes=max(1, round(n * cfg.strategy.fraction_train)),
                            min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
                            min_available_nodes=n, replay=replay, make_adapters=make_adapters,
-                           train_spec=C.train_spec(cfg), seed=cfg.seed, token_shape=(cfg.model.audio.tokens, dim))
+                           train_spec=C.train_spec(cfg), seed=cfg.seed, token_shape=(cfg.model.audio.tokens, dim),
+                           seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
+                           timeout=cfg.federation.timeout)
+    done = 0
+    if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round
+        done, state, strategy_state, meta = load_checkpoint(run_dir, cfg)
+        adapters.load_state_dict(state)
+        strategy.load_state_tensors(strategy_state, meta)
+        strategy.round_offset = strategy.resume_round = done
+        tracker.keep_rounds(done)
+        log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
     every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
     render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
                            classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Per-round side effects on the global adapters: rendering (when due)."""
+        """End of a round: rendering (when due) and the server checkpoint."""
+        if server_round == 0:  # Flower's call before the first round: nothing to do
+            return None
+        server_round += done
+        adapters.load_state_dict(arrays.to_torch_state_dict())
+        save_checkpoint(run_dir, server_round, adapters, strategy, cfg)
         if not render.due(server_round, cfg.num_rounds):
             return None
-        adapters.load_state_dict(arrays.to_torch_state_dict())
         metrics = render(server_round, adapters, strategy.class_stats)
         tracker.log(server_round, "render", metrics, image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
         return MetricRecord(metrics) if metrics else None
 
     run_cfg = ConfigRecord({"run-config": OmegaConf.to_yaml(cfg)})
-    result = strategy.start(grid, ArrayRecord(adapters.state_dict()), cfg.num_rounds, cfg.federation.timeout,
+    result = strategy.start(grid, ArrayRecord(adapters.state_dict()), cfg.num_rounds - done, cfg.federation.timeout,
                             train_config=run_cfg, evaluate_config=run_cfg, evaluate_fn=after_round)
     if len(result.arrays):  # empty when no round succeeded
         adapters.load_state_dict(result.arrays.to_torch_state_dict())

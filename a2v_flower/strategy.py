@@ -42,7 +42,8 @@ class A2VStrategy(FedAvg):
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
                  classes: list[str], replay: R.ReplaySpec | None = None,
                  make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
-                 token_shape: tuple[int, int] = (8, 64), **kwargs):
+                 token_shape: tuple[int, int] = (8, 64), seen_fn: Callable[[int], set[int]] | None = None,
+                 timeout: float = 3600, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
         self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
         self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
@@ -55,20 +56,26 @@ class A2VStrategy(FedAvg):
         self.site_of_node: dict[int, int] = {}
         self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
+        self.timeout = timeout
+        self.seen_fn = seen_fn                       # round -> class ids trained by some site so far
+        self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
+        self.round_offset = 0                        # rounds done before a resume
+        self.resume_round = 0                        # > 0: sites restore their state of that round
 
-    def owners(self) -> dict[int, list[int]]:
-        """Class index -> sites whose last statistics show training clips of it."""
+    def owners(self, seen: bool = False) -> dict[int, list[int]]:
+        """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
+        or, with `seen`, that trained it in any round (their generators cover it)."""
         out: dict[int, list[int]] = {}
         for site, stats in sorted(self.class_stats.items()):
-            for c in torch.nonzero(stats["counts"]).flatten().tolist():
+            for c in torch.nonzero(stats["seen" if seen and "seen" in stats else "counts"]).flatten().tolist():
                 out.setdefault(c, []).append(site)
         return out
 
     def synthetic(self, per_class: int, wanted: list[int] | None = None, seed: int = 0):
         """Samples of the sites' generators: (x (N, K, D), y (N,))."""
         r = self.replay
-        return R.synthesize(self.generators, self.owners(), self.classes, r.granularity, r.groups, r.generator,
-                            self.token_shape, self.class_targets, per_class, wanted, seed)
+        return R.synthesize(self.generators, self.owners(seen=True), self.classes, r.granularity, r.groups,
+                            r.generator, self.token_shape, self.class_targets, per_class, wanted, seed)
 
     def _with_targets(self, messages: Iterable[Message]) -> list[Message]:
         """Give every message its own RecordDict; add the class targets for nodes that lack them."""
@@ -85,7 +92,13 @@ class A2VStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed and synthetic samples of classes a site lacks."""
+        server_round += self.round_offset
+        config = self._resume_config(config)
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        if self.resume_round or (self.replay and self.replay.sharing == "sequential"):
+            self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
+        if self.replay and self.replay.sharing == "sequential" and self.replay.train:
+            self.train_sequentially(server_round, messages, grid)
         if self.shared:
             record = to_record(R.flatten(self.shared))
             for msg in messages:
@@ -95,7 +108,8 @@ class A2VStrategy(FedAvg):
             site = self.site_of_node.get(msg.metadata.dst_node_id)
             if site is None:
                 continue
-            lacking = [c for c in self.owners() if site not in self.owners()[c]]
+            now = set(torch.nonzero(self.class_stats[site]["counts"]).flatten().tolist())
+            lacking = [c for c in self.owners(seen=True) if c not in now]
             x, y = self.synthetic(n, lacking, seed=self.seed + 31 * server_round + site)
             if len(y):
                 msg.content["synthetic"] = to_record({"x": x, "y": y})
@@ -105,12 +119,53 @@ class A2VStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed."""
-        return self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        config = self._resume_config(config)
+        return self._with_targets(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+
+    def _resume_config(self, config: ConfigRecord) -> ConfigRecord:
+        """After a resume, messages say which round's state the sites restore."""
+        if not self.resume_round:
+            return config
+        return ConfigRecord(dict(config.items()) | {"resume-round": self.resume_round})
+
+    def learn_sites(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes whose site (partition id) is not known yet; needed when node ids are new (resume)."""
+        ask = [n for n in nodes if n not in self.site_of_node]
+        if not ask:
+            return
+        msgs = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in ask]
+        for reply in grid.send_and_receive(msgs):
+            if not reply.has_error():
+                self.site_of_node[reply.metadata.src_node_id] = int(reply.content["metrics"]["site"])
+
+    def train_sequentially(self, server_round: int, messages: list[Message], grid: Grid) -> None:
+        """sharing=sequential: hand the one shared state per key to the sites one after another (by site id);
+        each trains it on its data and returns it. Weights, AdamW moments and step counts pass on intact."""
+        order = sorted(messages, key=lambda m: self.site_of_node.get(m.metadata.dst_node_id, 1 << 30))
+        for msg in order:
+            content = RecordDict({"config": msg.content["config"]})
+            if "targets" in msg.content:
+                content["targets"] = msg.content["targets"]
+            if self.shared:
+                content["shared_generators"] = to_record(R.flatten(self.shared))
+            node = msg.metadata.dst_node_id
+            out = Message(content=content, message_type="train.generators", dst_node_id=node)
+            reply = next(iter(grid.send_and_receive([out], timeout=self.timeout)), None)
+            if reply is None or reply.has_error():
+                log.warning("round %s: site on node %s failed to train the shared generators: %s", server_round,
+                            node, reply.error.reason if reply is not None else "no reply")
+                continue
+            trained = R.unflatten(from_record(reply.content["generators"]))
+            self.shared = {**self.shared, **trained}
+            log.info("round %s: site %s trained shared generators %s", server_round,
+                     reply.content["metrics"]["site"], sorted(trained))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Keep each site's class statistics aside, then average the adapters (FedAvg wants one ArrayRecord)."""
-        replies = list(replies)
+        server_round += self.round_offset
+        # by site: the same float sums whatever order replies arrive in (a resumed run matches an uninterrupted one)
+        replies = sorted(replies, key=lambda m: -1 if m.has_error() else int(m.content["metrics"]["site"]))
         sites, teachers = {}, {}
         for msg in replies:
             if msg.has_error():
@@ -131,8 +186,10 @@ class A2VStrategy(FedAvg):
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(msg.metadata.src_node_id, 0)}
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if self.replay and self.replay.shared and self.generators:
+        if self.replay and self.replay.sharing == "averaged" and self.generators:
             self.share_generators()
+        elif self.replay and self.replay.sharing == "sequential":
+            self.generators = {site: self.shared for site in self.class_stats}  # the same objects, not copies
         arrays, server = self.server_training(server_round, arrays, teachers)
         gen = {k: float(np.mean([s[k] for s in sites.values()])) for k in next(iter(sites.values()), {})
                if k.startswith("gen_") or k.startswith("bytes_")}
@@ -186,7 +243,9 @@ class A2VStrategy(FedAvg):
         return ArrayRecord(glob.state_dict()), out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too."""
+        """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too; accuracy on
+        the classes seen so far and forgetting (best earlier accuracy - now, mean over earlier-seen classes)."""
+        server_round += self.round_offset
         ok = [m for m in replies if not m.has_error()]
         if not ok:
             log.warning("round %s: no site returned evaluation results", server_round)
@@ -202,8 +261,45 @@ class A2VStrategy(FedAvg):
         per_class = {c: float(correct[i] / count[i]) for i, c in enumerate(self.classes) if count[i]}
         sites = {s: {k: float(r[k]) for k in ("top1", "top5", "cosine")} | {"n": int(r["num-examples"])}
                  for s, r in sorted(rows.items()) if r["num-examples"]}
+        seen = sorted(self.seen_fn(server_round)) if self.seen_fn else list(range(len(self.classes)))
+        seen = [c for c in seen if count[c]]
+        glob["seen_top1"] = float(correct[seen].sum() / count[seen].sum()) if seen else 0.0
+        forgetting = {self.classes[c]: max(0.0, self.best_acc[c] - correct[c] / count[c])
+                      for c in seen if c in self.best_acc}
+        glob["forgetting"] = float(np.mean(list(forgetting.values()))) if forgetting else 0.0
+        for c in seen:
+            self.best_acc[c] = max(self.best_acc.get(c, 0.0), float(correct[c] / count[c]))
         self.tracker.log(server_round, "eval", glob | {"num_examples": int(n), "per_class": per_class,
-                                                       "sites": sites})
-        log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | %s", server_round, glob["top1"],
-                 glob["top5"], glob["cosine"], " ".join(f"site{s}={v['top1']:.2f}" for s, v in sites.items()))
+                                                       "seen_classes": [self.classes[c] for c in seen],
+                                                       "forgetting_per_class": forgetting, "sites": sites})
+        log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | seen classes %d top1=%.3f forgetting=%.3f | %s",
+                 server_round, glob["top1"], glob["top5"], glob["cosine"], len(seen), glob["seen_top1"],
+                 glob["forgetting"], " ".join(f"site{s}={v['top1']:.2f}" for s, v in sites.items()))
         return MetricRecord(glob | {"num-examples": int(n)})
+
+    # ---- resume: everything the server carries from one round to the next ------------------------------
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Strategy state as flat tensors + JSON metadata (class statistics, generators, forgetting)."""
+        t = {f"stats/{site}/{k}": v for site, st in self.class_stats.items() for k, v in st.items()}
+        if self.shared:
+            t |= {f"shared/{k}": v for k, v in R.flatten(self.shared).items()}
+        else:
+            t |= {f"gen/{site}/{k}": v for site, g in self.generators.items() for k, v in R.flatten(g).items()}
+        return t, {"best_acc": {str(c): a for c, a in self.best_acc.items()}}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of `state_tensors`."""
+        stats, gens, shared = {}, {}, {}
+        for name, v in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind == "shared":
+                shared[rest] = v
+            else:
+                site, _, key = rest.partition("/")
+                (stats if kind == "stats" else gens).setdefault(int(site), {})[key] = v
+        self.class_stats = stats
+        self.shared = R.unflatten(shared)
+        self.generators = ({site: self.shared for site in stats} if self.shared
+                           else {site: R.unflatten(g) for site, g in gens.items()})
+        self.best_acc = {int(c): a for c, a in meta.get("best_acc", {}).items()}

@@ -35,12 +35,19 @@ class RunTracker:
             self.wandb = wandb.init(mode=wandb_mode, project=project, name=name, config=config,
                                     dir=str(self.run_dir), reinit="finish_previous")
 
+    def keep_rounds(self, last: int) -> None:
+        """Resume: reload metrics.jsonl up to round `last` (a crashed round's partial rows are dropped)."""
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
+            if self.path.is_file() else []
+        self.history = [r for r in rows if r["round"] <= last]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
     def log(self, round_: int, kind: str, metrics: dict, image: Path | None = None) -> None:
         """Record `metrics` of one kind ("train", "eval", "render", ...) for a round, with an optional image."""
-        row = {"round": round_, "kind": kind, "time": time.time(), **metrics}
-        self.history.append(row)
+        line = json.dumps({"round": round_, "kind": kind, "time": time.time(), **metrics})
+        self.history.append(json.loads(line))  # as a resumed run reads it back (site ids become strings)
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line + "\n")
         if self.wandb is not None:
             flat = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
             if image is not None and Path(image).is_file():

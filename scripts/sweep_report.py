@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 KEYS = ("strategy.aggregation", "partition.mode", "generator.type", "granularity.granularity", "mode",
-        "sharing.shared", "diffusion.type", "num_rounds", "seed")
+        "sharing.mode", "reset.reset_generator_on_class_change", "diffusion.type", "num_rounds", "seed")
 
 
 def pick(cfg: dict, dotted: str):

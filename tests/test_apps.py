@@ -62,7 +62,7 @@ def test_train_reply_carries_only_adapter_weights(make_cfg, task_identity, diffu
     if encoder.model is not None:
         assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen
     stats = reply.content["class_stats"]
-    assert {k.split("/")[0] for k in stats.keys()} == {"out", "audio_mean", "audio_var", "counts"}
+    assert {k.split("/")[0] for k in stats.keys()} == {"out", "audio_mean", "audio_var", "counts", "seen"}
 
 
 def test_targets_are_kept_in_state_for_later_rounds(make_cfg, task_identity):

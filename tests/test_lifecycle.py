@@ -80,7 +80,7 @@ def test_shared_generators_are_one_state_with_averaged_moments(task_identity):
     classes = ["dog", "rain"]
     targets = {"pooled": torch.randn(2, 12)}
     strategy = A2VStrategy("avg", targets, NullTracker(), classes,
-                           replay=R.ReplaySpec(spec, "unified", shared=True))
+                           replay=R.ReplaySpec(spec, "unified", sharing="averaged"))
     for site, seed in ((0, 0), (1, 1), (2, 2)):
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(20, 4, 8, generator=g), torch.tensor([0, 1] * 10)

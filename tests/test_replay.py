@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.generators import GeneratorSpec
-from a2v_flower.replay import distill, refine, synthesize, train_site_generators, weights_only
+from a2v_flower.models.generators import GeneratorSpec, build_generator
+from a2v_flower.replay import (check_reset_layers, distill, partial_reset, refine, synthesize,
+                               train_site_generators, weights_only)
 from a2v_flower.training import TrainSpec, predict
 
 CLASSES = ["dog", "rain", "siren"]
@@ -30,10 +32,61 @@ def test_site_generators_per_class_and_reset(caplog):
     x2, y2 = toy((0, 2), seed=1)
     st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
                                   TARGETS, True)
+    resets = {}
     with caplog.at_level("INFO"):
         train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
-                              TARGETS, True)
-    assert "Resetting generator 'unified': new classes ['siren']" in caplog.text
+                              TARGETS, True, resets=resets)
+    assert "Resetting generator 'unified' (new classes ['siren'], all layers): quality before" in caplog.text
+    assert set(resets) == {"unified"} and resets["unified"]["why"] == "new classes ['siren']"
+    assert set(resets["unified"]["before"]) == {"mean_l2", "frechet"} and resets["unified"]["after"]["frechet"] >= 0
+
+
+def _steps(state):
+    return {k: int(v) for k, v in state.items() if k.endswith(".step")}
+
+
+def test_reset_rules_per_granularity_and_schedule():
+    spec = GeneratorSpec("cvae", epochs=1)
+    x, y = toy((0, 1))
+    groups = {"pets": ["dog"], "weather": ["rain", "siren"]}
+    for gran, expect_reset in (("unified", {"unified"}), ("per_class", {"siren"}), ("per_group", {"weather"})):
+        st, _ = train_site_generators({}, set(), x, y, CLASSES, gran, groups, spec, TARGETS, True)
+        x2, y2 = toy((0, 1, 2), seed=4)
+        resets = {}
+        out, _ = train_site_generators(st, {0, 1}, x2, y2, CLASSES, gran, groups, spec, TARGETS, True, resets=resets)
+        assert set(resets) == (expect_reset & set(st)), gran  # siren had no generator of its own before
+        members = {"unified": CLASSES, **groups, **{c: [c] for c in CLASSES}}
+        for key in st:  # a reset key restarts its AdamW step count; a kept one continues it
+            n = int(torch.isin(y2, torch.tensor([CLASSES.index(c) for c in members[key]])).sum())
+            steps_now = math.ceil(n / spec.batch_size)
+            before, after = max(_steps(st[key]).values()), max(_steps(out[key]).values())
+            assert after == (steps_now if key in resets else before + steps_now), (gran, key)
+        off = {}
+        train_site_generators(st, {0, 1}, x2, y2, CLASSES, gran, groups, spec, TARGETS, False, resets=off)
+        assert off == {}  # reset_generator_on_class_change=false
+    st, _ = train_site_generators({}, set(), x, y, CLASSES, "per_class", None, spec, TARGETS, True)
+    resets = {}
+    train_site_generators(st, {0, 1}, x, y, CLASSES, "per_class", None, spec, TARGETS, False, scheduled_reset=True,
+                          resets=resets)
+    assert set(resets) == {"dog", "rain"} and all(r["why"] == "schedule" for r in resets.values())
+
+
+def test_partial_reset_reinitialises_only_named_layers_and_their_moments():
+    spec = GeneratorSpec("cvae", epochs=2)
+    x, y = toy((0, 1))
+    st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, spec, TARGETS, True)
+    fresh = build_generator(spec, (4, 8)).state_tensors()
+    part = partial_reset(st["unified"], fresh, ("dec",))
+    assert torch.equal(part["model.dec.0.weight"], fresh["model.dec.0.weight"])
+    assert torch.equal(part["model.enc.0.weight"], st["unified"]["model.enc.0.weight"])
+    assert not any(k.startswith("optim.opt.dec.") for k in part)       # moments restart with the weights
+    assert any(k.startswith("optim.opt.enc.") for k in part)            # the others keep theirs
+    gen = build_generator(spec, (4, 8))
+    gen.load_state_tensors(part)  # a partial state loads
+    with pytest.raises(ValueError, match=r"reset.layers entry 'decoder' names no parameter of generator.type='cvae'"):
+        check_reset_layers(spec, ("decoder",))
+    with pytest.raises(ValueError, match="has no trainable layers"):
+        check_reset_layers(GeneratorSpec("gaussian"), ("dec",))
 
 
 def test_synthesize_uses_owner_sites_and_lands_near_class():

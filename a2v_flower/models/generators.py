@@ -188,11 +188,12 @@ class _Generator(nn.Module):
         return {**out, "rng": self.rng.get_state()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Inverse of `state_tensors`; optimizers without saved state start fresh."""
+        """Inverse of `state_tensors`; optimizers without saved state start fresh. A "seen" entry (class ids
+        the state was trained on, kept beside it by a2v_flower.replay) is not part of the model and is ignored."""
         names = {id(p): n for n, p in self.named_parameters()}
         prefixes = {(o, i): f"optim.{o}.{names[id(p)]}." for o, opt in self.optimizers.items()
                     for i, p in enumerate(_params(opt))}
-        unknown = [k for k in tensors if not (k.startswith("model.") or k == "rng"
+        unknown = [k for k in tensors if not (k.startswith("model.") or k in ("rng", "seen")
                                               or any(k.startswith(p) for p in prefixes.values()))]
         if unknown:
             raise ValueError(f"unexpected generator state keys {sorted(unknown)[:5]} for {type(self).__name__}")

@@ -1,0 +1,126 @@
+"""Multi-round behaviour of the real ServerApp + ClientApp, in process: class-incremental schedules,
+sequential generator sharing, and resuming a run from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from a2v_flower import config as C
+from a2v_flower.checkpoints import load_tensors
+from a2v_flower.data.schedule import check_schedule
+from a2v_flower.strategy import from_record
+from tests.inprocess import LocalGrid, run_server
+
+FAST = ["diffusion.render_every=0", "train.local_epochs=1"]
+
+
+def rows(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_schedule_trains_each_stage_replays_old_classes_and_reports_forgetting(make_cfg, tmp_path, task_identity,
+                                                                              caplog):
+    cfg = make_cfg("+experiment=class_incremental", "num_rounds=3", *FAST, "replay.synthetic_samples_per_class=4")
+    cfg.schedule = {0: [{"from_round": 1, "classes": ["dog"]}, {"from_round": 2, "classes": ["rooster"]}]}
+    site_log = logging.getLogger("a2v_flower.client_app")  # the package logger feeds Flower's handlers only
+    site_log.addHandler(caplog.handler)
+    try:
+        run_server(cfg, tmp_path / "run")
+    finally:
+        site_log.removeHandler(caplog.handler)
+    trains, evals = rows(tmp_path / "run", "train"), rows(tmp_path / "run", "eval")
+    counts = {r["round"]: r["sites"]["0"] for r in trains}
+    assert counts[1]["synthetic"] == 0 and counts[2]["synthetic"] > 0  # round 2 replays dog (and others' classes)
+    assert "[Client 0] Detected new classes: ['rooster']" in caplog.text
+    assert "rooster" not in evals[0]["seen_classes"] and "rooster" in evals[1]["seen_classes"]
+    assert set(evals[0]["seen_classes"]) == {"dog", "crying_baby", "sneezing", "clock_tick", "crackling_fire",
+                                          "helicopter", "chainsaw"}  # unscheduled sites: all their classes
+    assert set(evals[1]["forgetting_per_class"]) == set(evals[0]["seen_classes"])  # classes seen earlier
+    assert all(0 <= f <= 1 for f in evals[1]["forgetting_per_class"].values())
+    assert evals[1]["forgetting"] == pytest.approx(sum(evals[1]["forgetting_per_class"].values())
+                                                   / len(evals[1]["forgetting_per_class"]))
+
+
+@pytest.mark.parametrize("stages,match", [
+    ({0: [{"from_round": 2, "classes": ["dog"]}]}, r"schedule.0\[0\].from_round=2 is not allowed; expected 1"),
+    ({0: [{"from_round": 1, "classes": ["chainsaw"]}]}, r"names 'chainsaw', which site 0 holds no clips of"),
+    ({5: [{"from_round": 1, "classes": ["dog"]}]}, r"site 5 is not allowed; expected a site id 0..2"),
+    ({0: [{"from_round": 1, "classes": ["dog"]}, {"from_round": 1, "classes": ["rain"]}]},
+     r"schedule.0\[1\].from_round=1 is not allowed; expected an integer > 1"),
+    ({0: [{"from_round": 1, "classes": ["dog"]}, {"from_round": 9, "classes": ["rain"]}]}, "after the last round"),
+])
+def test_bad_schedules_are_refused_before_training(stages, match):
+    held = [["dog", "rain", "rooster"], ["cat"], ["chainsaw"]]
+    with pytest.raises(ValueError, match=match):
+        check_schedule(stages, held, num_rounds=4)
+
+
+def _step(state: dict) -> int:
+    return max(int(v) for k, v in state.items() if k.endswith(".step"))
+
+
+def test_sequential_sharing_hands_one_state_from_site_to_site(make_cfg, tmp_path, task_identity):
+    cfg = make_cfg("generator=cvae", "generator.epochs=1", "sharing=sequential", *FAST)
+    grid = run_server(cfg, tmp_path / "run")
+    passes = [(m, r) for m, r in zip(grid.sent, grid.replies) if m.metadata.message_type == "train.generators"]
+    assert [int(r.content["metrics"]["site"]) for _, r in passes] == [0, 1, 2] * cfg.num_rounds  # by site id
+    for (_, out), (nxt, _) in zip(passes, passes[1:]):  # what one site returns is exactly what the next gets
+        got, given = from_record(out.content["generators"]), from_record(nxt.content["shared_generators"])
+        assert got.keys() == given.keys() and all(torch.equal(got[k], given[k]) for k in got)
+    for msg, reply in passes[1:]:  # AdamW steps accumulate across sites and rounds: never averaged or reset
+        before = _step(from_record(msg.content["shared_generators"]))
+        after = _step(from_record(reply.content["generators"]))
+        assert after > before
+    assert "shared_generators" not in passes[0][0].content  # round 1, first site: nothing trained yet
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    last = from_record(passes[-1][1].content["generators"])
+    final = from_record(trains[-1].content["shared_generators"])
+    assert all(torch.equal(last[k], final[k]) for k in last)  # the train messages carry the final state
+    assert rows(tmp_path / "run", "train")[-1]["gen_frechet"] > 0
+
+
+RESUME = ["generator=gaussian", "granularity=per_class", "replay.refine_epochs=1",
+          "replay.synthetic_samples_per_class=4", "num_rounds=3", *FAST]
+
+
+def test_resumed_run_matches_the_uninterrupted_one(make_cfg, tmp_path, task_identity):
+    cfg = make_cfg(*RESUME)
+    full = tmp_path / "full"
+    run_server(cfg, full)
+    # a crash after round 2: the run folder as it was then (round 3's checkpoint and site states not yet written)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    for f in [*crashed.glob("checkpoints/*_round_3.safetensors"), *crashed.glob("state/*_round_3.safetensors")]:
+        f.unlink()
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["server_round_2.safetensors"]
+    resumed_cfg = OmegaConf.merge(cfg, {"resume": str(crashed)})
+    run_server(resumed_cfg, tmp_path / "launcher", LocalGrid(3, id_base=500))  # new node ids, fresh site state
+    a, _ = load_tensors(full / "adapters.safetensors")
+    b, _ = load_tensors(crashed / "adapters.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ea, eb = rows(full, "eval"), rows(crashed, "eval")
+    assert [r["round"] for r in eb] == [1, 2, 3]  # round 3 rows appended after the kept ones
+    assert eb[-1]["top1"] == pytest.approx(ea[-1]["top1"]) and eb[-1]["forgetting"] == pytest.approx(ea[-1]["forgetting"])
+    assert json.loads((crashed / "summary.json").read_text())["final_top1"] == pytest.approx(ea[-1]["top1"])
+
+
+def test_resume_refuses_a_changed_config_or_a_corrupt_checkpoint(make_cfg, tmp_path, task_identity):
+    cfg = make_cfg(*RESUME[:-3], "num_rounds=2", *FAST)
+    run = tmp_path / "run"
+    run_server(cfg, run)
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"resume: seed=1 differs from the checkpoint's seed=0"):
+        run_server(OmegaConf.merge(cfg, {"resume": str(run), "seed": 1, "num_rounds": 3}), tmp_path / "l1")
+    with pytest.raises(ValueError, match="is at round 2 but num_rounds=2"):
+        run_server(OmegaConf.merge(cfg, {"resume": str(run)}), tmp_path / "l2")
+    (run / "checkpoints" / "server_round_2.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ValueError, match="server_round_2.safetensors is corrupt"):
+        run_server(OmegaConf.merge(cfg, {"resume": str(run), "num_rounds": 3}), tmp_path / "l3")
+    assert (run / "metrics.jsonl").read_text() == before  # nothing already saved was touched
