@@ -60,7 +60,7 @@ def load_config(run_config: dict) -> DictConfig:
 def absolute_paths(cfg: DictConfig, base: str | Path) -> DictConfig:
     """Resolve interpolations and make every path absolute against `base` (processes differ in cwd)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for key in ("paths.output_root", "paths.cache_dir", "data.root", "generator_checkpoint.dir"):
+    for key in ("paths.output_root", "paths.cache_dir", "data.root", "generator_checkpoint.dir", "resume"):
         value = OmegaConf.select(cfg, key)
         if value not in (None, "???"):
             OmegaConf.update(cfg, key, str((Path(base) / value).resolve()))

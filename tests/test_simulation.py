@@ -52,9 +52,25 @@ def test_simulation_end_to_end_and_cache(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_top1"] <= 1 and summary["encoder_calls"] == 80
 
-    second = a2v_run(tmp_path, cache, "federation.num_sites=3", "strategy=uniform", "name=second")
+    # a second run: warm cache, shared generators trained site after site (train.generators messages)
+    second = a2v_run(tmp_path, cache, "federation.num_sites=3", "strategy=uniform", "generator=gaussian",
+                     "sharing=sequential", "name=second")
     assert json.loads((second / "summary.json").read_text())["encoder_calls"] == 0  # all from the disk cache
     assert "uniform" in (second / "config.yaml").read_text()
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["server_round_1.safetensors",
+                                                                          "server_round_2.safetensors"]
+    assert len(list((second / "state").glob("site_*_round_2.safetensors"))) == 3
+    # ... resumed for a third round: new node ids (query.site), restored site and server state
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache}",
+                           f"paths.output_root={tmp_path / 'outputs'}", "federation.num_sites=3", "strategy=uniform",
+                           "generator=gaussian", "sharing=sequential", "name=second", f"resume={second}",
+                           "num_rounds=3"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
+    assert json.loads((second / "summary.json").read_text())["rounds"] == 3
     # no detached SuperLink left behind
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "flwr") not in ps
