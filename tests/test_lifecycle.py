@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -93,3 +95,18 @@ def test_shared_generators_are_one_state_with_averaged_moments(task_identity):
     assert all(strategy.generators[s] is strategy.shared for s in range(3))  # no per-site copies kept
     moment = next(k for k in shared if k.endswith("exp_avg_sq"))
     assert torch.allclose(shared[moment], sum(before[s][moment] for s in range(3)) / 3)
+
+
+def test_early_stopping_uses_the_site_validation_split(make_cfg, task_identity, caplog):
+    cfg = make_cfg("generator=cvae", "generator.epochs=200", "generator.early_stopping_patience=2",
+                   "generator.lr=0.05", "data.splits={train: 0.5, val: 0.3, test: 0.2}")
+    _, targets, adapters = setup(cfg)
+    gen_log = logging.getLogger("a2v_flower.models.generators")  # the package logger feeds Flower's handlers only
+    gen_log.addHandler(caplog.handler)
+    caplog.set_level("INFO")
+    try:
+        client_app.train(message(cfg, adapters, targets), context(0))
+    finally:
+        gen_log.removeHandler(caplog.handler)
+    assert "generator early stop at epoch" in caplog.text  # val loss stopped improving well before 200 epochs
+    assert "without validation data" not in caplog.text
