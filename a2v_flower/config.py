@@ -13,6 +13,7 @@ from a2v_flower.data.partition import MODES
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
 from a2v_flower.models.generators import GeneratorSpec, generator_keys
+from a2v_flower.server_generator import ServerGeneratorSpec
 from a2v_flower.replay import ReplaySpec, check_reset_layers, default_groups
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
 from a2v_flower.models.text_encoders import TextSpec
@@ -38,7 +39,7 @@ POSITIVE = ("num_rounds", "federation.num_sites", "federation.num_cpus", "train.
             "model.audio.batch_size", "data.clip_seconds", "federation.timeout", "diffusion.steps",
             "diffusion.height", "diffusion.width")
 NON_NEGATIVE = ("replay.samples_per_class", "replay.refine_epochs", "replay.synthetic_samples_per_class",
-                "replay.kd_epochs", "reset.every_rounds", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
+                "replay.kd_epochs", "reset.every_rounds", "server_generator.epochs", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -87,12 +88,19 @@ def validate(cfg: DictConfig) -> None:
     if gen == "vae" and cfg.granularity.granularity != "per_class":
         raise ValueError(f"generator.type='vae' is unconditioned, so granularity={cfg.granularity.granularity!r} "
                          "cannot sample a given class; use granularity=per_class or generator=cvae|gan|gaussian")
-    if cfg.strategy.aggregation == "kd" and gen == "none":
-        raise ValueError("strategy.aggregation='kd' distils on generator samples but generator.type='none'; "
-                         "choose generator=gaussian|vae|cvae|gan")
-    if gen == "none" and (cfg.replay.refine_epochs or cfg.replay.synthetic_samples_per_class):
-        raise ValueError("replay.refine_epochs / replay.synthetic_samples_per_class need generator samples but "
+    server_gen = cfg.server_generator.epochs > 0
+    if cfg.strategy.aggregation == "kd" and gen == "none" and not server_gen:
+        raise ValueError("strategy.aggregation='kd' distils on generator samples but generator.type='none' and "
+                         "server_generator.epochs=0; choose generator=gaussian|vae|cvae|gan or server_generator.epochs=N")
+    if gen == "none" and cfg.replay.refine_epochs and not server_gen:
+        raise ValueError("replay.refine_epochs needs generator samples but generator.type='none' and "
+                         "server_generator.epochs=0; choose generator=gaussian|vae|cvae|gan or server_generator.epochs=N")
+    if gen == "none" and cfg.replay.synthetic_samples_per_class:
+        raise ValueError("replay.synthetic_samples_per_class sends the sites' generator samples but "
                          "generator.type='none'; choose generator=gaussian|vae|cvae|gan")
+    if server_gen and not (cfg.strategy.aggregation == "kd" or cfg.replay.refine_epochs):
+        raise ValueError(f"server_generator.epochs={cfg.server_generator.epochs} but nothing uses its samples; "
+                         "set strategy=kd or replay.refine_epochs > 0 (or server_generator.epochs=0)")
     if gen == "none" and (cfg.mode.generator_only_mode or cfg.mode.use_pretrained_generators):
         raise ValueError(f"mode generator_only_mode={cfg.mode.generator_only_mode} / use_pretrained_generators="
                          f"{cfg.mode.use_pretrained_generators} need a generator but generator.type='none'")
@@ -174,6 +182,15 @@ def diffusion_spec(cfg: DictConfig):
     d = cfg.diffusion
     return DiffusionSpec(d.type, d.name_or_path, d.steps, d.guidance_scale, d.height, d.width, cfg.seed, d.dtype,
                          d.cpu_offload, d.attention_slicing)
+
+
+def server_generator_spec(cfg: DictConfig) -> ServerGeneratorSpec | None:
+    """The server's own generator (conf: server_generator.*); None when server_generator.epochs=0."""
+    g, r = cfg.server_generator, cfg.replay
+    if not g.epochs:
+        return None
+    return ServerGeneratorSpec(g.epochs, g.hidden, g.latent_dim, g.lr, g.batch_per_class, g.moment_weight,
+                               r.samples_per_class, r.refine_epochs, r.kd_epochs)
 
 
 def schedule_of(cfg: DictConfig) -> dict | None:

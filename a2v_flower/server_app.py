@@ -46,7 +46,7 @@ def prepare_run(run_config: dict) -> tuple:
 
 # What must match between a run and its resumption (rounds, names, paths and rendering may change).
 RESUME_KEYS = ("seed", "data", "partition", "model", "adapter", "train", "strategy", "generator", "granularity",
-               "sharing", "reset", "mode", "replay", "schedule", "prompt_template", "federation.num_sites",
+               "sharing", "reset", "mode", "replay", "server_generator", "schedule", "prompt_template", "federation.num_sites",
                "diffusion.type")
 
 
@@ -120,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
                            min_available_nodes=n, replay=replay, make_adapters=make_adapters,
                            train_spec=C.train_spec(cfg), seed=cfg.seed, token_shape=(cfg.model.audio.tokens, dim),
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
-                           timeout=cfg.federation.timeout)
+                           timeout=cfg.federation.timeout, server_gen=C.server_generator_spec(cfg))
     done = 0
     if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round
         done, state, strategy_state, meta = load_checkpoint(run_dir, cfg)

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from a2v_flower import replay as R
+from a2v_flower import server_generator as SG
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.tracking import RunTracker
 
@@ -43,7 +44,7 @@ class A2VStrategy(FedAvg):
                  classes: list[str], replay: R.ReplaySpec | None = None,
                  make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
                  token_shape: tuple[int, int] = (8, 64), seen_fn: Callable[[int], set[int]] | None = None,
-                 timeout: float = 3600, **kwargs):
+                 timeout: float = 3600, server_gen: SG.ServerGeneratorSpec | None = None, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
         self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
         self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
@@ -57,6 +58,8 @@ class A2VStrategy(FedAvg):
         self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
         self.timeout = timeout
+        self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
+        self.stats_generator = (SG.StatsGenerator(token_shape, server_gen) if self.server_gen else None)
         self.seen_fn = seen_fn                       # round -> class ids trained by some site so far
         self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
         self.round_offset = 0                        # rounds done before a resume
@@ -181,7 +184,7 @@ class A2VStrategy(FedAvg):
             if "generators" in msg.content:
                 self.generators[site] = R.unflatten(from_record(msg.content["generators"]))
                 del msg.content["generators"]
-            if self.aggregation == "kd":
+            if self.aggregation == "kd" or self.server_gen:
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(msg.metadata.src_node_id, 0)}
@@ -217,26 +220,40 @@ class A2VStrategy(FedAvg):
 
     def server_training(self, server_round: int, arrays: ArrayRecord | None, teachers: dict
                         ) -> tuple[ArrayRecord | None, dict]:
-        """After averaging: kd distillation and/or refinement of the global adapters with synthetic samples."""
-        r = self.replay
-        if (arrays is None or r is None or r.only or not self.generators
-                or not (self.aggregation == "kd" or r.refine_epochs)):
+        """After averaging: train the server's own generator (if on), then kd distillation and/or refinement
+        of the global adapters with the synthetic samples of the sites' generators and the server's."""
+        r, sg = self.replay, self.server_gen
+        if arrays is None or (r is not None and r.only):
+            return arrays, {}
+        opts = r or sg  # samples_per_class, refine_epochs, kd_epochs
+        site_samples = r is not None and bool(self.generators)
+        if opts is None or not (site_samples or sg) or not (self.aggregation == "kd" or opts.refine_epochs):
             return arrays, {}
         glob = self.make_adapters()
         glob.load_state_dict(arrays.to_torch_state_dict())
-        x, y = self.synthetic(r.samples_per_class, seed=self.seed + server_round)
-        out = {"server/synthetic_samples": len(y)}
+        models = {}
+        for site, state in teachers.items():
+            models[site] = self.make_adapters()
+            models[site].load_state_dict(state)
+        out: dict = {}
+        if site_samples:
+            x, y = self.synthetic(r.samples_per_class, seed=self.seed + server_round)
+        else:
+            x, y = torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)
+        if sg:
+            out["server/generator_loss"] = SG.train_server_generator(
+                self.stats_generator, models, self.class_stats, self.class_targets, sg, self.seed + server_round)
+            sx, sy = SG.sample_server_generator(self.stats_generator, self.class_stats, self.class_targets,
+                                                sg.samples_per_class, self.seed + 7 * server_round)
+            x, y = torch.cat([x, sx]), torch.cat([y, sy])
+        out["server/synthetic_samples"] = len(y)
         if self.aggregation == "kd" and len(y):
-            models = {}
-            for site, state in teachers.items():
-                models[site] = self.make_adapters()
-                models[site].load_state_dict(state)
-            spec = replace(self.train_spec, epochs=r.kd_epochs)
+            spec = replace(self.train_spec, epochs=opts.kd_epochs)
             out["server/kd_loss"] = R.distill(glob, models, self.owners(), x, y, spec, self.seed)
-        if r.refine_epochs:
+        if opts.refine_epochs:
             present, means = R.class_audio_means(self.class_stats, len(self.classes))
             xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
-            spec = replace(self.train_spec, epochs=r.refine_epochs)
+            spec = replace(self.train_spec, epochs=opts.refine_epochs)
             out["server/adapter_finetuning_loss"] = R.refine(glob, xs, ys, self.class_targets, spec, self.seed)
         log.info("round %s: server training %s", server_round,
                  {k: round(v, 4) for k, v in out.items() if isinstance(v, float)})
@@ -286,13 +303,20 @@ class A2VStrategy(FedAvg):
             t |= {f"shared/{k}": v for k, v in R.flatten(self.shared).items()}
         else:
             t |= {f"gen/{site}/{k}": v for site, g in self.generators.items() for k, v in R.flatten(g).items()}
+        if self.stats_generator is not None:
+            t |= {f"server_gen/{k}": v for k, v in self.stats_generator.state_dict().items()}
         return t, {"best_acc": {str(c): a for c, a in self.best_acc.items()}}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Inverse of `state_tensors`."""
         stats, gens, shared = {}, {}, {}
+        own = {k[11:]: v for k, v in tensors.items() if k.startswith("server_gen/")}
+        if self.stats_generator is not None and own:
+            self.stats_generator.load_state_dict(own)
         for name, v in tensors.items():
             kind, _, rest = name.partition("/")
+            if kind == "server_gen":
+                continue
             if kind == "shared":
                 shared[rest] = v
             else:

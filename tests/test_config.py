@@ -62,7 +62,9 @@ def test_every_readme_command_composes(overrides, make_cfg):
     ("wandb.mode=maybe", r"wandb.mode='maybe'"),
     ("generator=vae", r"generator.type='vae' is unconditioned, so granularity='unified' cannot"),
     ("strategy=kd", r"strategy.aggregation='kd' distils on generator samples but generator.type='none'"),
-    ("replay.refine_epochs=3", r"replay.refine_epochs .* need generator samples"),
+    ("replay.refine_epochs=3", r"replay.refine_epochs needs generator samples"),
+    ("replay.synthetic_samples_per_class=4", r"replay.synthetic_samples_per_class sends the sites' generator samples"),
+    ("server_generator.epochs=5", r"server_generator.epochs=5 but nothing uses its samples; set strategy=kd"),
 ])
 def test_bad_values_are_named(override, match, make_cfg):
     with pytest.raises(ValueError, match=match):

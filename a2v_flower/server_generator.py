@@ -1,0 +1,122 @@
+"""A generator trained on the server itself, from what sites send (the seeds' "generators in the federated
+server"): no site generators and no data. Its samples of class c start at the sites' pooled mean embedding
+of c and are trained so that (a) the adapters of the sites that trained c map them, on average, to the
+per-class adapter output those sites reported, and (b) their per-class mean and variance match the sites'
+pooled audio statistics. The samples then join kd and refinement like the site generators' samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.models.generators import CONDITION_DIM, class_condition
+
+
+@dataclass(frozen=True)
+class ServerGeneratorSpec:
+    """conf: server_generator.*, plus the replay.* options the server uses with its samples."""
+
+    epochs: int = 0                  # optimisation steps per round (0 = off)
+    hidden: int = 256
+    latent_dim: int = 16
+    lr: float = 1e-3
+    batch_per_class: int = 16
+    moment_weight: float = 1.0
+    samples_per_class: int = 32      # replay.samples_per_class
+    refine_epochs: int = 0           # replay.refine_epochs
+    kd_epochs: int = 5               # replay.kd_epochs
+
+
+def class_moments(class_stats: dict[int, dict[str, torch.Tensor]], num_classes: int
+                  ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Pooled per-class mean and variance of the sites' audio embeddings: (classes, (C', K, D), (C', K, D))."""
+    n, s1, s2 = torch.zeros(num_classes), {}, {}
+    for stats in class_stats.values():
+        for c in torch.nonzero(stats["counts"]).flatten().tolist():
+            k, m, v = stats["counts"][c], stats[f"audio_mean/{c}"], stats[f"audio_var/{c}"]
+            s1[c] = s1.get(c, 0) + k * m
+            s2[c] = s2.get(c, 0) + k * (v + m * m)
+            n[c] += k
+    present = sorted(s1)
+    if not present:
+        return [], torch.empty(0), torch.empty(0)
+    mean = torch.stack([s1[c] / n[c] for c in present])
+    var = torch.stack([s2[c] / n[c] for c in present]) - mean.pow(2)
+    return present, mean, var.clamp_min(1e-8)
+
+
+class StatsGenerator(nn.Module):
+    """x = mean_c + std_c * f(z, condition_c): a residual around each class's pooled statistics."""
+
+    def __init__(self, token_shape: tuple[int, int], spec: ServerGeneratorSpec):
+        super().__init__()
+        k, d = token_shape
+        self.token_shape, self.latent_dim = (k, d), spec.latent_dim
+        self.net = nn.Sequential(nn.Linear(spec.latent_dim + CONDITION_DIM, spec.hidden), nn.SiLU(),
+                                 nn.Linear(spec.hidden, spec.hidden), nn.SiLU(), nn.Linear(spec.hidden, k * d))
+        nn.init.zeros_(self.net[-1].weight)  # starts at the class means; learns spread and teacher agreement
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, y: torch.Tensor, cond: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(len(y), self.latent_dim, generator=generator)
+        return mean + std * self.net(torch.cat([z, cond], 1)).view(len(y), *self.token_shape)
+
+
+def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
+                           class_stats: dict[int, dict[str, torch.Tensor]], class_targets: dict[str, torch.Tensor],
+                           spec: ServerGeneratorSpec, seed: int) -> float:
+    """`spec.epochs` AdamW steps on teacher agreement + moment matching; returns the last step's loss."""
+    num_classes = len(next(iter(class_targets.values())))
+    present, mean, var = class_moments(class_stats, num_classes)
+    if not present:
+        return float("nan")
+    for t in teachers.values():
+        t.eval().requires_grad_(False)
+    ids = torch.tensor(present).repeat_interleave(spec.batch_per_class)       # (B,)
+    slot = torch.arange(len(present)).repeat_interleave(spec.batch_per_class)
+    cond = class_condition(class_targets, ids)
+    rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(gen.parameters(), lr=spec.lr)
+    loss = torch.tensor(float("nan"))
+    for _ in range(spec.epochs):
+        x = gen(ids, cond, mean[slot], var[slot].sqrt(), rng)                  # (B, K, D)
+        xs = x.view(len(present), spec.batch_per_class, *x.shape[1:])
+        moment = (F.mse_loss(xs.mean(1), mean, reduction="none") / var).mean() \
+            + (F.mse_loss(xs.var(1), var, reduction="none") / var.pow(2)).mean()
+        agree, terms = 0.0, 0
+        for site, teacher in teachers.items():
+            stats = class_stats.get(site, {})
+            out = teacher(x)
+            for head, o in out.items():
+                for j, c in enumerate(present):
+                    want = stats.get(f"out/{head}/{c}")
+                    if want is None:
+                        continue
+                    scale = class_targets[head].float().var(0).mean().clamp_min(1e-8)
+                    agree = agree + F.mse_loss(o[slot == j].mean(0), want) / scale
+                    terms += 1
+        loss = agree / max(1, terms) + spec.moment_weight * moment
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def sample_server_generator(gen: StatsGenerator, class_stats: dict, class_targets: dict[str, torch.Tensor],
+                            per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` samples of every class some site holds: (x (N, K, D), y (N,))."""
+    num_classes = len(next(iter(class_targets.values())))
+    present, mean, var = class_moments(class_stats, num_classes)
+    if not present:
+        return torch.empty(0, *gen.token_shape), torch.empty(0, dtype=torch.long)
+    y = torch.tensor(present).repeat_interleave(per_class)
+    slot = torch.arange(len(present)).repeat_interleave(per_class)
+    x = gen(y, class_condition(class_targets, y), mean[slot], var[slot].sqrt(), torch.Generator().manual_seed(seed))
+    return x, y
