@@ -252,8 +252,37 @@ def evaluate(msg: Message, context: Context) -> Message:
         m = {"top1": 0.0, "top5": 0.0, "cosine": 0.0, "correct_per_class": zeros, "count_per_class": zeros}
     else:
         m = retrieval(predict(adapters, x), y, targets)
+    n_img = int(msg.content["config"].get("render-clips", 0))
+    if n_img and len(y):
+        m["clip_images"] = render_clips(cfg, context, site, site_id, adapters, x, y, n_img,
+                                        int(msg.content["config"]["server-round"]))
     return Message(content=RecordDict({"metrics": MetricRecord(m | {"num-examples": len(y), "site": site_id})}),
                    reply_to=msg)
+
+
+def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, x, y, n: int, rnd: int) -> int:
+    """Images of up to `n` held-out clips (classes taken in turn) from the global adapters, rendered on this
+    site (clips never leave it): <image-dir or run_dir/images>/round_RRR/site_S/ with a labelled grid."""
+    from a2v_flower.diffusion import Renderer, save_grid, write_gallery
+
+    order = sorted(range(len(y)), key=lambda i: ((y[:i] == y[i]).sum().item(), y[i].item()))[:n]
+    root = (Path(str(context.node_config["image-dir"])) if "image-dir" in context.node_config
+            else Path(OmegaConf.select(cfg, "paths.run_dir") or cfg.paths.output_root) / "images")
+    folder = root / f"round_{rnd:03d}" / f"site_{site_id}"
+    renderer = Renderer(C.diffusion_spec(cfg))
+    images = renderer.render_images(predict(adapters, x[order]))
+    renderer.free()
+    folder.mkdir(parents=True, exist_ok=True)
+    entries, rows = [], []
+    for j, (i, img) in enumerate(zip(order, images)):
+        name = f"clip_{j:02d}_{site.classes[int(y[i])]}.png"
+        img.save(folder / name)
+        entries.append((name, f"held-out clip {j} (true class: {site.classes[int(y[i])]})"))
+        rows.append((f"{j}: {site.classes[int(y[i])]}", [img]))
+    save_grid(rows, folder / "grid.png", ["from the clip's audio"])
+    write_gallery(folder, entries)
+    log.info("[Client %s] rendered %d held-out clips into %s", site_id, len(images), folder)
+    return len(images)
 
 
 def class_stats(adapters, x: torch.Tensor, y: torch.Tensor, num_classes: int, trained: list[int]) -> ArrayRecord:

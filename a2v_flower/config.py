@@ -39,7 +39,7 @@ POSITIVE = ("num_rounds", "federation.num_sites", "federation.num_cpus", "train.
             "model.audio.batch_size", "data.clip_seconds", "federation.timeout", "diffusion.steps",
             "diffusion.height", "diffusion.width")
 NON_NEGATIVE = ("replay.samples_per_class", "replay.refine_epochs", "replay.synthetic_samples_per_class",
-                "replay.kd_epochs", "reset.every_rounds", "server_generator.epochs", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
+                "replay.kd_epochs", "reset.every_rounds", "server_generator.epochs", "diffusion.clip_images", "diffusion.render_every", "diffusion.guidance_scale", "train.weight_decay", "train.cosine_weight", "train.grad_clip", "federation.num_gpus")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

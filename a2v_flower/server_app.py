@@ -132,6 +132,7 @@ def main(grid: Grid, context: Context) -> None:
     every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
     render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
                            classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
+    strategy.clip_images = lambda rnd: cfg.diffusion.clip_images if render.due(rnd, cfg.num_rounds) else 0
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """End of a round: rendering (when due) and the server checkpoint."""

@@ -44,7 +44,8 @@ class A2VStrategy(FedAvg):
                  classes: list[str], replay: R.ReplaySpec | None = None,
                  make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
                  token_shape: tuple[int, int] = (8, 64), seen_fn: Callable[[int], set[int]] | None = None,
-                 timeout: float = 3600, server_gen: SG.ServerGeneratorSpec | None = None, **kwargs):
+                 timeout: float = 3600, server_gen: SG.ServerGeneratorSpec | None = None,
+                 clip_images: Callable[[int], int] | None = None, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
         self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
         self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
@@ -58,6 +59,7 @@ class A2VStrategy(FedAvg):
         self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
         self.timeout = timeout
+        self.clip_images = clip_images               # round -> held-out clips each site renders (0 = none)
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
         self.stats_generator = (SG.StatsGenerator(token_shape, server_gen) if self.server_gen else None)
         self.seen_fn = seen_fn                       # round -> class ids trained by some site so far
@@ -123,7 +125,11 @@ class A2VStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed."""
         config = self._resume_config(config)
-        return self._with_targets(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+        server_round += self.round_offset
+        n = self.clip_images(server_round) if self.clip_images else 0
+        if n:  # a render round: sites also render some of their held-out clips
+            config = ConfigRecord(dict(config.items()) | {"render-clips": n})
+        return self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
 
     def _resume_config(self, config: ConfigRecord) -> ConfigRecord:
         """After a resume, messages say which round's state the sites restore."""
@@ -288,7 +294,9 @@ class A2VStrategy(FedAvg):
             self.best_acc[c] = max(self.best_acc.get(c, 0.0), float(correct[c] / count[c]))
         self.tracker.log(server_round, "eval", glob | {"num_examples": int(n), "per_class": per_class,
                                                        "seen_classes": [self.classes[c] for c in seen],
-                                                       "forgetting_per_class": forgetting, "sites": sites})
+                                                       "forgetting_per_class": forgetting, "sites": sites,
+                                                       "clip_images": int(sum(r["clip_images"] for r in rows.values()
+                                                                              if "clip_images" in r))})
         log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | seen classes %d top1=%.3f forgetting=%.3f | %s",
                  server_round, glob["top1"], glob["top5"], glob["cosine"], len(seen), glob["seen_top1"],
                  glob["forgetting"], " ".join(f"site{s}={v['top1']:.2f}" for s, v in sites.items()))

@@ -45,3 +45,24 @@ def test_render_round_is_lazy_and_writes_outputs(tmp_path):
         assert (folder / name).is_file(), name
     assert not (folder / "siren.png").exists()  # no statistics for siren yet
     assert 0 <= metrics["images/accuracy"] <= 1 and 0 <= metrics["oracle_images/macro_f1"] <= 1
+
+
+def test_sites_render_held_out_clips_only_in_render_rounds(make_cfg, tmp_path, task_identity):
+    import json
+
+    from tests.inprocess import run_server
+
+    cfg = make_cfg("num_rounds=2", "diffusion.render_every=2", "diffusion.clip_images=3", "train.local_epochs=1")
+    built = diffusion.PIPELINES_BUILT
+    run_server(cfg, tmp_path / "run")
+    images = tmp_path / "run" / "images"
+    assert not (images / "round_001").exists()  # not a render round
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    held_out = {int(s): v["n"] for s, v in evals[-1]["sites"].items()}
+    for site, n in held_out.items():
+        folder = images / "round_002" / f"site_{site}"
+        clips = sorted(p.name for p in folder.glob("clip_*.png"))
+        assert len(clips) == min(3, n) and (folder / "grid.png").is_file() and (folder / "index.html").is_file()
+    assert diffusion.PIPELINES_BUILT == built + len(held_out) + 1  # one per site and one on the server, round 2
+    assert [r["clip_images"] for r in evals] == [0, sum(min(3, n) for n in held_out.values())]
