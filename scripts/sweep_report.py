@@ -36,12 +36,16 @@ def collect(root: Path) -> list[dict]:
     for summary in sorted(root.rglob("summary.json")):
         run = summary.parent
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        evals = [e for e in evals if e["kind"] == "eval"]
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in lines if e["kind"] == "eval"]
+        times = [e["time"] for e in lines if "time" in e]
         s = json.loads(summary.read_text())
         rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in KEYS},
                      "final_top1": s["final_top1"], "final_top5": s["final_top5"],
                      "best_top1": max((e["top1"] for e in evals), default=None),
+                     "seen_top1": evals[-1].get("seen_top1") if evals else None,
+                     "forgetting": evals[-1].get("forgetting") if evals else None,
+                     "rounds_s": round(times[-1] - times[0], 1) if len(times) > 1 else None,
                      "top1_by_round": [round(e["top1"], 4) for e in evals]})
     return rows
 
@@ -59,10 +63,16 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    head = ["run", *varying, "final top-1", "best top-1", "final top-5"]
+    head = ["run", *varying, "final top-1", "best top-1", "final top-5", "top-1 seen classes", "forgetting",
+            "rounds wall s"]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying], f"{r['final_top1']:.3f}",
-                                 f"{r['best_top1']:.3f}", f"{r['final_top5']:.3f}"]) + " |" for r in rows]
+    lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying],
+                                 *[fmt(r[k]) for k in ("final_top1", "best_top1", "final_top5", "seen_top1",
+                                                       "forgetting", "rounds_s")]]) + " |" for r in rows]
     (root / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

@@ -83,3 +83,20 @@ def test_bad_partition_fails_before_anything_starts(tmp_path):
     assert proc.returncode != 0
     assert "partition.sites[0]: unknown classes ['cat']" in proc.stderr + proc.stdout
     assert not (tmp_path / "flwr").exists() and not list((tmp_path / "o").rglob("metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_comparison(tmp_path):
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    proc = subprocess.run([str(BIN / "a2v-run"), "-m", *TINY, f"paths.cache_dir={tmp_path / 'cache'}",
+                           f"paths.output_root={tmp_path / 'outputs'}", "num_rounds=1", "diffusion.render_every=0",
+                           "generator=gaussian", "reset=off,on_class_change"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    runs = sorted(p.parent.name for p in sweep.rglob("summary.json"))
+    assert len(runs) == 2 and all("reset=" in r for r in runs)  # one folder per combination
+    table = (sweep / "sweep.md").read_text().splitlines()
+    assert "reset.reset_generator_on_class_change" in table[0] and len(table) == 4
+    assert (sweep / "sweep.csv").is_file() and (sweep / "sweep_rounds.png").is_file()
