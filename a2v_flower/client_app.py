@@ -118,7 +118,8 @@ def train(msg: Message, context: Context) -> Message:
                                  "reset_frechet_before": _mean([r["before"]["frechet"] for r in reset_q]),
                                  "reset_frechet_after": _mean([r["after"]["frechet"] for r in reset_q]),
                                  **quality}),
-        "class_stats": class_stats(adapters, x[:n_real], y[:n_real], len(site.classes), trained),
+        "class_stats": class_stats(adapters, x[:n_real], y[:n_real], len(site.classes), trained,
+                                   outputs=cfg.server_generator.epochs > 0),
         **extra,
     }), reply_to=msg)
 
@@ -285,10 +286,12 @@ def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, 
     return len(images)
 
 
-def class_stats(adapters, x: torch.Tensor, y: torch.Tensor, num_classes: int, trained: list[int]) -> ArrayRecord:
-    """Per-class adapter-output means, audio-embedding mean/variance and counts of this round's training
-    clips, and which classes the site has trained on in any round ("seen": its generators cover them)."""
-    stats = {f"out/{k}": v for k, v in class_means(predict(adapters, x), y).items()}
+def class_stats(adapters, x: torch.Tensor, y: torch.Tensor, num_classes: int, trained: list[int],
+                outputs: bool = False) -> ArrayRecord:
+    """Audio-embedding mean/variance and counts per class of this round's training clips, which classes the
+    site has trained on in any round ("seen": its generators cover them) and, with `outputs` (only the
+    server generator needs them: a 77x768 mean per class), the per-class adapter-output means."""
+    stats = {f"out/{k}": v for k, v in class_means(predict(adapters, x), y).items()} if outputs else {}
     for c in y.unique().tolist():
         stats[f"audio_mean/{c}"] = x[y == c].mean(0)
         stats[f"audio_var/{c}"] = x[y == c].var(0, unbiased=False)

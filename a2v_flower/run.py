@@ -95,8 +95,8 @@ def launch(cfg: DictConfig) -> float | None:
     if proc.returncode != 0 or not summary_file.is_file():
         raise SystemExit(f"flwr run failed (exit code {proc.returncode}); see the log above and {run_dir}")
     summary = json.loads(summary_file.read_text())
-    print(f"final top-1 retrieval {summary['final_top1']:.3f} (chance {summary['chance_top1']:.3f}); "
-          f"outputs in {run_dir}")
+    top1 = "n/a (no site has held-out clips)" if summary["final_top1"] is None else f"{summary['final_top1']:.3f}"
+    print(f"final top-1 retrieval {top1} (chance {summary['chance_top1']:.3f}); outputs in {run_dir}")
     return summary["final_top1"]
 
 

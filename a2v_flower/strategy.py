@@ -58,6 +58,7 @@ class A2VStrategy(FedAvg):
         self.site_of_node: dict[int, int] = {}
         self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
+        self.bytes_down_eval: dict[int, int] = {}    # node -> bytes of this round's evaluate message
         self.timeout = timeout
         self.clip_images = clip_images               # round -> held-out clips each site renders (0 = none)
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
@@ -129,7 +130,9 @@ class A2VStrategy(FedAvg):
         n = self.clip_images(server_round) if self.clip_images else 0
         if n:  # a render round: sites also render some of their held-out clips
             config = ConfigRecord(dict(config.items()) | {"render-clips": n})
-        return self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
+        return messages
 
     def _resume_config(self, config: ConfigRecord) -> ConfigRecord:
         """After a resume, messages say which round's state the sites restore."""
@@ -295,6 +298,8 @@ class A2VStrategy(FedAvg):
         self.tracker.log(server_round, "eval", glob | {"num_examples": int(n), "per_class": per_class,
                                                        "seen_classes": [self.classes[c] for c in seen],
                                                        "forgetting_per_class": forgetting, "sites": sites,
+                                                       "bytes_down": float(np.mean(list(self.bytes_down_eval.values())
+                                                                                   or [0])),
                                                        "clip_images": int(sum(r["clip_images"] for r in rows.values()
                                                                               if "clip_images" in r))})
         log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | seen classes %d top1=%.3f forgetting=%.3f | %s",

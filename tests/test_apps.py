@@ -62,7 +62,12 @@ def test_train_reply_carries_only_adapter_weights(make_cfg, task_identity, diffu
     if encoder.model is not None:
         assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen
     stats = reply.content["class_stats"]
-    assert {k.split("/")[0] for k in stats.keys()} == {"out", "audio_mean", "audio_var", "counts", "seen"}
+    assert {k.split("/")[0] for k in stats.keys()} == {"audio_mean", "audio_var", "counts", "seen"}
+    # adapter-output means (a 77x768 tensor per class for SD) travel only for the server generator
+    with_gen = client_app.train(message(make_cfg(f"diffusion={diffusion}", "server_generator.epochs=1",
+                                                 "strategy=kd"), adapters, targets), context())
+    assert {k.split("/")[0] for k in with_gen.content["class_stats"].keys()} == {"out", "audio_mean", "audio_var",
+                                                                                  "counts", "seen"}
 
 
 def test_targets_are_kept_in_state_for_later_rounds(make_cfg, task_identity):
