@@ -87,7 +87,8 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
         why = ("new classes " + str(sorted(classes[c] for c in new)) if reset_on_new and new and seen
                else "schedule" if scheduled_reset else None)
         if old is not None and why:
-            before = _quality(old, spec, x[mask], y[mask], class_targets)
+            known = mask & torch.isin(y, torch.tensor(sorted(key_seen), dtype=torch.long))  # it can only sample these
+            before = _quality(old, spec, x[known], y[known], class_targets)
             fresh = gen.state_tensors()
             gen.load_state_tensors(partial_reset(old, fresh, layers) if layers else fresh)
             log.info("Resetting generator %r (%s, %s): quality before %s", key, why,

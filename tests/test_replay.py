@@ -136,3 +136,14 @@ def test_distill_skips_classes_without_a_teacher():
                    TrainSpec(epochs=2, batch_size=8))
     assert not math.isnan(loss) and any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert math.isnan(distill(student, {}, {0: [0]}, x, y, TrainSpec(epochs=1)))  # no teacher at all
+
+
+def test_reset_of_a_gaussian_measures_quality_on_the_classes_it_knows():
+    spec = GeneratorSpec("gaussian")
+    x, y = toy((0,))
+    st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, spec, TARGETS, True)
+    x2, y2 = toy((0, 1), seed=5)
+    resets = {}
+    out, _ = train_site_generators(st, {0}, x2, y2, CLASSES, "unified", None, spec, TARGETS, True, resets=resets)
+    assert resets["unified"]["why"] == "new classes ['rain']" and resets["unified"]["before"]["frechet"] >= 0
+    assert out["unified"]["seen"].tolist() == [0, 1]
