@@ -26,7 +26,19 @@ def test_quality_benchmark_quick(tmp_path, cache_dir):
     assert {"FedAvg", "local only", "centralised (upper bound)", "+ kd (gaussian)"} <= methods
     assert {r["scenario"] for r in rows} == {"non-IID (one group per site)", "class-incremental"}
     assert all(0 <= float(r["top1_mean"]) <= 1 and float(r["mb_per_site_round"]) > 0 for r in rows)
-    assert (out / "quality.md").read_text().count("\n|") >= len(rows) + 1
+    # generator bytes: none without generators; a neural generator beside its copy at the gaussian's bytes
+    gen_bytes = {(r["scenario"], r["method"]): float(r["gen_bytes_per_site_round"]) for r in rows}
+    assert all(b == 0 for (_, m), b in gen_bytes.items() if m in ("FedAvg", "local only"))
+    gaussian = gen_bytes["non-IID (one group per site)", "+ kd (gaussian)"]  # unified, both classes every round
+    default = gen_bytes["class-incremental", "+ replay (cvae, unified)"]
+    equal = gen_bytes["class-incremental", "+ replay (cvae, unified) at gaussian bytes"]
+    assert 0.5 * gaussian <= equal <= gaussian < default / 10
+    hidden = {r["method"]: int(r["generator_size"].split()[1].rstrip(",")) for r in rows if r["generator_size"]}
+    assert 1 <= hidden["+ replay (cvae, unified) at gaussian bytes"] < hidden["+ replay (cvae, unified)"]
+    table = (out / "quality.md").read_text()
+    assert table.count("| scenario | method |") == 1 and "generator kB sent / site / round" in table
+    assert "at gaussian bytes (hidden " in table
+    assert table.count("\n|") >= len(rows) + 1
     assert (out / "quality_rounds.png").stat().st_size > 1000
 
 
