@@ -30,6 +30,7 @@ import torch
 
 from a2v_flower import config as C
 from a2v_flower import replay as R
+from a2v_flower import server_generator as SG
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
@@ -37,7 +38,7 @@ from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 from a2v_flower.models.generators import GeneratorSpec, build_generator
 from a2v_flower.models.text_encoders import class_targets
-from a2v_flower.training import predict, train_adapters
+from a2v_flower.training import class_means, predict, train_adapters
 
 
 # Default size of this benchmark (what the published table used); command-line overrides come after.
@@ -59,6 +60,8 @@ class Method:
     augment: bool = False
     replay: bool = False              # class-incremental: replay own old classes from the site's generator
     equal_bytes: bool = False         # neural generator shrunk to the gaussian's bytes (see equal_bytes_spec)
+    reset: bool = True                # reset=on_class_change (a unified generator then forgets old classes)
+    server_gen: bool = False          # kd on samples of the server's own generator (server_generator.epochs=20, batch_per_class=8)
 
 
 def methods(quick: bool) -> list[Method]:
@@ -67,12 +70,16 @@ def methods(quick: bool) -> list[Method]:
                  Method("centralised (upper bound)", central=True)]
     server_side = [Method("+ kd (gaussian)", generator="gaussian", kd=True),
                    Method("+ refinement (gaussian)", generator="gaussian", refine=True),
-                   Method("+ augmentation (gaussian)", generator="gaussian", augment=True)]
+                   Method("+ augmentation (gaussian)", generator="gaussian", augment=True),
+                   Method("+ kd (server generator, no site generators)", kd=True, server_gen=True)]
     replay_generators = [("gaussian", "per_class"), ("cvae", "unified")] if quick else [
         ("gaussian", "per_class"), ("vae", "per_class"), ("cvae", "unified"), ("cvae", "per_class"),
         ("cvae", "per_group"), ("gan", "unified"), ("gan", "per_group")]
     replays = [Method(f"+ replay ({g}, {gr})", generator=g, granularity=gr, replay=True)
                for g, gr in replay_generators]
+    if not quick:  # a unified generator reset on each new class has nothing old left to replay: without reset
+        replays += [Method(f"+ replay ({g}, unified, reset=off)", generator=g, replay=True, reset=False)
+                    for g in ("gaussian", "cvae")]
     neural_augmentation = [] if quick else [Method("+ augmentation (cvae, unified)", generator="cvae", augment=True)]
     return with_equal_bytes(baselines + server_side + replays + neural_augmentation)
 
@@ -161,6 +168,8 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
     best: dict[int, float] = {}
     token_shape = tuple(sites[0].splits["train"][0].shape[1:])
     server_pool = None  # last round's server-side synthetic samples (augmentation)
+    sg_spec = SG.ServerGeneratorSpec(epochs=20, batch_per_class=8)
+    server_gen = SG.StatsGenerator(token_shape, sg_spec) if method.server_gen else None
     t0 = time.perf_counter()
     for rnd in range(1, rounds + 1):
         states, weights, stats = [], [], {}
@@ -173,7 +182,7 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
             if method.generator:
                 gens[i], _ = R.train_site_generators(gens[i], seen_gen[i], x, y, classes, method.granularity,
                                                      R.default_groups(classes), replace(gspec, seed=seed), targets,
-                                                     True)
+                                                     method.reset)
                 seen_gen[i] |= set(now)
             extra_x, extra_y = [], []
             if method.replay and gens[i]:  # own old classes, from the site's own generators
@@ -198,9 +207,22 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
             nbytes += sum(v.numel() * v.element_size() for v in model.state_dict().values())
             stats[i] = {"counts": torch.bincount(y, minlength=len(classes)).float(),
                         **{f"audio_mean/{c}": x[y == c].mean(0) for c in y.unique().tolist()}}
+            if method.server_gen:  # what a site sends when the server trains its own generator
+                stats[i] |= {f"audio_var/{c}": x[y == c].var(0, unbiased=False) for c in y.unique().tolist()}
+                stats[i] |= {f"out/{k}": v for k, v in class_means(predict(model, x), y).items()}
+                nbytes += sum(v.numel() * v.element_size() for k, v in stats[i].items() if k.startswith("out/"))
             gen_bytes += sum(weight_bytes(g) for g in gens[i].values())
         if method.aggregate:
             global_ad.load_state_dict(average(states, weights))
+        if method.server_gen:
+            owners = {}
+            for i, st in stats.items():
+                for c in torch.nonzero(st["counts"]).flatten().tolist():
+                    owners.setdefault(c, []).append(i)
+            teachers = {i: copy.deepcopy(locals_[i]) for i in range(len(sites_run))}
+            SG.train_server_generator(server_gen, teachers, stats, targets, sg_spec, seed + rnd)
+            sx, sy = SG.sample_server_generator(server_gen, stats, targets, 32, seed + 7 * rnd)
+            R.distill(global_ad, teachers, owners, sx, sy, replace(spec, epochs=5), seed)
         if method.generator and (method.kd or method.refine or method.augment):
             owners = {}
             for i, st in stats.items():
