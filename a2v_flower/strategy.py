@@ -110,12 +110,13 @@ class A2VStrategy(FedAvg):
             for msg in messages:
                 msg.content["shared_generators"] = record
         n = self.replay.synthetic_samples_per_class if self.replay else 0
+        covered = self.owners(seen=True)  # classes some site's generators cover
         for msg in messages if n and self.generators else []:
             site = self.site_of_node.get(msg.metadata.dst_node_id)
-            if site is None:
+            if site is None or site not in self.class_stats:  # no statistics from it yet
                 continue
             now = set(torch.nonzero(self.class_stats[site]["counts"]).flatten().tolist())
-            lacking = [c for c in self.owners(seen=True) if c not in now]
+            lacking = [c for c in covered if c not in now]
             x, y = self.synthetic(n, lacking, seed=self.seed + 31 * server_round + site)
             if len(y):
                 msg.content["synthetic"] = to_record({"x": x, "y": y})
