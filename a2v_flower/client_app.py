@@ -94,10 +94,10 @@ def train(msg: Message, context: Context) -> Message:
         elif replay.sharing == "averaged":
             extra["generators"] = to_record(R.flatten(states))
         quality = R.generator_quality(states, x, y, adapters, site.classes, replay, targets)
+    n_real = len(y)  # the site's own clips come first; synthetic samples follow
     if "synthetic" in msg.content:  # augmentation / replay: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
         x, y = torch.cat([x, syn["x"]]), torch.cat([y, syn["y"].long()])
-    n_real = len(y) - (len(syn["y"]) if "synthetic" in msg.content else 0)
     calls, site.encoder_calls = site.encoder_calls, 0  # report each clip encoding once
     if replay is not None and replay.only:  # generator_only_mode: adapters untouched
         loss = 0.0
@@ -113,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
                                  "encoder_calls": calls, "skipped": len(site.skipped),
                                  "synthetic": len(y) - n_real,
-                                 "generator_loss": sum(losses.values()) / max(1, len(losses)),
+                                 "generator_loss": _mean(list(losses.values())),
                                  "resets": len(resets),
                                  "reset_frechet_before": _mean([r["before"]["frechet"] for r in reset_q]),
                                  "reset_frechet_after": _mean([r["after"]["frechet"] for r in reset_q]),
@@ -136,7 +136,7 @@ def train_shared_generators(msg: Message, context: Context) -> Message:
     mine = {key: states[key] for key in losses}  # the keys this site trained (it may hold only some classes)
     return Message(content=RecordDict({
         "generators": to_record(R.flatten(mine)),
-        "metrics": MetricRecord({"site": site_id, "generator_loss": sum(losses.values()) / max(1, len(losses))}),
+        "metrics": MetricRecord({"site": site_id, "generator_loss": _mean(list(losses.values()))}),
     }), reply_to=msg)
 
 

@@ -136,18 +136,21 @@ def check_reset_layers(spec: GeneratorSpec, layers: tuple[str, ...]) -> None:
 
 def _quality(state: dict, spec: GeneratorSpec, x: torch.Tensor, y: torch.Tensor, class_targets: dict) -> dict:
     """Sample quality of a generator state on (x, y): mean over classes of mean_l2 and frechet."""
-    gen = build_generator(spec, tuple(x.shape[1:]))
-    gen.load_state_tensors(state)
-    rows = []
-    for c in y.unique().tolist():
-        real = x[y == c]
-        if len(real) < 2:
-            continue
-        with torch.no_grad():
-            fake = sample_classes(gen.eval(), class_targets, torch.full((len(real),), c),
-                                  generator=torch.Generator().manual_seed(c))
-        rows.append(sample_quality(real, fake))
+    rows = [_class_sample(state, spec, x[y == c], c, class_targets)[1] for c in y.unique().tolist()
+            if (y == c).sum() >= 2]
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("mean_l2", "frechet")} if rows else {}
+
+
+def _class_sample(state: dict, spec: GeneratorSpec, real: torch.Tensor, c: int, class_targets: dict
+                  ) -> tuple[torch.Tensor, dict]:
+    """As many samples of class `c` from a generator state as `real` has rows (seeded by c), and their
+    quality against `real` (mean distance, Fréchet, precision, coverage)."""
+    gen = build_generator(spec, tuple(real.shape[1:]))
+    gen.load_state_tensors(state)
+    with torch.no_grad():
+        fake = sample_classes(gen.eval(), class_targets, torch.full((len(real),), c),
+                              generator=torch.Generator().manual_seed(c))
+    return fake, sample_quality(real, fake)
 
 
 def _fmt(q: dict) -> str:
@@ -179,12 +182,8 @@ def generator_quality(states: dict, x: torch.Tensor, y: torch.Tensor, adapters: 
         real = x[y == c]
         if key not in states or len(real) < 2:
             continue
-        gen = build_generator(replay.generator, tuple(x.shape[1:]))
-        gen.load_state_tensors(states[key])
-        with torch.no_grad():
-            fake = sample_classes(gen.eval(), class_targets, torch.full((max(2, len(real)),), c),
-                                  generator=torch.Generator().manual_seed(c))
-        rows.append(sample_quality(real, fake))
+        fake, quality = _class_sample(states[key], replay.generator, real, c, class_targets)
+        rows.append(quality)
         xs.append(fake), ys.append(torch.full((len(fake),), c))
     keys = ("mean_l2", "frechet", "precision", "coverage")
     if not rows:  # same keys on every site (Flower checks replies agree)
