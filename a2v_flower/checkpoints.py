@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from a2v_flower.models.generators.keys import check_granularity
+
 META_KEY = "a2v_meta"  # JSON metadata stored in the safetensors header
 
 
@@ -66,7 +68,6 @@ def load_torch_weights_only(path: str | Path) -> Any:
 # ---- generator checkpoints ----------------------------------------------------------------------
 
 GENERATOR_EXT = ".safetensors"
-GRANULARITIES = ("unified", "per_class", "per_group")    # = models.generators.GRANULARITIES (a test checks)
 _KEY_INFIX = {"per_class": "_class_", "per_group": "_group_"}  # the predecessor's file-name infixes
 
 # Metadata keys of a generator file: the fields of GeneratorMeta, JSON in the header under META_KEY.
@@ -101,7 +102,7 @@ class GeneratorMeta:
 
     def __post_init__(self):
         """Normalise JSON values (tuples -> lists, ints) and check the granularity."""
-        _check_granularity(self.granularity)
+        check_granularity(self.granularity)
         self.token_shape, self.cond_dim = [int(s) for s in self.token_shape], int(self.cond_dim)
         self.classes, self.seen_classes = list(self.classes), list(self.seen_classes)
 
@@ -116,16 +117,10 @@ class GeneratorMeta:
             raise ValueError(f"generator metadata is invalid: {err}") from err
 
 
-def _check_granularity(granularity: str) -> None:
-    """ValueError unless granularity is one of GRANULARITIES."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"generator granularity={granularity!r} is not allowed; expected one of {list(GRANULARITIES)}")
-
-
 def generator_checkpoint_name(base: str, node: int | str, granularity: str, key: str,
                               round_: int | None = None) -> str:
     """`{base}_node{N}[_class_{c} | _group_{g}][_round_{R}].safetensors` (unified ignores `key`)."""
-    _check_granularity(granularity)
+    check_granularity(granularity)
     for what, value in (("base", str(base)), ("key", str(key))):                 # names stay inside the folder
         if not value or value.startswith(".") or "/" in value or os.sep in value:
             raise ValueError(f"generator checkpoint {what}={value!r} is not allowed; expected a plain file-name part")

@@ -11,14 +11,15 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 
 from a2v_flower import config as C
-from a2v_flower import replay as R
-from a2v_flower.checkpoints import load_tensors, save_tensors
+from a2v_flower import site_generators as SG
 from a2v_flower.data.schedule import stage_classes
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
-from a2v_flower.strategy import from_record, to_record
+from a2v_flower.models.generators import ReplaySpec
+from a2v_flower.records import flatten, from_record, to_record, unflatten
+from a2v_flower.resume import restore_site_state, save_site_state, site_state_dir
 from a2v_flower.tracking import use_flower_logging
 from a2v_flower.training import class_means, predict, train_adapters
 
@@ -57,7 +58,7 @@ def _setup(msg: Message, context: Context):
     adapters = build_adapters(encoder_dim(aspec), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
     resumed = int(msg.content["config"].get("resume-round", 0))
     if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
-        restore_site_state(cfg, context, site_id, resumed)
+        restore_site_state(site_state_dir(cfg, context.node_config), site_id, resumed, context.state)
         context.state["restored"] = ConfigRecord({"round": resumed})
     own = cfg.strategy.aggregation == "none" and "adapters" in context.state
     if own or "arrays" in msg.content:  # "train.generators" messages carry no adapters
@@ -90,10 +91,10 @@ def train(msg: Message, context: Context) -> Message:
         states, losses = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
                                           train=replay.train and replay.sharing != "sequential", resets=resets)
         if replay.sharing == "none":
-            extra["generators"] = to_record(R.flatten({k: R.weights_only(v) for k, v in states.items()}))
+            extra["generators"] = to_record(flatten({k: SG.weights_only(v) for k, v in states.items()}))
         elif replay.sharing == "averaged":
-            extra["generators"] = to_record(R.flatten(states))
-        quality = R.generator_quality(states, x, y, adapters, site.classes, replay, targets)
+            extra["generators"] = to_record(flatten(states))
+        quality = SG.generator_quality(states, x, y, adapters, site.classes, replay, targets)
     n_real = len(y)  # the site's own clips come first; synthetic samples follow
     if "synthetic" in msg.content:  # augmentation / replay: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
@@ -106,7 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     adapters.cpu()  # what travels and what is kept are CPU tensors
     if cfg.strategy.aggregation == "none":
         context.state["adapters"] = ArrayRecord(adapters.state_dict())
-    save_site_state(cfg, context, site_id, rnd)
+    if (folder := site_state_dir(cfg, context.node_config)) is not None:
+        save_site_state(folder, site_id, rnd, context.state)
     reset_q = [r for r in resets.values() if r["before"] and r["after"]]
     return Message(content=RecordDict({
         "arrays": ArrayRecord(adapters.state_dict()),
@@ -135,7 +137,7 @@ def train_shared_generators(msg: Message, context: Context) -> Message:
     states, losses = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd, train=True)
     mine = {key: states[key] for key in losses}  # the keys this site trained (it may hold only some classes)
     return Message(content=RecordDict({
-        "generators": to_record(R.flatten(mine)),
+        "generators": to_record(flatten(mine)),
         "metrics": MetricRecord({"site": site_id, "generator_loss": _mean(list(losses.values()))}),
     }), reply_to=msg)
 
@@ -159,7 +161,7 @@ def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:
     return [site.classes.index(c) for c in now]
 
 
-def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, cfg, site: SiteData, site_id: int,
+def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, site: SiteData, site_id: int,
                      x, y, targets, rnd: int, train: bool, resets: dict | None = None) -> tuple[dict, dict]:
     """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained
     when `train`; checkpointed; returns their full states and the last training losses."""
@@ -167,12 +169,12 @@ def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, cfg, 
     states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
     seen = {classes.index(c) for c in context.state["gen_seen"]["classes"]} if "gen_seen" in context.state else set()
     if "shared_generators" in msg.content:
-        shared = R.unflatten(from_record(msg.content["shared_generators"]))
+        shared = unflatten(from_record(msg.content["shared_generators"]))
         log.info("[Client %s]: Receiving %d SHARED generators from server (sharing=%s)", site_id, len(shared),
                  replay.sharing)
         states.update(shared)
     if replay.pretrained and not states:
-        states, seen = R.load_site_generators(replay, site_id, classes, y)
+        states, seen = SG.load_site_generators(replay, site_id, classes, y)
     losses = {}
     if train:
         new = set(y.unique().tolist()) - seen
@@ -180,67 +182,19 @@ def train_generators(context: Context, msg: Message, replay: R.ReplaySpec, cfg, 
             log.info("[Client %s] Detected new classes: %s", site_id, sorted(classes[c] for c in new))
         scheduled = bool(replay.reset_every) and rnd > 1 and (rnd - 1) % replay.reset_every == 0
         val = site.splits["val"] if replay.generator.early_stopping_patience else None
-        states, losses = R.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
+        states, losses = SG.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
                                                  replay.generator, targets, replay.reset_on_new_classes,
                                                  scheduled_reset=scheduled, layers=replay.reset_layers,
                                                  val=val, resets=resets)
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
-        R.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
+        SG.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
                                round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
     if not replay.shared:  # shared states come from the server every round
         for key, state in states.items():
             context.state[f"gen/{key}"] = to_record(state)
     context.state["gen_seen"] = ConfigRecord({"classes": sorted(classes[c] for c in seen)})
     return states, losses
-
-
-def save_site_state(cfg, context: Context, site_id: int, rnd: int) -> None:
-    """What this site keeps between rounds (generators, seen classes, own adapters), on disk per round, so a
-    resumed run restores it: <state-dir>/site_{N}_round_{R}.safetensors; rounds before R-1 are removed."""
-    folder = site_state_dir(cfg, context)
-    if folder is None:
-        return
-    tensors, meta = {}, {"round": rnd, "site": site_id, "configs": {}}
-    for name, rec in context.state.items():
-        if name == "targets":
-            continue
-        if isinstance(rec, ArrayRecord):
-            tensors |= {f"{name}//{k}": v for k, v in from_record(rec).items()}
-            meta.setdefault("arrays", []).append(name)
-        elif isinstance(rec, ConfigRecord):
-            meta["configs"][name] = {k: list(v) if isinstance(v, list) else v for k, v in rec.items()}
-    save_tensors(folder / f"site_{site_id}_round_{rnd}.safetensors", tensors, meta)
-    for old in folder.glob(f"site_{site_id}_round_*.safetensors"):
-        if int(old.stem.rsplit("_", 1)[1]) < rnd - 1:
-            old.unlink(missing_ok=True)
-
-
-def restore_site_state(cfg, context: Context, site_id: int, rnd: int) -> None:
-    """Load what `save_site_state` wrote after round `rnd` into an empty context (all or nothing)."""
-    folder = site_state_dir(cfg, context)
-    path = folder / f"site_{site_id}_round_{rnd}.safetensors"
-    tensors, meta = load_tensors(path)  # raises naming the file if missing or corrupt; context untouched
-    if meta.get("round") != rnd or meta.get("site") != site_id:
-        raise ValueError(f"{path}: holds site {meta.get('site')} round {meta.get('round')}, "
-                         f"expected site {site_id} round {rnd}")
-    arrays: dict = {}
-    for key, t in tensors.items():
-        name, _, k = key.partition("//")
-        arrays.setdefault(name, {})[k] = t
-    for name in meta.get("arrays", []):
-        context.state[name] = to_record(arrays.get(name, {}))
-    for name, values in meta["configs"].items():
-        context.state[name] = ConfigRecord(values)
-    log.info("[Client %s] restored its state after round %s from %s", site_id, rnd, path)
-
-
-def site_state_dir(cfg, context: Context) -> Path | None:
-    """Where this site keeps its per-round state: node config `state-dir` (deployment) or <run_dir>/state."""
-    if "state-dir" in context.node_config:
-        return Path(str(context.node_config["state-dir"]))
-    run_dir = OmegaConf.select(cfg, "paths.run_dir")
-    return Path(run_dir) / "state" if run_dir else None
 
 
 @app.evaluate()

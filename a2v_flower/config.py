@@ -9,13 +9,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from a2v_flower.data.esc50 import ESC50_GROUPS
 from a2v_flower.data.partition import MODES
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
-from a2v_flower.models.generators import GeneratorSpec, generator_keys
-from a2v_flower.server_generator import ServerGeneratorSpec
-from a2v_flower.replay import ReplaySpec, check_reset_layers, default_groups
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
+from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, generator_keys
+from a2v_flower.models.generators.stats import ServerGeneratorSpec
+from a2v_flower.site_generators import check_reset_layers
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
 
@@ -200,6 +201,12 @@ def schedule_of(cfg: DictConfig) -> dict | None:
         return None
     sched = OmegaConf.to_container(sched)
     return {int(k) if str(k).isdigit() else k: v for k, v in sched.items()}
+
+
+def default_groups(classes: list[str]) -> dict[str, list[str]]:
+    """ESC-50's semantic groups restricted to `classes` (empty groups dropped)."""
+    groups = {g: [c for c in members if c in classes] for g, members in ESC50_GROUPS.items()}
+    return {g: m for g, m in groups.items() if m}
 
 
 def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:

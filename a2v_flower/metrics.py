@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,3 +36,40 @@ def retrieval(outputs: dict[str, torch.Tensor], labels: torch.Tensor,
         "correct_per_class": torch.bincount(labels[hit1], minlength=num_classes).tolist(),
         "count_per_class": torch.bincount(labels, minlength=num_classes).tolist(),
     }
+
+
+def pool_evaluations(rows: dict[int, dict], classes: list[str], seen: list[int], best_acc: dict[int, float]) -> dict | None:
+    """One round's global metrics from the sites' evaluation replies (site -> metrics).
+
+    top1/top5/cosine pool every site's held-out clips; `seen_top1` is top-1 on the classes trained so far;
+    `forgetting` is the mean, over seen classes with a history, of best earlier accuracy minus now
+    (`best_acc`, class -> best accuracy so far, is updated). None when no site has held-out clips.
+    """
+    n = sum(r["num-examples"] for r in rows.values())
+    if n == 0:
+        return None
+    correct = np.sum([r["correct_per_class"] for r in rows.values()], axis=0)
+    count = np.sum([r["count_per_class"] for r in rows.values()], axis=0)
+    glob = {k: float(sum(r[k] * r["num-examples"] for r in rows.values()) / n) for k in ("top1", "top5", "cosine")}
+    seen = [c for c in seen if count[c]]
+    glob["seen_top1"] = float(correct[seen].sum() / count[seen].sum()) if seen else 0.0
+    forgetting = {classes[c]: max(0.0, best_acc[c] - correct[c] / count[c]) for c in seen if c in best_acc}
+    glob["forgetting"] = float(np.mean(list(forgetting.values()))) if forgetting else 0.0
+    for c in seen:
+        best_acc[c] = max(best_acc.get(c, 0.0), float(correct[c] / count[c]))
+    return glob | {
+        "num_examples": int(n), "per_class": {c: float(correct[i] / count[i]) for i, c in enumerate(classes) if count[i]},
+        "seen_classes": [classes[c] for c in seen], "forgetting_per_class": forgetting,
+        "sites": {s: {k: float(r[k]) for k in ("top1", "top5", "cosine")} | {"n": int(r["num-examples"])}
+                  for s, r in sorted(rows.items()) if r["num-examples"]}}
+
+
+def summarise_training(sites: dict[int, dict], failures: int) -> dict:
+    """One round's training row: mean loss, summed counts, mean generator figures and bytes, per-site rows."""
+    first = next(iter(sites.values()), {})
+    return {k: float(np.mean([s[k] for s in sites.values()])) for k in first
+            if k.startswith("gen_") or k.startswith("bytes_")} | {
+        "train_loss": float(np.mean([s["train_loss"] for s in sites.values()])) if sites else None,
+        "encoder_calls": int(sum(s["encoder_calls"] for s in sites.values())),
+        "skipped_files": int(sum(s["skipped"] for s in sites.values())),
+        "failures": failures, "sites": sites}

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from a2v_flower.diffusion import ImageJudge, Renderer, save_grid, write_gallery
 from a2v_flower.models.adapters import AdapterSet
-from a2v_flower.replay import class_audio_means
+from a2v_flower.server_generators import class_audio_means
 
 log = logging.getLogger(__name__)
 

@@ -78,10 +78,10 @@ def launch(cfg: DictConfig) -> float | None:
     check_schedule(C.schedule_of(cfg), held_classes(clips, sites), cfg.num_rounds)  # and a bad schedule
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.resume:  # continue in the old folder; a missing/corrupt checkpoint or a changed config fails here
-        from a2v_flower.server_app import load_checkpoint
+        from a2v_flower.resume import load_server_checkpoint
 
         run_dir = Path(cfg.resume)
-        load_checkpoint(run_dir, cfg)
+        load_server_checkpoint(run_dir, cfg)
     config_file = run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml")
     OmegaConf.save(cfg, config_file)
     env = flwr_env()

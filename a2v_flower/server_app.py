@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
-from a2v_flower.checkpoints import load_tensors, save_tensors
+from a2v_flower.checkpoints import save_tensors
 from a2v_flower.data.schedule import check_schedule, held_classes, seen_classes
 from a2v_flower.data.site import federation
 from a2v_flower.diffusion import Renderer
@@ -19,6 +19,8 @@ from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
 from a2v_flower.rendering import RoundRenderer
+from a2v_flower.resume import load_server_checkpoint, save_server_checkpoint
+from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
 from a2v_flower.tracking import RunTracker, use_flower_logging
 
@@ -44,52 +46,6 @@ def prepare_run(run_config: dict) -> tuple:
     return cfg, run_dir
 
 
-# What must match between a run and its resumption (rounds, names, paths and rendering may change).
-RESUME_KEYS = ("seed", "data", "partition", "model", "adapter", "train", "strategy", "generator", "granularity",
-               "sharing", "reset", "mode", "replay", "server_generator", "schedule", "prompt_template", "federation.num_sites",
-               "diffusion.type")
-
-
-def save_checkpoint(run_dir: Path, rnd: int, adapters, strategy: A2VStrategy, cfg) -> Path:
-    """<run_dir>/checkpoints/server_round_{R}.safetensors: global adapters, strategy state, round; the
-    previous round's file is kept (a crash while sites save their round-R state must not lose R-1)."""
-    tensors, meta = strategy.state_tensors()
-    tensors |= {f"adapters/{k}": v for k, v in adapters.state_dict().items()}
-    meta |= {"round": rnd, "resume_keys": {k: _plain(OmegaConf.select(cfg, k)) for k in RESUME_KEYS}}
-    folder = run_dir / "checkpoints"
-    path = save_tensors(folder / f"server_round_{rnd}.safetensors", tensors, meta)
-    for old in folder.glob("server_round_*.safetensors"):
-        if int(old.stem.rsplit("_", 1)[1]) < rnd - 1:
-            old.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
-    """The newest server checkpoint of `run_dir`: (round, adapter state, strategy tensors, metadata).
-    Raises naming the file if it is corrupt, and the key with both values if the config differs."""
-    files = sorted((run_dir / "checkpoints").glob("server_round_*.safetensors"),
-                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if not files:
-        raise FileNotFoundError(f"resume={str(run_dir)!r}: no server_round_*.safetensors in {run_dir / 'checkpoints'}")
-    tensors, meta = load_tensors(files[-1])
-    for key, saved in meta.get("resume_keys", {}).items():
-        now = _plain(OmegaConf.select(cfg, key))
-        if now != saved:
-            raise ValueError(f"resume: {key}={now!r} differs from the checkpoint's {key}={saved!r} ({files[-1]}); "
-                             "a resumed run must use the same config (num_rounds, name, paths may change)")
-    rnd = int(meta["round"])
-    if rnd >= cfg.num_rounds:
-        raise ValueError(f"resume: {files[-1]} is at round {rnd} but num_rounds={cfg.num_rounds}; "
-                         f"set num_rounds above {rnd} to train further")
-    adapters = {k[9:]: v for k, v in tensors.items() if k.startswith("adapters/")}
-    rest = {k: v for k, v in tensors.items() if not k.startswith("adapters/")}
-    return rnd, adapters, rest, meta
-
-
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run `num_rounds` of adapter federation and save the global adapters and a summary."""
@@ -112,20 +68,22 @@ def main(grid: Grid, context: Context) -> None:
     adapters = make_adapters()
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name)
     n = cfg.federation.num_sites
-    strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes,
+    generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
+                                  cfg.seed, replay, C.server_generator_spec(cfg), kd=cfg.strategy.aggregation == "kd")
+    strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes, generators,
                            fraction_train=cfg.strategy.fraction_train,
                            fraction_evaluate=cfg.strategy.fraction_evaluate,
                            min_train_nodes=max(1, round(n * cfg.strategy.fraction_train)),
                            min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
-                           min_available_nodes=n, replay=replay, make_adapters=make_adapters,
-                           train_spec=C.train_spec(cfg), seed=cfg.seed, token_shape=(cfg.model.audio.tokens, dim),
+                           min_available_nodes=n,
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
-                           timeout=cfg.federation.timeout, server_gen=C.server_generator_spec(cfg))
+                           timeout=cfg.federation.timeout)
     done = 0
     if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round
-        done, state, strategy_state, meta = load_checkpoint(run_dir, cfg)
+        done, state, strategy_state, meta = load_server_checkpoint(run_dir, cfg)
         adapters.load_state_dict(state)
-        strategy.load_state_tensors(strategy_state, meta)
+        generators.load_state_tensors(strategy_state)
+        strategy.best_acc = {int(c): a for c, a in meta.get("best_acc", {}).items()}
         strategy.round_offset = strategy.resume_round = done
         tracker.keep_rounds(done)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
@@ -140,10 +98,11 @@ def main(grid: Grid, context: Context) -> None:
             return None
         server_round += done
         adapters.load_state_dict(arrays.to_torch_state_dict())
-        save_checkpoint(run_dir, server_round, adapters, strategy, cfg)
+        save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors(),
+                               {"best_acc": {str(c): a for c, a in strategy.best_acc.items()}}, cfg)
         if not render.due(server_round, cfg.num_rounds):
             return None
-        metrics = render(server_round, adapters, strategy.class_stats)
+        metrics = render(server_round, adapters, generators.class_stats)
         tracker.log(server_round, "render", metrics, image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
         return MetricRecord(metrics) if metrics else None
 

@@ -1,20 +1,23 @@
-"""FedAvg of adapters, plus class targets sent once per site and per-round metrics for the run."""
+"""The Flower strategy: FedAvg of the adapters, class targets sent once per node, per-round metrics.
+
+Everything about generators (class statistics, sharing, synthetic samples, server training) lives in
+`server_generators.ServerGenerators`, which the strategy calls at three points: composing train messages,
+after averaging, and for checkpoints.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from a2v_flower import replay as R
-from a2v_flower import server_generator as SG
-from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.metrics import pool_evaluations, summarise_training
+from a2v_flower.records import payload_bytes, to_record
+from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -22,72 +25,33 @@ log = logging.getLogger(__name__)
 AGGREGATIONS = {"avg": "num-examples", "uniform": "unit-weight", "none": "num-examples", "kd": "num-examples"}
 
 
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors -> ArrayRecord (numpy-backed, as Flower sends them)."""
-    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message (serialised numpy, as they travel)."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
-
-
-def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> tensors."""
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
-
-
 class A2VStrategy(FedAvg):
     """FedAvg whose weighting follows `aggregation` (avg: by examples, uniform: equal, none: unused)."""
 
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
-                 classes: list[str], replay: R.ReplaySpec | None = None,
-                 make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
-                 token_shape: tuple[int, int] = (8, 64), seen_fn: Callable[[int], set[int]] | None = None,
-                 timeout: float = 3600, server_gen: SG.ServerGeneratorSpec | None = None,
-                 clip_images: Callable[[int], int] | None = None, **kwargs):
+                 classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
+                 timeout: float = 3600, clip_images: Callable[[int], int] | None = None, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
-        self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
-        self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
-        self.class_targets = class_targets
+        self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
         self.targets = to_record(class_targets)
-        self.tracker, self.classes = tracker, classes
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
-        self.class_stats: dict[int, dict[str, torch.Tensor]] = {}  # last per-class statistics per site
-        self.generators: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # site -> key -> weights
         self.site_of_node: dict[int, int] = {}
-        self.shared: dict[str, dict[str, torch.Tensor]] = {}  # sharing=averaged: key -> state
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
         self.bytes_down_eval: dict[int, int] = {}    # node -> bytes of this round's evaluate message
-        self.timeout = timeout
         self.clip_images = clip_images               # round -> held-out clips each site renders (0 = none)
-        self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
-        self.stats_generator = (SG.StatsGenerator(token_shape, server_gen) if self.server_gen else None)
         self.seen_fn = seen_fn                       # round -> class ids trained by some site so far
         self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
         self.round_offset = 0                        # rounds done before a resume
         self.resume_round = 0                        # > 0: sites restore their state of that round
 
-    def owners(self, seen: bool = False) -> dict[int, list[int]]:
-        """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
-        or, with `seen`, that trained it in any round (their generators cover it)."""
-        out: dict[int, list[int]] = {}
-        for site, stats in sorted(self.class_stats.items()):
-            for c in torch.nonzero(stats["seen" if seen and "seen" in stats else "counts"]).flatten().tolist():
-                out.setdefault(c, []).append(site)
-        return out
-
-    def synthetic(self, per_class: int, wanted: list[int] | None = None, seed: int = 0):
-        """Samples of the sites' generators: (x (N, K, D), y (N,))."""
-        r = self.replay
-        return R.synthesize(self.generators, self.owners(seen=True), self.classes, r.granularity, r.groups,
-                            r.generator, self.token_shape, self.class_targets, per_class, wanted, seed)
-
-    def _with_targets(self, messages: Iterable[Message]) -> list[Message]:
-        """Give every message its own RecordDict; add the class targets for nodes that lack them."""
+    def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
+        """Give every message its own RecordDict and `extra` config; add the class targets for nodes that lack them."""
         out = []
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
+            if extra or self.resume_round:
+                content["config"] = ConfigRecord(dict(content["config"].items()) | (extra or {})
+                                                 | ({"resume-round": self.resume_round} if self.resume_round else {}))
             if msg.metadata.dst_node_id not in self.has_targets:
                 content["targets"] = self.targets
                 self.has_targets.add(msg.metadata.dst_node_id)
@@ -97,49 +61,32 @@ class A2VStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """FedAvg's messages, plus targets where needed and synthetic samples of classes a site lacks."""
+        """FedAvg's messages, plus targets where needed, shared generators and synthetic samples."""
         server_round += self.round_offset
-        config = self._resume_config(config)
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
-        if self.resume_round or (self.replay and self.replay.sharing == "sequential"):
+        replay = self.generators.replay
+        sequential = replay is not None and replay.sharing == "sequential"
+        if self.resume_round or sequential:
             self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
-        if self.replay and self.replay.sharing == "sequential" and self.replay.train:
-            self.train_sequentially(server_round, messages, grid)
-        if self.shared:
-            record = to_record(R.flatten(self.shared))
-            for msg in messages:
-                msg.content["shared_generators"] = record
-        n = self.replay.synthetic_samples_per_class if self.replay else 0
-        covered = self.owners(seen=True)  # classes some site's generators cover
-        for msg in messages if n and self.generators else []:
-            site = self.site_of_node.get(msg.metadata.dst_node_id)
-            if site is None or site not in self.class_stats:  # no statistics from it yet
-                continue
-            now = set(torch.nonzero(self.class_stats[site]["counts"]).flatten().tolist())
-            lacking = [c for c in covered if c not in now]
-            x, y = self.synthetic(n, lacking, seed=self.seed + 31 * server_round + site)
-            if len(y):
-                msg.content["synthetic"] = to_record({"x": x, "y": y})
+        if sequential and replay.train:
+            self.generators.train_sequentially(server_round, messages, lambda n: self.site_of_node.get(n, 1 << 30),
+                                               grid, self.timeout)
+        for msg in messages:
+            for name, record in self.generators.outgoing(self.site_of_node.get(msg.metadata.dst_node_id),
+                                                         server_round).items():
+                msg.content[name] = record
         self.bytes_down = {msg.metadata.dst_node_id: payload_bytes(msg.content) for msg in messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """FedAvg's messages, plus targets where needed."""
-        config = self._resume_config(config)
+        """FedAvg's messages, plus targets where needed; in a render round sites also render some clips."""
         server_round += self.round_offset
         n = self.clip_images(server_round) if self.clip_images else 0
-        if n:  # a render round: sites also render some of their held-out clips
-            config = ConfigRecord(dict(config.items()) | {"render-clips": n})
-        messages = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid),
+                                      {"render-clips": n} if n else None)
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
-
-    def _resume_config(self, config: ConfigRecord) -> ConfigRecord:
-        """After a resume, messages say which round's state the sites restore."""
-        if not self.resume_round:
-            return config
-        return ConfigRecord(dict(config.items()) | {"resume-round": self.resume_round})
 
     def learn_sites(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes whose site (partition id) is not known yet; needed when node ids are new (resume)."""
@@ -151,31 +98,9 @@ class A2VStrategy(FedAvg):
             if not reply.has_error():
                 self.site_of_node[reply.metadata.src_node_id] = int(reply.content["metrics"]["site"])
 
-    def train_sequentially(self, server_round: int, messages: list[Message], grid: Grid) -> None:
-        """sharing=sequential: hand the one shared state per key to the sites one after another (by site id);
-        each trains it on its data and returns it. Weights, AdamW moments and step counts pass on intact."""
-        order = sorted(messages, key=lambda m: self.site_of_node.get(m.metadata.dst_node_id, 1 << 30))
-        for msg in order:
-            content = RecordDict({"config": msg.content["config"]})
-            if "targets" in msg.content:
-                content["targets"] = msg.content["targets"]
-            if self.shared:
-                content["shared_generators"] = to_record(R.flatten(self.shared))
-            node = msg.metadata.dst_node_id
-            out = Message(content=content, message_type="train.generators", dst_node_id=node)
-            reply = next(iter(grid.send_and_receive([out], timeout=self.timeout)), None)
-            if reply is None or reply.has_error():
-                log.warning("round %s: site on node %s failed to train the shared generators: %s", server_round,
-                            node, reply.error.reason if reply is not None else "no reply")
-                continue
-            trained = R.unflatten(from_record(reply.content["generators"]))
-            self.shared = {**self.shared, **trained}
-            log.info("round %s: site %s trained shared generators %s", server_round,
-                     reply.content["metrics"]["site"], sorted(trained))
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Keep each site's class statistics aside, then average the adapters (FedAvg wants one ArrayRecord)."""
+        """Keep each site's class statistics and generators aside, average the adapters, then server training."""
         server_round += self.round_offset
         # by site: the same float sums whatever order replies arrive in (a resumed run matches an uninterrupted one)
         replies = sorted(replies, key=lambda m: -1 if m.has_error() else int(m.content["metrics"]["site"]))
@@ -185,159 +110,34 @@ class A2VStrategy(FedAvg):
                 log.warning("round %s: site on node %s failed: %s", server_round,
                             msg.metadata.src_node_id, msg.error.reason)
                 continue
-            metrics = msg.content["metrics"]
-            site = int(metrics["site"])
-            self.site_of_node[msg.metadata.src_node_id] = site
+            metrics, node = msg.content["metrics"], msg.metadata.src_node_id
+            site = self.site_of_node[node] = int(metrics["site"])
             up = payload_bytes(msg.content)
-            self.class_stats[site] = from_record(msg.content["class_stats"])
-            del msg.content["class_stats"]
-            if "generators" in msg.content:
-                self.generators[site] = R.unflatten(from_record(msg.content["generators"]))
-                del msg.content["generators"]
-            if self.aggregation == "kd" or self.server_gen:
+            self.generators.receive(site, msg.content)
+            if self.generators.wants_teachers:
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
-            sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(msg.metadata.src_node_id, 0)}
+            sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)}
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if self.replay and self.replay.sharing == "averaged" and self.generators:
-            self.share_generators()
-        elif self.replay and self.replay.sharing == "sequential":
-            self.generators = {site: self.shared for site in self.class_stats}  # the same objects, not copies
-        arrays, server = self.server_training(server_round, arrays, teachers)
-        gen = {k: float(np.mean([s[k] for s in sites.values()])) for k in next(iter(sites.values()), {})
-               if k.startswith("gen_") or k.startswith("bytes_")}
-        self.tracker.log(server_round, "train", server | gen | {
-            "train_loss": float(np.mean([s["train_loss"] for s in sites.values()])) if sites else None,
-            "encoder_calls": int(sum(s["encoder_calls"] for s in sites.values())),
-            "skipped_files": int(sum(s["skipped"] for s in sites.values())),
-            "failures": len(replies) - len(sites), "sites": sites})
+        arrays, server = self.generators.after_aggregation(server_round, arrays, teachers)
+        self.tracker.log(server_round, "train", server | summarise_training(sites, len(replies) - len(sites)))
         return arrays, metrics
 
-    def share_generators(self) -> None:
-        """sharing=averaged: one state per key, the count-weighted mean over the sites that trained it
-        (weights and AdamW moments); every site gets it next round. Memory: one state per key."""
-        owners, keys = self.owners(), {}
-        for site, gens in self.generators.items():
-            for key in gens:
-                keys.setdefault(key, []).append(site)
-        shared = {}
-        for key, sites in keys.items():
-            weight = [float(sum(self.class_stats[s]["counts"][c] for c in owners if s in owners[c])) or 1.0
-                      for s in sites]
-            shared[key] = R.average_states([self.generators[s][key] for s in sites], weight)
-        self.shared = shared
-        self.generators = {site: shared for site in self.generators}  # the same objects, not copies
-
-    def server_training(self, server_round: int, arrays: ArrayRecord | None, teachers: dict
-                        ) -> tuple[ArrayRecord | None, dict]:
-        """After averaging: train the server's own generator (if on), then kd distillation and/or refinement
-        of the global adapters with the synthetic samples of the sites' generators and the server's."""
-        r, sg = self.replay, self.server_gen
-        if arrays is None or (r is not None and r.only):
-            return arrays, {}
-        opts = r or sg  # samples_per_class, refine_epochs, kd_epochs
-        site_samples = r is not None and bool(self.generators)
-        if opts is None or not (site_samples or sg) or not (self.aggregation == "kd" or opts.refine_epochs):
-            return arrays, {}
-        glob = self.make_adapters()
-        glob.load_state_dict(arrays.to_torch_state_dict())
-        models = {}
-        for site, state in teachers.items():
-            models[site] = self.make_adapters()
-            models[site].load_state_dict(state)
-        out: dict = {}
-        if site_samples:
-            x, y = self.synthetic(r.samples_per_class, seed=self.seed + server_round)
-        else:
-            x, y = torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)
-        if sg:
-            out["server/generator_loss"] = SG.train_server_generator(
-                self.stats_generator, models, self.class_stats, self.class_targets, sg, self.seed + server_round)
-            sx, sy = SG.sample_server_generator(self.stats_generator, self.class_stats, self.class_targets,
-                                                sg.samples_per_class, self.seed + 7 * server_round)
-            x, y = torch.cat([x, sx]), torch.cat([y, sy])
-        out["server/synthetic_samples"] = len(y)
-        if self.aggregation == "kd" and len(y):
-            spec = replace(self.train_spec, epochs=opts.kd_epochs)
-            out["server/kd_loss"] = R.distill(glob, models, self.owners(), x, y, spec, self.seed)
-        if opts.refine_epochs:
-            present, means = R.class_audio_means(self.class_stats, len(self.classes))
-            xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
-            spec = replace(self.train_spec, epochs=opts.refine_epochs)
-            out["server/adapter_finetuning_loss"] = R.refine(glob, xs, ys, self.class_targets, spec, self.seed)
-        log.info("round %s: server training %s", server_round,
-                 {k: round(v, 4) for k, v in out.items() if isinstance(v, float)})
-        return ArrayRecord(glob.state_dict()), out
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too; accuracy on
-        the classes seen so far and forgetting (best earlier accuracy - now, mean over earlier-seen classes)."""
+        """Global retrieval metrics over all sites' held-out clips, per site, on classes seen so far, forgetting."""
         server_round += self.round_offset
-        ok = [m for m in replies if not m.has_error()]
-        if not ok:
-            log.warning("round %s: no site returned evaluation results", server_round)
-            return None
-        rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in ok}
-        n = sum(r["num-examples"] for r in rows.values())
-        if n == 0:
-            log.warning("round %s: no site has held-out clips to evaluate", server_round)
-            return None
-        correct = np.sum([r["correct_per_class"] for r in rows.values()], axis=0)
-        count = np.sum([r["count_per_class"] for r in rows.values()], axis=0)
-        glob = {k: float(sum(r[k] * r["num-examples"] for r in rows.values()) / n) for k in ("top1", "top5", "cosine")}
-        per_class = {c: float(correct[i] / count[i]) for i, c in enumerate(self.classes) if count[i]}
-        sites = {s: {k: float(r[k]) for k in ("top1", "top5", "cosine")} | {"n": int(r["num-examples"])}
-                 for s, r in sorted(rows.items()) if r["num-examples"]}
+        rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in replies if not m.has_error()}
         seen = sorted(self.seen_fn(server_round)) if self.seen_fn else list(range(len(self.classes)))
-        seen = [c for c in seen if count[c]]
-        glob["seen_top1"] = float(correct[seen].sum() / count[seen].sum()) if seen else 0.0
-        forgetting = {self.classes[c]: max(0.0, self.best_acc[c] - correct[c] / count[c])
-                      for c in seen if c in self.best_acc}
-        glob["forgetting"] = float(np.mean(list(forgetting.values()))) if forgetting else 0.0
-        for c in seen:
-            self.best_acc[c] = max(self.best_acc.get(c, 0.0), float(correct[c] / count[c]))
-        self.tracker.log(server_round, "eval", glob | {"num_examples": int(n), "per_class": per_class,
-                                                       "seen_classes": [self.classes[c] for c in seen],
-                                                       "forgetting_per_class": forgetting, "sites": sites,
-                                                       "bytes_down": float(np.mean(list(self.bytes_down_eval.values())
-                                                                                   or [0])),
-                                                       "clip_images": int(sum(r["clip_images"] for r in rows.values()
-                                                                              if "clip_images" in r))})
+        glob = pool_evaluations(rows, self.classes, seen, self.best_acc) if rows else None
+        if glob is None:
+            log.warning("round %s: no site returned held-out evaluation results", server_round)
+            return None
+        glob["bytes_down"] = float(sum(self.bytes_down_eval.values()) / max(1, len(self.bytes_down_eval)))
+        glob["clip_images"] = int(sum(r.get("clip_images", 0) for r in rows.values()))
+        self.tracker.log(server_round, "eval", glob)
         log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | seen classes %d top1=%.3f forgetting=%.3f | %s",
-                 server_round, glob["top1"], glob["top5"], glob["cosine"], len(seen), glob["seen_top1"],
-                 glob["forgetting"], " ".join(f"site{s}={v['top1']:.2f}" for s, v in sites.items()))
-        return MetricRecord(glob | {"num-examples": int(n)})
-
-    # ---- resume: everything the server carries from one round to the next ------------------------------
-
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Strategy state as flat tensors + JSON metadata (class statistics, generators, forgetting)."""
-        t = {f"stats/{site}/{k}": v for site, st in self.class_stats.items() for k, v in st.items()}
-        if self.shared:
-            t |= {f"shared/{k}": v for k, v in R.flatten(self.shared).items()}
-        else:
-            t |= {f"gen/{site}/{k}": v for site, g in self.generators.items() for k, v in R.flatten(g).items()}
-        if self.stats_generator is not None:
-            t |= {f"server_gen/{k}": v for k, v in self.stats_generator.state_dict().items()}
-        return t, {"best_acc": {str(c): a for c, a in self.best_acc.items()}}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Inverse of `state_tensors`."""
-        stats, gens, shared = {}, {}, {}
-        own = {k[11:]: v for k, v in tensors.items() if k.startswith("server_gen/")}
-        if self.stats_generator is not None and own:
-            self.stats_generator.load_state_dict(own)
-        for name, v in tensors.items():
-            kind, _, rest = name.partition("/")
-            if kind == "server_gen":
-                continue
-            if kind == "shared":
-                shared[rest] = v
-            else:
-                site, _, key = rest.partition("/")
-                (stats if kind == "stats" else gens).setdefault(int(site), {})[key] = v
-        self.class_stats = stats
-        self.shared = R.unflatten(shared)
-        self.generators = ({site: self.shared for site in stats} if self.shared
-                           else {site: R.unflatten(g) for site, g in gens.items()})
-        self.best_acc = {int(c): a for c, a in meta.get("best_acc", {}).items()}
+                 server_round, glob["top1"], glob["top5"], glob["cosine"], len(glob["seen_classes"]),
+                 glob["seen_top1"], glob["forgetting"], " ".join(f"site{s}={v['top1']:.2f}"
+                                                                   for s, v in glob["sites"].items()))
+        return MetricRecord({k: glob[k] for k in ("top1", "top5", "cosine", "seen_top1", "forgetting")}
+                            | {"num-examples": glob["num_examples"]})

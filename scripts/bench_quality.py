@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from a2v_flower import config as C
-from a2v_flower import replay as R
-from a2v_flower import server_generator as SG
+from a2v_flower import server_generators as R
+from a2v_flower import site_generators as SR
+from a2v_flower.models.generators import stats as SG
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
@@ -98,7 +99,7 @@ def with_equal_bytes(rows: list[Method]) -> list[Method]:
 
 def weight_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of a generator's weights and buffers as a site sends them (optimizer state and RNG stay home)."""
-    return sum(v.numel() * v.element_size() for v in R.weights_only(state).values())
+    return sum(v.numel() * v.element_size() for v in SR.weights_only(state).values())
 
 
 def generator_bytes(spec: GeneratorSpec, token_shape: tuple[int, int]) -> int:
@@ -111,7 +112,7 @@ def gaussian_bytes_per_key(sites: list[SiteData], granularity: str, gspec: Gener
     classes, sizes = sites[0].classes, []
     for site in sites:
         x, y = site.splits["train"]
-        states, _ = R.train_site_generators({}, set(), x, y, classes, granularity, R.default_groups(classes),
+        states, _ = SR.train_site_generators({}, set(), x, y, classes, granularity, C.default_groups(classes),
                                             replace(gspec, type="gaussian"), targets, True)
         sizes += [weight_bytes(state) for state in states.values()]
     return float(np.mean(sizes))
@@ -180,17 +181,17 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
             x, y = x[mask], y[mask]
             seen |= set(now)
             if method.generator:
-                gens[i], _ = R.train_site_generators(gens[i], seen_gen[i], x, y, classes, method.granularity,
-                                                     R.default_groups(classes), replace(gspec, seed=seed), targets,
+                gens[i], _ = SR.train_site_generators(gens[i], seen_gen[i], x, y, classes, method.granularity,
+                                                     C.default_groups(classes), replace(gspec, seed=seed), targets,
                                                      method.reset)
                 seen_gen[i] |= set(now)
             extra_x, extra_y = [], []
             if method.replay and gens[i]:  # own old classes, from the site's own generators
                 old = sorted(seen_gen[i] - set(now))
                 if old:
-                    w = {k: R.weights_only(v) for k, v in gens[i].items()}
+                    w = {k: SR.weights_only(v) for k, v in gens[i].items()}
                     sx, sy = R.synthesize({0: w}, {c: [0] for c in old}, classes, method.granularity,
-                                          R.default_groups(classes), gspec, token_shape, targets,
+                                          C.default_groups(classes), gspec, token_shape, targets,
                                           max(8, len(y) // max(1, len(now))),
                                           seed=seed + rnd)
                     extra_x.append(sx), extra_y.append(sy)
@@ -228,8 +229,8 @@ def run(method: Method, sites: list[SiteData], targets, make, spec, gspec: Gener
             for i, st in stats.items():
                 for c in torch.nonzero(st["counts"]).flatten().tolist():
                     owners.setdefault(c, []).append(i)
-            w = {i: {k: R.weights_only(v) for k, v in g.items()} for i, g in gens.items()}
-            sx, sy = R.synthesize(w, owners, classes, method.granularity, R.default_groups(classes), gspec,
+            w = {i: {k: SR.weights_only(v) for k, v in g.items()} for i, g in gens.items()}
+            sx, sy = R.synthesize(w, owners, classes, method.granularity, C.default_groups(classes), gspec,
                                   token_shape, targets, 32, seed=seed + rnd)
             server_pool = (sx, sy)
             if method.kd:

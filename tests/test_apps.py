@@ -15,7 +15,9 @@ from a2v_flower.data.site import federation
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
-from a2v_flower.strategy import A2VStrategy, payload_bytes, to_record
+from a2v_flower.records import payload_bytes, to_record
+from a2v_flower.server_generators import ServerGenerators
+from a2v_flower.strategy import A2VStrategy
 
 
 class NullTracker:
@@ -108,11 +110,18 @@ def replies(weights: list[dict], counts: list[int], cfg_msg):
     return out
 
 
+def make_strategy(aggregation: str) -> A2VStrategy:
+    """A strategy over two classes with a one-number target, no generators."""
+    targets = {"clip": torch.zeros(2, 1)}
+    return A2VStrategy(aggregation, targets, NullTracker(), ["a", "b"],
+                       ServerGenerators(["a", "b"], targets, (2, 4), lambda: None, None))
+
+
 @pytest.mark.parametrize("aggregation", ["avg", "uniform"])
 def test_aggregation_matches_hand_computed_mean(task_identity, aggregation):
     ws = [{"w": torch.full((2, 3), v), "b": torch.tensor([v])} for v in (1.0, 2.0, 4.0)]
     counts = [10, 30, 60]
-    strategy = A2VStrategy(aggregation, {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
+    strategy = make_strategy(aggregation)
     msg = Message(content=RecordDict(), dst_node_id=1, message_type="train")
     rs = replies(ws, counts, msg)
     sent = [payload_bytes(r.content) for r in rs]  # adapters + class statistics, before they are set aside
@@ -122,11 +131,11 @@ def test_aggregation_matches_hand_computed_mean(task_identity, aggregation):
     assert sent[0] > (6 + 1 + 2) * 4  # at least the raw float32 payload
     expected = (1 * 10 + 2 * 30 + 4 * 60) / 100 if aggregation == "avg" else (1 + 2 + 4) / 3
     assert torch.allclose(got, torch.full((2, 3), expected))
-    assert len(strategy.class_stats) == 3  # statistics kept aside, not averaged into the adapters
+    assert len(strategy.generators.class_stats) == 3  # statistics kept aside, not averaged into the adapters
 
 
 def test_evaluate_pools_all_sites(task_identity):
-    strategy = A2VStrategy("avg", {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
+    strategy = make_strategy("avg")
     msg = Message(content=RecordDict(), dst_node_id=1, message_type="evaluate")
     rows = [({"top1": 1.0, "top5": 1.0, "cosine": 0.5, "num-examples": 2, "site": 0,
               "correct_per_class": [2, 0], "count_per_class": [2, 0]}),
@@ -140,7 +149,7 @@ def test_evaluate_pools_all_sites(task_identity):
 
 
 def test_targets_sent_once_per_node(task_identity):
-    strategy = A2VStrategy("avg", {"clip": torch.zeros(2, 1)}, NullTracker(), ["a", "b"])
+    strategy = make_strategy("avg")
     msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train")
             for n in (1, 2)]
     first = strategy._with_targets(msgs)

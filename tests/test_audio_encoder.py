@@ -10,7 +10,8 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import federation, load_site
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, compact_tokens, embed_clips
+from a2v_flower.data.site import embed_clips
+from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, compact_tokens
 
 
 def test_compact_tokens_shape_and_summary():

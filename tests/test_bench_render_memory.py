@@ -1,4 +1,4 @@
-"""scripts/bench_render_memory.py end to end, small: a generator-only run never loads the configured pipeline.
+"""benchmarks/bench_render_memory.py end to end, small: a generator-only run never loads the configured pipeline.
 
 Three real `a2v-run` simulations (see the script). The pipeline's UNet is widened to width 192, about
 165 MB of fp32 weights, so that loading it must raise the server process's peak RSS (VmHWM, exact,
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_generator_only_run_does_not_load_the_pipeline(tmp_path):
     out = tmp_path / "render_memory"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_render_memory.py"), "--out", str(out),
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_render_memory.py"), "--out", str(out),
                            "--unet-width", "192", "--repeats", "1", "--sites", "2", "--rounds", "2"],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

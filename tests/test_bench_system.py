@@ -1,4 +1,4 @@
-"""scripts/bench_system.py --quick: real Flower runs (a2v cold + warm cache, the bare app, 3 and 10 sites)."""
+"""benchmarks/bench_system.py --quick: real Flower runs (a2v cold + warm cache, the bare app, 3 and 10 sites)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_system_benchmark_quick(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_system.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_system.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "system.json").read_text())

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
+
+from benchmarks.bench_generators import predecessor_vae_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +47,7 @@ def test_quality_benchmark_quick(tmp_path, cache_dir):
 
 def test_generator_benchmark_writes_ratios(tmp_path):
     out = tmp_path / "gb"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generators.py"), "--n", "64", "--epochs", "1",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generators.py"), "--n", "64", "--epochs", "1",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
@@ -72,3 +75,11 @@ def test_sweep_report_compares_runs(tmp_path, make_cfg):
     assert "strategy.aggregation" in table and "| 0_strategy=avg | avg | 0.500 | 0.500 |" in table
     assert "| 1_strategy=none | none | 0.400 | 0.400 |" in table
     assert (tmp_path / "sweep_rounds.png").is_file() and (tmp_path / "sweep.csv").is_file()
+
+
+def test_predecessor_vae_params_counts_linear_layers():
+    seq, dim, hidden, latent = 3, 4, 5, 2
+    layers = [nn.Linear(seq * dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * latent),
+              nn.Linear(latent, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, seq * dim)]
+    assert predecessor_vae_params(seq, dim, hidden, latent) == sum(p.numel() for m in layers for p in m.parameters())
+    assert 1.9e9 < predecessor_vae_params() < 1.92e9

@@ -11,7 +11,8 @@ import soundfile as sf
 
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.esc50 import CSV_COLUMNS, Clip, load_audio, read_metadata
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, embed_clips
+from a2v_flower.data.site import embed_clips
+from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec
 
 SR = 16000
 TINY_AST = (("hidden_size", 32), ("intermediate_size", 64), ("num_attention_heads", 2), ("num_hidden_layers", 1))

@@ -10,8 +10,9 @@ from torch import nn
 
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.models import generators as G
+from a2v_flower.models.generators import training
 from a2v_flower.models.generators import (GeneratorSpec, build_generator, class_condition, generator_keys,
-                                          key_for, kl_beta, predecessor_vae_params, sample_classes,
+                                          key_for, kl_beta, sample_classes,
                                           sample_quality, train_generator)
 
 TOKENS = (4, 8)   # (K, D)
@@ -102,7 +103,7 @@ def test_cvae_uses_class_condition_in_fit_and_sample(monkeypatch):
         return real(class_targets, class_ids, dim, seed)
 
     real = G.class_condition
-    monkeypatch.setattr(G, "class_condition", spy)
+    monkeypatch.setattr(training, "class_condition", spy)
     spec = GeneratorSpec(type="cvae", epochs=2, **SMALL)
     gen = build_generator(spec, TOKENS)
     seen = {"fit": [], "sample": []}
@@ -293,11 +294,3 @@ def test_sample_quality_identical_shifted_and_frechet():
     flat5 = flat[:5]
     assert few["frechet_kind"] == "diag"
     assert few["frechet"] == pytest.approx((flat5.mean(0).pow(2).sum() + flat5.var(0).sum()).item(), rel=1e-6)
-
-
-def test_predecessor_vae_params_counts_linear_layers():
-    seq, dim, hidden, latent = 3, 4, 5, 2
-    layers = [nn.Linear(seq * dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * latent),
-              nn.Linear(latent, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, seq * dim)]
-    assert predecessor_vae_params(seq, dim, hidden, latent) == sum(p.numel() for m in layers for p in m.parameters())
-    assert 1.9e9 < predecessor_vae_params() < 1.92e9

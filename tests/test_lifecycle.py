@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from a2v_flower import client_app, diffusion
-from a2v_flower import replay as R
-from a2v_flower.strategy import A2VStrategy
-from tests.test_apps import NullTracker, context, message, setup
+from a2v_flower.models.generators import GeneratorSpec, ReplaySpec
+from a2v_flower.server_generators import ServerGenerators
+from a2v_flower.site_generators import train_site_generators
+from tests.test_apps import context, message, setup
 
 GEN = ["generator=gaussian", "granularity=per_class"]
 
@@ -78,21 +79,21 @@ def test_mismatched_granularity_names_both_sides(make_cfg, task_identity, tmp_pa
 
 
 def test_shared_generators_are_one_state_with_averaged_moments(task_identity):
-    spec = R.GeneratorSpec("cvae", epochs=2)
+    spec = GeneratorSpec("cvae", epochs=2)
     classes = ["dog", "rain"]
     targets = {"pooled": torch.randn(2, 12)}
-    strategy = A2VStrategy("avg", targets, NullTracker(), classes,
-                           replay=R.ReplaySpec(spec, "unified", sharing="averaged"))
+    gens = ServerGenerators(classes, targets, (4, 8), lambda: None, None,
+                            replay=ReplaySpec(spec, "unified", sharing="averaged"))
     for site, seed in ((0, 0), (1, 1), (2, 2)):
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(20, 4, 8, generator=g), torch.tensor([0, 1] * 10)
-        states, _ = R.train_site_generators({}, set(), x, y, classes, "unified", None, spec, targets, True)
-        strategy.generators[site] = states
-        strategy.class_stats[site] = {"counts": torch.tensor([10.0, 10.0])}
-    before = {s: strategy.generators[s]["unified"] for s in range(3)}
-    strategy.share_generators()
-    shared = strategy.shared["unified"]
-    assert all(strategy.generators[s] is strategy.shared for s in range(3))  # no per-site copies kept
+        states, _ = train_site_generators({}, set(), x, y, classes, "unified", None, spec, targets, True)
+        gens.generators[site] = states
+        gens.class_stats[site] = {"counts": torch.tensor([10.0, 10.0])}
+    before = {s: gens.generators[s]["unified"] for s in range(3)}
+    gens.after_aggregation(1, None, {})
+    shared = gens.shared["unified"]
+    assert all(gens.generators[s] is gens.shared for s in range(3))  # no per-site copies kept
     moment = next(k for k in shared if k.endswith("exp_avg_sq"))
     assert torch.allclose(shared[moment], sum(before[s][moment] for s in range(3)) / 3)
 

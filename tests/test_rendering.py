@@ -8,7 +8,7 @@ from a2v_flower import diffusion
 from a2v_flower.diffusion import DiffusionSpec, Renderer
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.rendering import RoundRenderer
-from a2v_flower.replay import class_audio_means
+from a2v_flower.server_generators import class_audio_means
 
 
 def stats(counts, k=4, d=16, seed=0):

@@ -9,8 +9,8 @@ import torch
 
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.generators import GeneratorSpec, build_generator
-from a2v_flower.replay import (check_reset_layers, distill, partial_reset, refine, synthesize,
-                               train_site_generators, weights_only)
+from a2v_flower.server_generators import distill, refine, synthesize
+from a2v_flower.site_generators import check_reset_layers, partial_reset, train_site_generators, weights_only
 from a2v_flower.training import TrainSpec, predict
 
 CLASSES = ["dog", "rain", "siren"]

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from a2v_flower import config as C
 from a2v_flower.checkpoints import load_tensors
 from a2v_flower.data.schedule import check_schedule
-from a2v_flower.strategy import from_record
+from a2v_flower.records import from_record
 from tests.inprocess import LocalGrid, run_server
 
 FAST = ["diffusion.render_every=0", "train.local_epochs=1"]

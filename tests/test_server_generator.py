@@ -7,8 +7,8 @@ import json
 import torch
 
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.server_generator import (ServerGeneratorSpec, StatsGenerator, class_moments,
-                                         sample_server_generator, train_server_generator)
+from a2v_flower.models.generators.stats import (ServerGeneratorSpec, StatsGenerator, class_moments,
+                                               sample_server_generator, train_server_generator)
 from a2v_flower.training import TrainSpec, class_means, predict, train_adapters
 from tests.inprocess import run_server
 

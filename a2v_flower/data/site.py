@@ -1,17 +1,23 @@
-"""What one site holds: its share of the federation's clips, embedded (cached) and split."""
+"""What one site holds: its share of the federation's clips, read, embedded (cached on disk) and split."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import logging
 
-from a2v_flower.cache import TensorCache
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from a2v_flower.cache import TensorCache, file_sha1, sha1_of
 from a2v_flower.data import partition as part_lib
-from a2v_flower.data.esc50 import Clip, read_metadata
+from a2v_flower.data.esc50 import Clip, load_audio, read_metadata
 from a2v_flower.data.synthetic import SyntheticSpec, generate
-from a2v_flower.models.audio_encoder import AudioEncoder, embed_clips
+from a2v_flower.models.audio_encoder import AudioEncoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,3 +95,35 @@ def load_site(data: DataSpec, part: PartitionSpec, encoder: AudioEncoder, site_i
     if len(splits["train"][1]) == 0:
         raise ValueError(f"site {site_id} has no training clips after splitting; adjust data.splits")
     return SiteData(classes, splits, skipped, encoder.calls - calls_before)
+
+
+def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, num_samples: int,
+                desc: str = "embedding") -> tuple[torch.Tensor, list[Clip], list[str]]:
+    """Embeddings (N, tokens, D) of `clips`, from the cache where possible; unreadable files skipped."""
+    keys = [sha1_of(encoder.identity, file_sha1(c.path), num_samples) if c.path.is_file() else None
+            for c in clips]
+    found = {i: cache.get(k) for i, k in enumerate(keys) if k is not None}
+    missing = [i for i, k in enumerate(keys) if k is None or found.get(i) is None]
+    skipped = []
+    for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing, leave=False):
+        chunk = missing[start:start + 64]
+        waves, ok = [], []
+        for i in chunk:
+            try:
+                wave = load_audio(clips[i].path, encoder.spec.sampling_rate, num_samples)
+                if not np.isfinite(wave).all():
+                    raise ValueError("non-finite samples")
+            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+                log.warning("Skipping unreadable audio file %s: %s", clips[i].path, err)
+                skipped.append(str(clips[i].path))
+                continue
+            waves.append(wave)
+            ok.append(i)
+        if waves:
+            for i, emb in zip(ok, encoder.encode(waves)):
+                cache.put(keys[i], {"tokens": emb.clone()})
+                found[i] = {"tokens": emb}
+    kept = [i for i in range(len(clips)) if found.get(i) is not None]
+    if not kept:
+        raise ValueError(f"No usable audio: all {len(clips)} clips were unreadable (first: {skipped[:3]})")
+    return torch.stack([found[i]["tokens"] for i in kept]), [clips[i] for i in kept], skipped

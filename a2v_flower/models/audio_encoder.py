@@ -1,4 +1,6 @@
-"""Frozen AST audio encoder producing a compact token representation of each clip, with a disk cache."""
+"""Frozen AST audio encoder: mono waveforms in, a compact (tokens, D) representation per clip out.
+
+Reading, resampling, caching and batching clips is the data layer's job (`a2v_flower.data.site`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from a2v_flower.cache import TensorCache, file_sha1, model_identity, sha1_of
-from a2v_flower.data.esc50 import Clip, load_audio
+from a2v_flower.cache import model_identity, sha1_of
 
 log = logging.getLogger(__name__)
 
@@ -93,35 +93,3 @@ def encoder_dim(spec: AudioEncoderSpec) -> int:
     if spec.name_or_path is None:
         return ASTConfig(**dict(spec.tiny or ())).hidden_size
     return AutoConfig.from_pretrained(spec.name_or_path).hidden_size
-
-
-def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, num_samples: int,
-                desc: str = "embedding") -> tuple[torch.Tensor, list[Clip], list[str]]:
-    """Embeddings (N, tokens, D) of `clips`, from the cache where possible; unreadable files skipped."""
-    keys = [sha1_of(encoder.identity, file_sha1(c.path), num_samples) if c.path.is_file() else None
-            for c in clips]
-    found = {i: cache.get(k) for i, k in enumerate(keys) if k is not None}
-    missing = [i for i, k in enumerate(keys) if k is None or found.get(i) is None]
-    skipped = []
-    for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing, leave=False):
-        chunk = missing[start:start + 64]
-        waves, ok = [], []
-        for i in chunk:
-            try:
-                wave = load_audio(clips[i].path, encoder.spec.sampling_rate, num_samples)
-                if not np.isfinite(wave).all():
-                    raise ValueError("non-finite samples")
-            except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
-                log.warning("Skipping unreadable audio file %s: %s", clips[i].path, err)
-                skipped.append(str(clips[i].path))
-                continue
-            waves.append(wave)
-            ok.append(i)
-        if waves:
-            for i, emb in zip(ok, encoder.encode(waves)):
-                cache.put(keys[i], {"tokens": emb.clone()})
-                found[i] = {"tokens": emb}
-    kept = [i for i in range(len(clips)) if found.get(i) is not None]
-    if not kept:
-        raise ValueError(f"No usable audio: all {len(clips)} clips were unreadable (first: {skipped[:3]})")
-    return torch.stack([found[i]["tokens"] for i in kept]), [clips[i] for i in kept], skipped

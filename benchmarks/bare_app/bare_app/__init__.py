@@ -1,1 +1,1 @@
-"""A Flower app that does no work: the framework baseline of `scripts/bench_system.py`."""
+"""A Flower app that does no work: the framework baseline of `benchmarks/bench_system.py`."""

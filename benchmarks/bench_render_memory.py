@@ -1,7 +1,7 @@
 """Rendering memory benchmark: does a generator-only run with a diffusion pipeline configured load it?
 
-    python scripts/bench_render_memory.py                        # UNet width 256, 2 runs of each (~6 min)
-    python scripts/bench_render_memory.py --unet-width 192 --repeats 1   # the slow test's size (~3 min)
+    python benchmarks/bench_render_memory.py                        # UNet width 256, 2 runs of each (~6 min)
+    python benchmarks/bench_render_memory.py --unet-width 192 --repeats 1   # the slow test's size (~3 min)
 
 Three real `a2v-run` simulations (local SuperLink, SuperExec, `flwr-simulation` with the Ray backend,
 exactly as a user starts one) on the tiny synthetic data, differing only in the keys shown:
@@ -59,7 +59,7 @@ RUNS = {
     "control: federated, renders": ["mode=federated", "diffusion.render_every=1"],
 }
 
-HOOK = '''"""Written by scripts/bench_render_memory.py for its runs only: log every pipeline a2v_flower builds."""
+HOOK = '''"""Written by benchmarks/bench_render_memory.py for its runs only: log every pipeline a2v_flower builds."""
 import importlib.abc
 import importlib.machinery
 import json

@@ -1,8 +1,8 @@
 """System benchmark: what Flower costs us, what round 1 costs, what travels, and memory by number of sites.
 
-    python scripts/bench_system.py                     # full size (about 16 min on 2 busy shared cores)
-    python scripts/bench_system.py --quick             # smoke size (6-7 min on 2 busy shared cores)
-    python scripts/bench_system.py --sites 3,10 --rounds 4 train.local_epochs=2   # extra args: Hydra overrides
+    python benchmarks/bench_system.py                     # full size (about 16 min on 2 busy shared cores)
+    python benchmarks/bench_system.py --quick             # smoke size (6-7 min on 2 busy shared cores)
+    python benchmarks/bench_system.py --sites 3,10 --rounds 4 train.local_epochs=2   # extra args: Hydra overrides
 
 Everything is measured in one invocation, so the ratios compare runs made under the same machine load.
 Runs, in this order, each a real `flwr run` on the Ray simulation engine with its own FLWR_HOME, its own
@@ -595,7 +595,7 @@ def main() -> None:
     f = figures(runs["cold"], runs["warm"], runs["bare"], runs["sweep"], runs.get("bare_payload"))
     info = machine()
     table = markdown(f, runs)
-    cmd = " ".join(["python scripts/bench_system.py", *sys.argv[1:]])
+    cmd = " ".join(["python benchmarks/bench_system.py", *sys.argv[1:]])
     header = (f"`{cmd}` on {info['cpus']} CPUs ({info['cpu']}), {'CUDA' if info['cuda'] else 'no GPU'}, "
               f"flwr {info['flwr']}, torch {info['torch']}, {info['date']}; total {time.time() - t0:.0f} s.\n\n")
     (out / "system.md").write_text(header + table)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from a2v_flower.models.adapters import AdapterSet
-from a2v_flower.models.generators import CONDITION_DIM, class_condition
+from a2v_flower.models.generators.base import CONDITION_DIM, class_condition
 
 
 @dataclass(frozen=True)

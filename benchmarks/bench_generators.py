@@ -1,6 +1,6 @@
 """Generator cost benchmark: batched vs per-sample training throughput, and size vs the predecessor's VAE.
 
-    python scripts/bench_generators.py [--n 512] [--epochs 3] [--out outputs/bench]
+    python benchmarks/bench_generators.py [--n 512] [--epochs 3] [--out outputs/bench]
 
 Both throughputs are measured in the same run on the same data and epochs, so their ratio holds on a
 noisy machine. Writes <out>/generators.json and generators.md and prints them.
@@ -16,8 +16,18 @@ from pathlib import Path
 
 import torch
 
-from a2v_flower.models.generators import GENERATOR_TYPES, GeneratorSpec, build_generator, predecessor_vae_params, \
-    train_generator
+from a2v_flower.models.generators import GENERATOR_TYPES, GeneratorSpec, build_generator, train_generator
+
+
+def predecessor_vae_params(seq: int = 1214, dim: int = 768, hidden: int = 1024, latent: int = 256) -> int:
+    """Parameters of the predecessor's flattened (seq*dim) VAE, for size comparisons (~1.91e9 by default)."""
+    def linear(n_in: int, n_out: int) -> int:
+        return n_in * n_out + n_out
+
+    flat = seq * dim
+    encoder = linear(flat, hidden) + linear(hidden, hidden) + linear(hidden, 2 * latent)
+    decoder = linear(latent, hidden) + linear(hidden, hidden) + linear(hidden, flat)
+    return encoder + decoder
 
 
 def throughput(spec: GeneratorSpec, x: torch.Tensor, y: torch.Tensor, targets: dict) -> float:

@@ -1,58 +1,21 @@
-"""Generators in the federation: sites train them on their embeddings; the server samples them for
-knowledge distillation (kd), refinement of the global adapters, and augmentation of sites' training."""
+"""The site's side of generators: train, reset and checkpoint its generators on its own embeddings (data
+never leaves the site), and measure how close their samples are to its real clips."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from a2v_flower import checkpoints as ckpt
 from a2v_flower.cache import sha1_of
-from a2v_flower.data.esc50 import ESC50_GROUPS
-from a2v_flower.models.adapters import AdapterSet
-from a2v_flower.models.generators import (GeneratorSpec, build_generator, generator_keys, key_for,
-                                          sample_classes, train_generator)
-from a2v_flower.models.generators import CONDITION_DIM, sample_quality
 from a2v_flower.metrics import retrieval
-from a2v_flower.training import TrainSpec, predict, train_adapters
+from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.models.generators import (CONDITION_DIM, GeneratorSpec, ReplaySpec, build_generator, generator_keys,
+                                          key_for, sample_classes, sample_quality, train_generator)
+from a2v_flower.training import predict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReplaySpec:
-    """What sites and server do with generators (conf: generator.*, granularity.*, replay.*)."""
-
-    generator: GeneratorSpec
-    granularity: str = "unified"
-    groups: dict | None = None
-    samples_per_class: int = 32
-    refine_epochs: int = 0
-    synthetic_samples_per_class: int = 0
-    kd_epochs: int = 5
-    reset_on_new_classes: bool = True  # reset.reset_generator_on_class_change
-    train: bool = True               # mode.generator_training_mode
-    only: bool = False               # mode.generator_only_mode
-    pretrained: bool = False         # mode.use_pretrained_generators
-    sharing: str = "none"            # sharing.mode: none | averaged | sequential
-    checkpoint_dir: str = "generators"
-    checkpoint_base: str = "generator"
-    checkpoint_frequency: int = 0
-    reset_every: int = 0             # reset.every_rounds
-    reset_layers: tuple[str, ...] = ()  # reset.layers: parameter-name prefixes (empty = whole generator)
-
-    @property
-    def shared(self) -> bool:
-        """All sites train one state per key (sharing=averaged|sequential)."""
-        return self.sharing != "none"
-
-
-def default_groups(classes: list[str]) -> dict[str, list[str]]:
-    """ESC-50's semantic groups restricted to `classes` (empty groups dropped)."""
-    groups = {g: [c for c in members if c in classes] for g, members in ESC50_GROUPS.items()}
-    return {g: m for g, m in groups.items() if m}
 
 
 def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[int], x: torch.Tensor,
@@ -157,21 +120,6 @@ def _fmt(q: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in q.items()) or "n/a (fewer than 2 clips per class)"
 
 
-def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of generator states, optimizer moments included (keys present in all of them)."""
-    keys = set.intersection(*(set(s) for s in states)) | ({"seen"} if all("seen" in s for s in states) else set())
-    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-    out = {}
-    for k in keys:
-        if k == "seen":  # classes any of the averaged states was trained on
-            out[k] = torch.unique(torch.cat([s[k] for s in states]))
-        elif k == "rng" or not states[0][k].is_floating_point():
-            out[k] = states[0][k].clone()   # RNG state, step counters: taken from the first site
-        else:
-            out[k] = sum(wi * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype)
-    return out
-
-
 def generator_quality(states: dict, x: torch.Tensor, y: torch.Tensor, adapters: AdapterSet, classes: list[str],
                       replay: ReplaySpec, class_targets: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per class: synthetic vs real embeddings (mean distance, Fréchet, precision, coverage), averaged over the
@@ -193,18 +141,9 @@ def generator_quality(states: dict, x: torch.Tensor, y: torch.Tensor, adapters: 
     return out | {"gen_classes_measured": len(rows)}
 
 
-def flatten(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{key: {name: t}} -> {"key/name": t} (one ArrayRecord for all generators)."""
-    return {f"{key}/{name}": t for key, state in states.items() for name, t in state.items()}
-
-
-def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Inverse of `flatten` (keys are class or group names, which contain no '/')."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        key, _, rest = name.partition("/")
-        out.setdefault(key, {})[rest] = t
-    return out
+def weights_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a generator needs to sample: its weights and buffers, not optimizer state or RNG."""
+    return {k: v for k, v in state.items() if k.startswith("model.")}
 
 
 def _fingerprint(replay: ReplaySpec) -> str:
@@ -238,63 +177,3 @@ def load_site_generators(replay: ReplaySpec, site: int, classes: list[str], y: t
     seen = {classes.index(c) for _, meta in loaded.values() for c in meta.seen_classes if c in classes}
     log.info("site %s: loaded %d pretrained generators from %s", site, len(loaded), replay.checkpoint_dir)
     return {k: tensors for k, (tensors, _) in loaded.items()}, seen
-
-
-def weights_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a generator needs to sample: its weights and buffers, not optimizer state or RNG."""
-    return {k: v for k, v in state.items() if k.startswith("model.")}
-
-
-def synthesize(site_states: dict[int, dict[str, dict[str, torch.Tensor]]], owners: dict[int, list[int]],
-               classes: list[str], granularity: str, groups: dict | None, spec: GeneratorSpec,
-               token_shape: tuple[int, int], class_targets: dict[str, torch.Tensor], per_class: int,
-               wanted: list[int] | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` samples of every wanted class, split over the generators of the sites owning it."""
-    rng = torch.Generator().manual_seed(seed)
-    xs, ys, cache = [], [], {}
-    for c in (wanted if wanted is not None else sorted(owners)):
-        sites = [s for s in owners.get(c, []) if key_for(granularity, classes[c], groups) in site_states.get(s, {})]
-        for j, site in enumerate(sites):
-            n = per_class // len(sites) + (j < per_class % len(sites))
-            key = key_for(granularity, classes[c], groups)
-            if (site, key) not in cache:
-                gen = build_generator(spec, token_shape)
-                gen.load_state_tensors(site_states[site][key])
-                cache[site, key] = gen.eval()
-            with torch.no_grad():
-                xs.append(sample_classes(cache[site, key], class_targets, torch.full((n,), c), generator=rng))
-            ys.append(torch.full((n,), c))
-    if not xs:
-        return torch.empty(0, *token_shape), torch.empty(0, dtype=torch.long)
-    return torch.cat(xs), torch.cat(ys)
-
-
-def distill(global_adapters: AdapterSet, teachers: dict[int, AdapterSet], owners: dict[int, list[int]],
-            x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, seed: int = 0) -> float:
-    """Fit the global adapters to the mean output, on (x, y), of the teachers that own each sample's class."""
-    keep = torch.tensor([any(s in teachers for s in owners.get(int(c), [])) for c in y], dtype=torch.bool)
-    x, y = x[keep], y[keep]  # classes whose owners all failed this round have no teacher
-    if not len(y):
-        return float("nan")
-    outs = {s: predict(t, x) for s, t in teachers.items()}
-    target = {h: torch.stack([torch.stack([outs[s][h][i] for s in owners.get(int(c), []) if s in outs]).mean(0)
-                              for i, c in enumerate(y)]) for h in global_adapters}
-    return train_adapters(global_adapters, x, torch.arange(len(x)), target, spec, seed)
-
-
-def refine(global_adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor, class_targets: dict[str, torch.Tensor],
-           spec: TrainSpec, seed: int = 0) -> float:
-    """global_model_train: fit the global adapters toward the class targets on (synthetic + real-mean) samples."""
-    return train_adapters(global_adapters, x, y, class_targets, spec, seed)
-
-
-def class_audio_means(class_stats: dict, num_classes: int) -> tuple[list[int], torch.Tensor]:
-    """Count-weighted mean audio embedding per class over all sites' statistics: (classes, (C', K, D))."""
-    sums, counts = {}, torch.zeros(num_classes)
-    for stats in class_stats.values():
-        n = stats["counts"]
-        for c in torch.nonzero(n).flatten().tolist():
-            sums[c] = sums.get(c, 0) + n[c] * stats[f"audio_mean/{c}"]
-            counts[c] += n[c]
-    present = sorted(sums)
-    return present, torch.stack([sums[c] / counts[c] for c in present]) if present else torch.empty(0)

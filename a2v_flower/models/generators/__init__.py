@@ -1,0 +1,18 @@
+"""Generators of synthetic audio embeddings: p(x | class) in the adapters' (K, D) input space.
+
+One file per family (`vae`, `gan`, `gaussian`, and `stats`: the server's own generator), the shared base
+(`base`), the specs (`spec`), training and sampling (`training`), sample quality (`quality`) and granularity
+keys (`keys`). Conditions always come from `class_condition` via `condition_for`, at training and at
+sampling time alike.
+"""
+
+from a2v_flower.models.generators.base import CONDITION_DIM, BaseGenerator, class_condition
+from a2v_flower.models.generators.keys import GRANULARITIES, generator_keys, key_for
+from a2v_flower.models.generators.quality import frechet_distance, sample_quality
+from a2v_flower.models.generators.spec import TYPES, GeneratorSpec, ReplaySpec
+from a2v_flower.models.generators.training import (GENERATOR_TYPES, build_generator, condition_for, kl_beta,
+                                                   sample_classes, train_generator)
+
+__all__ = ["CONDITION_DIM", "BaseGenerator", "class_condition", "GRANULARITIES", "generator_keys", "key_for",
+           "frechet_distance", "sample_quality", "TYPES", "GeneratorSpec", "ReplaySpec", "GENERATOR_TYPES",
+           "build_generator", "condition_for", "kl_beta", "sample_classes", "train_generator"]

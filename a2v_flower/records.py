@@ -1,0 +1,36 @@
+"""Tensors <-> Flower records, as client and server send them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+
+def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Tensors -> ArrayRecord (numpy-backed, as Flower sends them)."""
+    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> tensors."""
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays in a message (serialised numpy, as they travel)."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
+def flatten(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{key: {name: t}} -> {"key/name": t} (one ArrayRecord for all generators)."""
+    return {f"{key}/{name}": t for key, state in states.items() for name, t in state.items()}
+
+
+def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of `flatten` (keys are class or group names, which contain no '/')."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        key, _, rest = name.partition("/")
+        out.setdefault(key, {})[rest] = t
+    return out

@@ -1,0 +1,382 @@
+"""The config's schema: one dataclass per node of conf/config.yaml, registered with Hydra's ConfigStore.
+
+Values live in the YAML files (`???` here means "the YAML sets it"); types live here, so Hydra refuses an
+unknown key or a wrong type when the config is composed; the range and cross-field rules live in each
+dataclass's `__post_init__`, which runs when `validate` turns the config into objects. Every message names
+the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+def _positive(node: str, obj, *names: str) -> None:
+    """ValueError naming `node.name` unless every named field is > 0."""
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected a number > 0")
+
+
+def _non_negative(node: str, obj, *names: str) -> None:
+    """ValueError naming `node.name` unless every named field is >= 0."""
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected a number >= 0")
+
+
+def _one_of(key: str, value, allowed: tuple) -> None:
+    """ValueError naming `key` unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+@dataclass
+class Splits:
+    train: float = MISSING
+    val: float = MISSING
+    test: float = MISSING
+
+    def __post_init__(self):
+        parts = {"train": self.train, "val": self.val, "test": self.test}
+        for name, value in parts.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"data.splits.{name}={value!r} is not allowed; expected a fraction in [0, 1]")
+        if abs(sum(parts.values()) - 1) > 1e-6:
+            raise ValueError(f"data.splits={parts} is not allowed; expected fractions summing to 1")
+        if self.train == 0:
+            raise ValueError("data.splits.train=0 is not allowed; sites need training clips")
+
+
+@dataclass
+class Data:
+    kind: str = MISSING               # synthetic | esc50
+    root: Optional[str] = None
+    classes: Optional[list[str]] = None
+    folds: Optional[list[int]] = None
+    clip_seconds: float = MISSING
+    splits: Splits = field(default_factory=Splits)
+    clips_per_class: int = 32         # synthetic only, from here on
+    seconds: float = 5.0
+    sample_rate: int = 22050
+    noise: float = 0.6
+    overlap: float = 0.5
+    variation: float = 0.25
+
+    def __post_init__(self):
+        _one_of("data.kind", self.kind, ("synthetic", "esc50"))
+        _positive("data.", self, "clip_seconds", "clips_per_class", "seconds", "sample_rate")
+        _non_negative("data.", self, "noise", "variation")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError(f"data.overlap={self.overlap!r} is not allowed; expected a value in [0, 1]")
+        if self.kind == "esc50" and self.root in (None, "???"):
+            raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 "
+                             "(the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
+
+
+@dataclass
+class Partition:
+    mode: str = MISSING               # classes | groups | iid | dirichlet
+    sites: Optional[list[list[str]]] = None
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet"))
+        _positive("partition.", self, "alpha")
+
+
+@dataclass
+class Audio:
+    name_or_path: Optional[str] = None
+    sampling_rate: int = MISSING
+    max_length: int = MISSING
+    tokens: int = MISSING
+    batch_size: int = MISSING
+    tiny: Optional[dict[str, int]] = None
+
+    def __post_init__(self):
+        _positive("model.audio.", self, "sampling_rate", "max_length", "batch_size")
+        if not 2 <= self.tokens <= 64:
+            raise ValueError(f"model.audio.tokens={self.tokens!r} is not allowed; expected 2..64 "
+                             "(the summary token plus 1..63 pooled patch groups)")
+
+
+@dataclass
+class Text:
+    clip: Optional[str] = None
+    clip_subfolder: str = ""
+    t5: Optional[str] = None
+    t5_subfolder: str = ""
+
+
+@dataclass
+class Model:
+    profile: str = MISSING            # tiny | pretrained
+    audio: Audio = field(default_factory=Audio)
+    text: Text = field(default_factory=Text)
+
+    def __post_init__(self):
+        _one_of("model.profile", self.profile, ("tiny", "pretrained"))
+
+
+@dataclass
+class Diffusion:
+    type: str = MISSING               # sd | flux
+    render_every: int = MISSING
+    name_or_path: Optional[str] = None
+    steps: int = MISSING
+    height: int = MISSING
+    width: int = MISSING
+    dtype: str = "float32"
+    cpu_offload: bool = False
+    attention_slicing: bool = False
+    clip_images: int = 0
+    free_after_render: bool = True
+    judge: Optional[str] = None
+    guidance_scale: float = MISSING
+    clip_seq_len: int = 77            # sd
+    t5_seq_len: int = 16              # flux
+
+    def __post_init__(self):
+        _one_of("diffusion.type", self.type, ("sd", "flux"))
+        _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _positive("diffusion.", self, "steps", "height", "width", "t5_seq_len")
+        _non_negative("diffusion.", self, "render_every", "clip_images", "guidance_scale")
+
+
+@dataclass
+class Strategy:
+    aggregation: str = MISSING        # avg | uniform | none | kd
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+
+    def __post_init__(self):
+        _one_of("strategy.aggregation", self.aggregation, ("avg", "uniform", "none", "kd"))
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"strategy.{name}={getattr(self, name)!r} is not allowed; expected a fraction in (0, 1]")
+
+
+@dataclass
+class Generator:
+    type: str = MISSING               # none | gaussian | vae | cvae | gan
+    latent_dim: int = 16
+    hidden: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 30
+    batch_size: int = 32
+    grad_clip: float = 1.0
+    kl_weight: float = 1e-2
+    kl_warmup: float = 0.5
+    early_stopping_patience: int = 0
+
+    def __post_init__(self):
+        _one_of("generator.type", self.type, ("none", "gaussian", "vae", "cvae", "gan"))
+        _positive("generator.", self, "latent_dim", "hidden", "lr", "epochs", "batch_size")
+        _non_negative("generator.", self, "weight_decay", "grad_clip", "kl_weight", "early_stopping_patience")
+        if not 0 <= self.kl_warmup <= 1:
+            raise ValueError(f"generator.kl_warmup={self.kl_warmup!r} is not allowed; expected 0 <= value <= 1")
+
+
+@dataclass
+class Granularity:
+    granularity: str = MISSING        # unified | per_class | per_group
+    groups: Optional[dict[str, list[str]]] = None
+
+    def __post_init__(self):
+        _one_of("granularity.granularity", self.granularity, ("unified", "per_class", "per_group"))
+
+
+@dataclass
+class Mode:
+    generator_training_mode: bool = MISSING
+    generator_only_mode: bool = MISSING
+    use_pretrained_generators: bool = MISSING
+
+
+@dataclass
+class Sharing:
+    mode: str = MISSING               # none | averaged | sequential
+
+    def __post_init__(self):
+        _one_of("sharing.mode", self.mode, ("none", "averaged", "sequential"))
+
+
+@dataclass
+class Reset:
+    reset_generator_on_class_change: bool = MISSING
+    every_rounds: int = 0
+    layers: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _non_negative("reset.", self, "every_rounds")
+
+
+@dataclass
+class Federation:
+    num_sites: int = MISSING
+    num_cpus: int = MISSING
+    num_gpus: float = MISSING
+    timeout: float = MISSING
+
+    def __post_init__(self):
+        _positive("federation.", self, "num_sites", "num_cpus", "timeout")
+        _non_negative("federation.", self, "num_gpus")
+
+
+@dataclass
+class Adapter:
+    width: int = MISSING
+    heads: int = MISSING
+
+    def __post_init__(self):
+        _positive("adapter.", self, "width", "heads")
+        if self.width % self.heads:
+            raise ValueError(f"adapter.width={self.width} must be divisible by adapter.heads={self.heads}")
+
+
+@dataclass
+class Train:
+    local_epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    cosine_weight: float = MISSING
+    grad_clip: float = MISSING
+
+    def __post_init__(self):
+        _positive("train.", self, "local_epochs", "batch_size", "lr")
+        _non_negative("train.", self, "weight_decay", "cosine_weight", "grad_clip")
+
+
+@dataclass
+class Replay:
+    samples_per_class: int = MISSING
+    refine_epochs: int = MISSING
+    synthetic_samples_per_class: int = MISSING
+    kd_epochs: int = MISSING
+
+    def __post_init__(self):
+        _non_negative("replay.", self, "samples_per_class", "refine_epochs", "synthetic_samples_per_class", "kd_epochs")
+
+
+@dataclass
+class ServerGenerator:
+    epochs: int = MISSING
+    hidden: int = MISSING
+    latent_dim: int = MISSING
+    lr: float = MISSING
+    batch_per_class: int = MISSING
+    moment_weight: float = MISSING
+
+    def __post_init__(self):
+        _non_negative("server_generator.", self, "epochs", "moment_weight")
+        _positive("server_generator.", self, "hidden", "latent_dim", "lr", "batch_per_class")
+
+
+@dataclass
+class GeneratorCheckpoint:
+    dir: str = MISSING
+    base_name: str = MISSING
+    frequency: int = MISSING
+
+    def __post_init__(self):
+        _non_negative("generator_checkpoint.", self, "frequency")
+
+
+@dataclass
+class Evaluate:
+    split: str = MISSING
+
+    def __post_init__(self):
+        _one_of("evaluate.split", self.split, ("val", "test"))
+
+
+@dataclass
+class Paths:
+    output_root: str = MISSING
+    cache_dir: str = MISSING
+    run_dir: Optional[str] = None     # set by the ServerApp: the run folder sites keep their state under
+
+
+@dataclass
+class Wandb:
+    mode: str = MISSING
+    project: str = MISSING
+    name: str = MISSING
+
+    def __post_init__(self):
+        _one_of("wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class Config:
+    """The whole config; `__post_init__` holds the rules that span several nodes."""
+
+    data: Data = field(default_factory=Data)
+    partition: Partition = field(default_factory=Partition)
+    model: Model = field(default_factory=Model)
+    diffusion: Diffusion = field(default_factory=Diffusion)
+    strategy: Strategy = field(default_factory=Strategy)
+    generator: Generator = field(default_factory=Generator)
+    granularity: Granularity = field(default_factory=Granularity)
+    mode: Mode = field(default_factory=Mode)
+    sharing: Sharing = field(default_factory=Sharing)
+    reset: Reset = field(default_factory=Reset)
+    name: str = MISSING
+    seed: int = MISSING
+    num_rounds: int = MISSING
+    prompt_template: str = MISSING
+    schedule: Optional[dict[Any, Any]] = None
+    resume: Optional[str] = None
+    federation: Federation = field(default_factory=Federation)
+    adapter: Adapter = field(default_factory=Adapter)
+    train: Train = field(default_factory=Train)
+    replay: Replay = field(default_factory=Replay)
+    server_generator: ServerGenerator = field(default_factory=ServerGenerator)
+    generator_checkpoint: GeneratorCheckpoint = field(default_factory=GeneratorCheckpoint)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    paths: Paths = field(default_factory=Paths)
+    wandb: Wandb = field(default_factory=Wandb)
+
+    def __post_init__(self):
+        _positive("", self, "num_rounds")
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
+        gen, server_gen = self.generator.type, self.server_generator.epochs > 0
+        if gen == "vae" and self.granularity.granularity != "per_class":
+            raise ValueError(f"generator.type='vae' is unconditioned, so granularity={self.granularity.granularity!r} "
+                             "cannot sample a given class; use granularity=per_class or generator=cvae|gan|gaussian")
+        needs = "choose generator=gaussian|vae|cvae|gan or server_generator.epochs=N"
+        if self.strategy.aggregation == "kd" and gen == "none" and not server_gen:
+            raise ValueError("strategy.aggregation='kd' distils on generator samples but generator.type='none' and "
+                             f"server_generator.epochs=0; {needs}")
+        if gen == "none" and self.replay.refine_epochs and not server_gen:
+            raise ValueError("replay.refine_epochs needs generator samples but generator.type='none' and "
+                             f"server_generator.epochs=0; {needs}")
+        if gen == "none" and self.replay.synthetic_samples_per_class:
+            raise ValueError("replay.synthetic_samples_per_class sends the sites' generator samples but "
+                             "generator.type='none'; choose generator=gaussian|vae|cvae|gan")
+        if server_gen and not (self.strategy.aggregation == "kd" or self.replay.refine_epochs):
+            raise ValueError(f"server_generator.epochs={self.server_generator.epochs} but nothing uses its samples; "
+                             "set strategy=kd or replay.refine_epochs > 0 (or server_generator.epochs=0)")
+        m = self.mode
+        if gen == "none" and (m.generator_only_mode or m.use_pretrained_generators):
+            raise ValueError(f"mode generator_only_mode={m.generator_only_mode} / use_pretrained_generators="
+                             f"{m.use_pretrained_generators} need a generator but generator.type='none'")
+        if gen == "none" and self.sharing.mode != "none":
+            raise ValueError(f"sharing.mode={self.sharing.mode!r} shares generators but generator.type='none'; "
+                             "choose generator=gaussian|vae|cvae|gan or sharing=none")
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def check(cfg: DictConfig) -> Config:
+    """The config as typed objects: types and keys checked against the schema, then every rule run."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))

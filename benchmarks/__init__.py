@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure quality, cost and the system, and print and write their figures."""
