@@ -59,7 +59,7 @@ class Data:
     classes: Optional[list[str]] = None
     folds: Optional[list[int]] = None
     clip_seconds: float = MISSING
-    splits: Splits = field(default_factory=Splits)
+    splits: Splits = MISSING
     clips_per_class: int = 32         # synthetic only, from here on
     seconds: float = 5.0
     sample_rate: int = 22050
@@ -96,7 +96,7 @@ class Audio:
     max_length: int = MISSING
     tokens: int = MISSING
     batch_size: int = MISSING
-    tiny: Optional[dict[str, int]] = None
+    tiny: Any = None                  # ASTConfig overrides of the tiny model, e.g. {hidden_size: 64}
 
     def __post_init__(self):
         _positive("model.audio.", self, "sampling_rate", "max_length", "batch_size")
@@ -116,8 +116,8 @@ class Text:
 @dataclass
 class Model:
     profile: str = MISSING            # tiny | pretrained
-    audio: Audio = field(default_factory=Audio)
-    text: Text = field(default_factory=Text)
+    audio: Audio = MISSING
+    text: Text = MISSING
 
     def __post_init__(self):
         _one_of("model.profile", self.profile, ("tiny", "pretrained"))
@@ -186,7 +186,7 @@ class Generator:
 @dataclass
 class Granularity:
     granularity: str = MISSING        # unified | per_class | per_group
-    groups: Optional[dict[str, list[str]]] = None
+    groups: Any = None                # {group: [classes]}; checked against the classes by generator_keys
 
     def __post_init__(self):
         _one_of("granularity.granularity", self.granularity, ("unified", "per_class", "per_group"))
@@ -318,31 +318,31 @@ class Wandb:
 class Config:
     """The whole config; `__post_init__` holds the rules that span several nodes."""
 
-    data: Data = field(default_factory=Data)
-    partition: Partition = field(default_factory=Partition)
-    model: Model = field(default_factory=Model)
-    diffusion: Diffusion = field(default_factory=Diffusion)
-    strategy: Strategy = field(default_factory=Strategy)
-    generator: Generator = field(default_factory=Generator)
-    granularity: Granularity = field(default_factory=Granularity)
-    mode: Mode = field(default_factory=Mode)
-    sharing: Sharing = field(default_factory=Sharing)
-    reset: Reset = field(default_factory=Reset)
+    data: Data = MISSING
+    partition: Partition = MISSING
+    model: Model = MISSING
+    diffusion: Diffusion = MISSING
+    strategy: Strategy = MISSING
+    generator: Generator = MISSING
+    granularity: Granularity = MISSING
+    mode: Mode = MISSING
+    sharing: Sharing = MISSING
+    reset: Reset = MISSING
     name: str = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     prompt_template: str = MISSING
-    schedule: Optional[dict[Any, Any]] = None
+    schedule: Any = None              # {site: [{from_round, classes}]}; checked by data.schedule.check_schedule
     resume: Optional[str] = None
-    federation: Federation = field(default_factory=Federation)
-    adapter: Adapter = field(default_factory=Adapter)
-    train: Train = field(default_factory=Train)
-    replay: Replay = field(default_factory=Replay)
-    server_generator: ServerGenerator = field(default_factory=ServerGenerator)
-    generator_checkpoint: GeneratorCheckpoint = field(default_factory=GeneratorCheckpoint)
-    evaluate: Evaluate = field(default_factory=Evaluate)
-    paths: Paths = field(default_factory=Paths)
-    wandb: Wandb = field(default_factory=Wandb)
+    federation: Federation = MISSING
+    adapter: Adapter = MISSING
+    train: Train = MISSING
+    replay: Replay = MISSING
+    server_generator: ServerGenerator = MISSING
+    generator_checkpoint: GeneratorCheckpoint = MISSING
+    evaluate: Evaluate = MISSING
+    paths: Paths = MISSING
+    wandb: Wandb = MISSING
 
     def __post_init__(self):
         _positive("", self, "num_rounds")
@@ -379,4 +379,5 @@ ConfigStore.instance().store(name="schema", node=Config)
 
 def check(cfg: DictConfig) -> Config:
     """The config as typed objects: types and keys checked against the schema, then every rule run."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    plain = OmegaConf.create(OmegaConf.to_container(cfg))  # keys added with `+key=` are checked too
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))

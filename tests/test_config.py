@@ -19,7 +19,8 @@ GROUPS = sorted(p.name for p in C.CONF_DIR.iterdir() if p.is_dir())
                                           for p in sorted((C.CONF_DIR / g).glob("*.yaml"))])
 def test_every_group_option_composes_and_validates(group, option, make_cfg):
     needs = {"vae": ["granularity=per_class"], "kd": ["generator=gaussian"], "generator_training": ["generator=gaussian"],
-             "use_pretrained": ["generator=gaussian"]}.get(option, [])
+             "use_pretrained": ["generator=gaussian"], "averaged": ["generator=gaussian"],
+             "sequential": ["generator=gaussian"]}.get(option, [])
     cfg = make_cfg(f"{group}={option}", "data.root=/data/ESC-50", *needs)
     C.validate(cfg)
     assert OmegaConf.select(cfg, f"{group}") is not None
@@ -54,7 +55,7 @@ def test_every_readme_command_composes(overrides, make_cfg):
 
 @pytest.mark.parametrize("override,match", [
     ("strategy.aggregation=median", r"strategy.aggregation='median' is not allowed; expected one of \['avg'"),
-    ("train.lr=-1", r"train.lr=-1 is not allowed; expected a number > 0"),
+    ("train.lr=-1", r"train.lr=-1(\.0)? is not allowed; expected a number > 0"),
     ("federation.num_cpus=0", r"federation.num_cpus=0"),
     ("adapter.heads=3", r"adapter.width=64 must be divisible by adapter.heads=3"),
     ("prompt_template=hello", r"must contain '\{\}'"),
@@ -102,3 +103,24 @@ def test_generator_groups_are_checked_against_classes(make_cfg):
         C.replay_spec(cfg, ["dog", "rain"])
     spec = C.replay_spec(make_cfg("generator=gan", "granularity=per_group"), ["dog", "rain", "siren"])
     assert spec.groups == {"animals": ["dog"], "natural": ["rain"], "urban": ["siren"]}  # ESC-50 groups
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.lrr=1", r"train.lrr: Key 'lrr' not in 'Train'"),
+    ("+train.foo=1", r"train.foo: Key 'foo' not in 'Train'"),
+    ("train.lr=fast", r"train.lr: Value 'fast' .* could not be converted to Float"),
+    ("federation.num_cpus=1.5", r"federation.num_cpus: .* could not be converted to Integer"),
+    ("data.splits={train: 0.5, val: 0.3, tst: 0.2}", r"data.splits.tst: Key 'tst' not in 'Splits'"),
+    ("data=nope", r"Could not find 'data/nope'; Available options in 'data': esc50, synthetic"),
+])
+def test_schema_refuses_unknown_keys_and_wrong_types_at_compose_time(override, match, make_cfg):
+    with pytest.raises(ValueError, match=match):
+        C.validate(make_cfg(override))
+
+
+def test_a_config_file_is_checked_against_the_schema(tmp_path, make_cfg):
+    cfg = OmegaConf.to_container(make_cfg())
+    cfg["train"]["lrr"] = 1e-3                                          # a misspelt key in a hand-edited file
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="train.lrr: Key 'lrr' not in 'Train'"):
+        C.validate(C.load_config({"config-file": str(tmp_path / "c.yaml")}))
