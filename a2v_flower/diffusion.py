@@ -13,6 +13,7 @@ import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from a2v_flower.models.text_encoders import CLIP_DIM, CLIP_SEQ_LEN, T5_DIM, tiny_clip_tokenizer
@@ -119,7 +120,7 @@ def load_pipeline(spec: DiffusionSpec):
         if spec.type == "flux":
             log.warning("diffusion.attention_slicing has no effect on FLUX (its transformer has no sliced attention)")
         pipe.enable_attention_slicing()
-    pipe.set_progress_bar_config(disable=False)
+    pipe.set_progress_bar_config(disable=True)  # Renderer.render_images shows one labelled bar per call instead
     return pipe
 
 
@@ -175,15 +176,18 @@ class Renderer:
         self.spec = spec
         self.pipe = None
 
-    def render_images(self, embeds: dict[str, torch.Tensor], batch_size: int = 8) -> list[Image.Image]:
+    def render_images(self, embeds: dict[str, torch.Tensor], batch_size: int = 8,
+                      desc: str = "rendering") -> list[Image.Image]:
         """Render every row of `embeds` in batches of `batch_size`, loading the pipeline if needed."""
         if self.pipe is None:
             self.pipe = load_pipeline(self.spec)
         total = next(iter(embeds.values())).shape[0]
         images = []
-        for start in range(0, total, batch_size):
-            chunk = {k: v[start:start + batch_size] for k, v in embeds.items()}
-            images += render(self.pipe, self.spec, chunk, first_index=start)
+        with tqdm(total=total, desc=desc, unit="image") as bar:
+            for start in range(0, total, batch_size):
+                chunk = {k: v[start:start + batch_size] for k, v in embeds.items()}
+                images += render(self.pipe, self.spec, chunk, first_index=start)
+                bar.update(len(images) - bar.n)
         return images
 
     def free(self) -> None:

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from a2v_flower.diffusion import ImageJudge, Renderer, save_grid, write_gallery
 from a2v_flower.models.adapters import AdapterSet
@@ -36,11 +35,8 @@ class RoundRenderer:
             return {}
         out = adapters.eval()(audio)                                    # per head (C', ...)
         oracle = {h: t[present] for h, t in self.targets.items()}       # true class text embeddings
-        with tqdm(total=2, desc=f"round {server_round} rendering", leave=False) as bar:
-            images = self.renderer.render_images(out)
-            bar.update()
-            oracle_images = self.renderer.render_images(oracle)
-            bar.update()
+        images = self.renderer.render_images(out, desc=f"round {server_round}: images from audio")
+        oracle_images = self.renderer.render_images(oracle, desc=f"round {server_round}: oracle images")
         if self.free_after:
             self.renderer.free()
         folder = self.out_dir / f"round_{server_round:03d}"

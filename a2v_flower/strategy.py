@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from collections.abc import Callable, Iterable
 
@@ -20,6 +21,28 @@ from a2v_flower.tracking import RunTracker
 log = logging.getLogger(__name__)
 
 AGGREGATIONS = {"avg": "num-examples", "uniform": "unit-weight", "none": "num-examples", "kd": "num-examples"}
+COUNTS = ("num-examples", "encoder_calls", "skipped", "synthetic", "resets", "clip_images", "correct_per_class",
+          "count_per_class")  # metrics summed over sites (the rest are weighted means)
+IDS = ("site", "unit-weight")  # metrics that identify or weight a reply: no aggregate means anything
+
+
+def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Flower's per-round aggregate of the sites' MetricRecords: counts summed, ids dropped, every other
+    metric averaged with weights `weight_key` (equal weights when they sum to 0); lists element-wise."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    out = {}
+    for key in dict.fromkeys(k for m in rows for k in m if k not in IDS):  # every key, in first-seen order
+        have = [m for m in rows if key in m]
+        values = np.array([m[key] for m in have], dtype=float)           # (sites,) or (sites, classes)
+        if key in COUNTS:
+            total = values.sum(0).round().astype(int)
+            out[key] = total.tolist() if total.ndim else int(total)
+            continue
+        w = np.array([float(m[weight_key]) for m in have])
+        w = w / w.sum() if w.sum() > 0 else np.full(len(have), 1 / len(have))
+        mean = np.tensordot(w, values, axes=1)
+        out[key] = mean.tolist() if mean.ndim else float(mean)
+    return MetricRecord(out)
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -45,12 +68,14 @@ class A2VStrategy(FedAvg):
                  make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
                  token_shape: tuple[int, int] = (8, 64), seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, server_gen: SG.ServerGeneratorSpec | None = None,
-                 clip_images: Callable[[int], int] | None = None, **kwargs):
-        super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
+                 clip_images: Callable[[int], int] | None = None, run_config: str = "", **kwargs):
+        super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
+                         evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
         self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
         self.class_targets = class_targets
         self.targets = to_record(class_targets)
+        self.run_config = ConfigRecord({"yaml": run_config})  # the resolved config, sent once per node
         self.tracker, self.classes = tracker, classes
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
         self.class_stats: dict[int, dict[str, torch.Tensor]] = {}  # last per-class statistics per site
@@ -67,6 +92,8 @@ class A2VStrategy(FedAvg):
         self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
         self.round_offset = 0                        # rounds done before a resume
         self.resume_round = 0                        # > 0: sites restore their state of that round
+        self.round_started = time.time()             # when this round's configure_train began
+        self.failures = 0                            # failed train + evaluate replies this round
 
     def owners(self, seen: bool = False) -> dict[int, list[int]]:
         """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
@@ -84,12 +111,12 @@ class A2VStrategy(FedAvg):
                             r.generator, self.token_shape, self.class_targets, per_class, wanted, seed)
 
     def _with_targets(self, messages: Iterable[Message]) -> list[Message]:
-        """Give every message its own RecordDict; add the class targets for nodes that lack them."""
+        """Give every message its own RecordDict; add the class targets and the run config for nodes that lack them."""
         out = []
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
             if msg.metadata.dst_node_id not in self.has_targets:
-                content["targets"] = self.targets
+                content["targets"], content["run-config"] = self.targets, self.run_config
                 self.has_targets.add(msg.metadata.dst_node_id)
             out.append(Message(content=content, message_type=msg.metadata.message_type,
                                dst_node_id=msg.metadata.dst_node_id))
@@ -99,6 +126,7 @@ class A2VStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed and synthetic samples of classes a site lacks."""
         server_round += self.round_offset
+        self.round_started = time.time()
         config = self._resume_config(config)
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
         if self.resume_round or (self.replay and self.replay.sharing == "sequential"):
@@ -157,8 +185,9 @@ class A2VStrategy(FedAvg):
         order = sorted(messages, key=lambda m: self.site_of_node.get(m.metadata.dst_node_id, 1 << 30))
         for msg in order:
             content = RecordDict({"config": msg.content["config"]})
-            if "targets" in msg.content:
-                content["targets"] = msg.content["targets"]
+            for once in ("targets", "run-config"):  # the first message of a node carries them
+                if once in msg.content:
+                    content[once] = msg.content[once]
             if self.shared:
                 content["shared_generators"] = to_record(R.flatten(self.shared))
             node = msg.metadata.dst_node_id
@@ -198,6 +227,7 @@ class A2VStrategy(FedAvg):
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(msg.metadata.src_node_id, 0)}
+        self.failures = len(replies) - len(sites)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if self.replay and self.replay.sharing == "averaged" and self.generators:
             self.share_generators()
@@ -273,18 +303,20 @@ class A2VStrategy(FedAvg):
         """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too; accuracy on
         the classes seen so far and forgetting (best earlier accuracy - now, mean over earlier-seen classes)."""
         server_round += self.round_offset
+        replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
+        self.failures += len(replies) - len(ok)
         if not ok:
             log.warning("round %s: no site returned evaluation results", server_round)
             return None
         rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in ok}
-        n = sum(r["num-examples"] for r in rows.values())
+        pooled = self.evaluate_metrics_aggr_fn([m.content for m in ok], "num-examples")  # sums and weighted means
+        n = pooled["num-examples"]
         if n == 0:
             log.warning("round %s: no site has held-out clips to evaluate", server_round)
             return None
-        correct = np.sum([r["correct_per_class"] for r in rows.values()], axis=0)
-        count = np.sum([r["count_per_class"] for r in rows.values()], axis=0)
-        glob = {k: float(sum(r[k] * r["num-examples"] for r in rows.values()) / n) for k in ("top1", "top5", "cosine")}
+        correct, count = np.array(pooled["correct_per_class"]), np.array(pooled["count_per_class"])
+        glob = {k: float(pooled[k]) for k in ("top1", "top5", "cosine")}
         per_class = {c: float(correct[i] / count[i]) for i, c in enumerate(self.classes) if count[i]}
         sites = {s: {k: float(r[k]) for k in ("top1", "top5", "cosine")} | {"n": int(r["num-examples"])}
                  for s, r in sorted(rows.items()) if r["num-examples"]}
@@ -301,11 +333,7 @@ class A2VStrategy(FedAvg):
                                                        "forgetting_per_class": forgetting, "sites": sites,
                                                        "bytes_down": float(np.mean(list(self.bytes_down_eval.values())
                                                                                    or [0])),
-                                                       "clip_images": int(sum(r["clip_images"] for r in rows.values()
-                                                                              if "clip_images" in r))})
-        log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | seen classes %d top1=%.3f forgetting=%.3f | %s",
-                 server_round, glob["top1"], glob["top5"], glob["cosine"], len(seen), glob["seen_top1"],
-                 glob["forgetting"], " ".join(f"site{s}={v['top1']:.2f}" for s, v in sites.items()))
+                                                       "clip_images": pooled.get("clip_images", 0)})
         return MetricRecord(glob | {"num-examples": int(n)})
 
     # ---- resume: everything the server carries from one round to the next ------------------------------
