@@ -293,10 +293,11 @@ def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, 
     for j, (i, img) in enumerate(zip(order, images)):
         name = f"clip_{j:02d}_{site.classes[int(y[i])]}.png"
         img.save(folder / name)
-        entries.append((name, f"held-out clip {j} (true class: {site.classes[int(y[i])]})"))
+        entries.append([j, site.classes[int(y[i])], Path(name)])
         rows.append((f"{j}: {site.classes[int(y[i])]}", [img]))
     save_grid(rows, folder / "grid.png", ["from the clip's audio"])
-    write_gallery(folder, entries)
+    write_gallery(folder, ["held-out clip", "true class", "from the clip's audio"], entries,
+                  title=f"site {site_id}: held-out clips, round {rnd}", links={"all classes": "../index.html"})
     log.info("[Client %s] rendered %d held-out clips into %s", site_id, len(images), folder)
     return len(images)
 

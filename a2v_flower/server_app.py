@@ -111,7 +111,8 @@ def main(grid: Grid, context: Context) -> None:
         return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
 
     adapters = make_adapters()
-    tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name)
+    tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
+                         cfg.wandb.get("group"))
     n, run_yaml = cfg.federation.num_sites, OmegaConf.to_yaml(cfg)
     strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes,
                            fraction_train=cfg.strategy.fraction_train,
@@ -145,7 +146,7 @@ def main(grid: Grid, context: Context) -> None:
         save_checkpoint(run_dir, server_round, adapters, strategy, cfg)
         metrics = {}
         if render.due(server_round, cfg.num_rounds):
-            metrics = render(server_round, adapters, strategy.class_stats)
+            metrics = render(server_round, adapters, strategy.class_stats, cfg.num_rounds)
             tracker.log(server_round, "render", metrics,
                         image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
         ev = next((r for r in tracker.history if r["kind"] == "eval" and r["round"] == server_round), None)

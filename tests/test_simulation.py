@@ -98,5 +98,7 @@ def test_multirun_sweep_writes_one_comparison(tmp_path):
     runs = sorted(p.parent.name for p in sweep.rglob("summary.json"))
     assert len(runs) == 2 and all("reset=" in r for r in runs)  # one folder per combination
     table = (sweep / "sweep.md").read_text().splitlines()
-    assert "reset.reset_generator_on_class_change" in table[0] and len(table) == 4
+    assert table[0] == "# sweep over reset.reset_generator_on_class_change: 2 runs"
+    assert "reset.reset_generator_on_class_change" in table[4] and len(table) == 8
+    assert all(float(row.split("|")[-2]) > 0 for row in table[6:])  # each job's wall time, start-up included
     assert (sweep / "sweep.csv").is_file() and (sweep / "sweep_rounds.png").is_file()
