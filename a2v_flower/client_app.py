@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import site_generators as SG
+from a2v_flower.cache import sha1_of
 from a2v_flower.data.schedule import stage_classes
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
@@ -36,8 +37,8 @@ _SITES: dict = {}
 def _setup(msg: Message, context: Context):
     """Config, site data, class targets and adapters (global, or this site's own when not aggregating)."""
     use_flower_logging()
-    cfg = OmegaConf.create(str(msg.content["config"]["run-config"]))
     site_id = int(context.node_config["partition-id"])
+    cfg = run_config(msg, context, site_id)
     if "data-root" in context.node_config:  # deployment: each SuperNode may keep data elsewhere
         cfg.data.root = str(context.node_config["data-root"])
     if "cache-dir" in context.node_config:  # deployment: each SuperNode caches data/embeddings locally
@@ -65,6 +66,20 @@ def _setup(msg: Message, context: Context):
         adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
     adapters.to("cuda" if torch.cuda.is_available() else "cpu")  # each process picks CUDA when present
     return cfg, site_id, _SITES[key], targets, adapters
+
+
+def run_config(msg: Message, context: Context, site_id: int):
+    """The run's resolved config: sent once per node (kept in context.state), checked against the message's hash."""
+    if "run-config" in msg.content:
+        context.state["run-config"] = msg.content["run-config"]
+    if "run-config" not in context.state:
+        raise RuntimeError(f"site {site_id}: no run config received from the server")
+    text = str(context.state["run-config"]["yaml"])
+    digest = msg.content["config"].get("config-sha1", "") if "config" in msg.content else ""
+    if digest and digest != sha1_of(text)[:12]:
+        raise RuntimeError(f"site {site_id}: its run config (sha1 {sha1_of(text)[:12]}) is not the server's "
+                           f"(config-sha1 {digest})")
+    return OmegaConf.create(text)
 
 
 def round_data(cfg, site: SiteData, site_id: int, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,17 +240,18 @@ def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, 
             else Path(OmegaConf.select(cfg, "paths.run_dir") or cfg.paths.output_root) / "images")
     folder = root / f"round_{rnd:03d}" / f"site_{site_id}"
     renderer = Renderer(C.diffusion_spec(cfg))
-    images = renderer.render_images(predict(adapters, x[order]))
+    images = renderer.render_images(predict(adapters, x[order]), desc=f"site {site_id}: held-out clip images")
     renderer.free()
     folder.mkdir(parents=True, exist_ok=True)
     entries, rows = [], []
     for j, (i, img) in enumerate(zip(order, images)):
         name = f"clip_{j:02d}_{site.classes[int(y[i])]}.png"
         img.save(folder / name)
-        entries.append((name, f"held-out clip {j} (true class: {site.classes[int(y[i])]})"))
+        entries.append([j, site.classes[int(y[i])], Path(name)])
         rows.append((f"{j}: {site.classes[int(y[i])]}", [img]))
     save_grid(rows, folder / "grid.png", ["from the clip's audio"])
-    write_gallery(folder, entries)
+    write_gallery(folder, ["held-out clip", "true class", "from the clip's audio"], entries,
+                  title=f"site {site_id}: held-out clips, round {rnd}", links={"all classes": "../index.html"})
     log.info("[Client %s] rendered %d held-out clips into %s", site_id, len(images), folder)
     return len(images)
 

@@ -48,14 +48,27 @@ def describe(err: Exception) -> str:
     return "; ".join(dict.fromkeys(p.rstrip(".") for p in parts))
 
 
+# Flower's own run-config keys (pyproject [tool.flwr.app.config]) -> the Hydra keys they set; 0 keeps the Hydra value.
+FLOWER_KEYS = {"num-server-rounds": "num_rounds", "fraction-train": "strategy.fraction_train",
+               "fraction-evaluate": "strategy.fraction_evaluate", "local-epochs": "train.local_epochs",
+               "lr": "train.lr", "batch-size": "train.batch_size"}
+
+
 def load_config(run_config: dict) -> DictConfig:
-    """Config of a Flower run: the resolved `config-file` if given, else conf/ composed with `overrides`."""
+    """Config of a Flower run: the resolved `config-file` if given, else conf/ composed with `overrides`;
+    then every Flower-style key of FLOWER_KEYS that is not 0 (`--run-config 'num-server-rounds=3'`)."""
     path = str(run_config.get("config-file", "") or "")
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"run config config-file={path!r} does not exist")
-        return OmegaConf.load(path)
-    return compose_config(shlex.split(str(run_config.get("overrides", "") or "")))
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"run config config-file={path!r} does not exist")
+    cfg = OmegaConf.load(path) if path else compose_config(shlex.split(str(run_config.get("overrides", "") or "")))
+    for flwr_key, key in FLOWER_KEYS.items():
+        value = run_config.get(flwr_key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"run config {flwr_key}={value!r} is not allowed; expected a number >= 0 "
+                             f"(0 keeps {key} of the Hydra config)")
+        if value:
+            OmegaConf.update(cfg, key, value)
+    return cfg
 
 
 def absolute_paths(cfg: DictConfig, base: str | Path) -> DictConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import html
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from a2v_flower.models.text_encoders import CLIP_DIM, CLIP_SEQ_LEN, T5_DIM, tiny_clip_tokenizer
@@ -119,7 +121,7 @@ def load_pipeline(spec: DiffusionSpec):
         if spec.type == "flux":
             log.warning("diffusion.attention_slicing has no effect on FLUX (its transformer has no sliced attention)")
         pipe.enable_attention_slicing()
-    pipe.set_progress_bar_config(disable=False)
+    pipe.set_progress_bar_config(disable=True)  # Renderer.render_images shows one labelled bar per call instead
     return pipe
 
 
@@ -175,15 +177,18 @@ class Renderer:
         self.spec = spec
         self.pipe = None
 
-    def render_images(self, embeds: dict[str, torch.Tensor], batch_size: int = 8) -> list[Image.Image]:
+    def render_images(self, embeds: dict[str, torch.Tensor], batch_size: int = 8,
+                      desc: str = "rendering") -> list[Image.Image]:
         """Render every row of `embeds` in batches of `batch_size`, loading the pipeline if needed."""
         if self.pipe is None:
             self.pipe = load_pipeline(self.spec)
         total = next(iter(embeds.values())).shape[0]
         images = []
-        for start in range(0, total, batch_size):
-            chunk = {k: v[start:start + batch_size] for k, v in embeds.items()}
-            images += render(self.pipe, self.spec, chunk, first_index=start)
+        with tqdm(total=total, desc=desc, unit="image") as bar:
+            for start in range(0, total, batch_size):
+                chunk = {k: v[start:start + batch_size] for k, v in embeds.items()}
+                images += render(self.pipe, self.spec, chunk, first_index=start)
+                bar.update(len(images) - bar.n)
         return images
 
     def free(self) -> None:
@@ -196,38 +201,53 @@ class Renderer:
 
 
 def save_grid(rows: list[tuple[str, list[Image.Image]]], path: str | Path,
-              column_titles: list[str] | None = None) -> Path:
-    """Write a PNG grid: one labelled row per (label, images), optional titles above the columns."""
-    cell_w, cell_h = rows[0][1][0].size
+              column_titles: list[str] | None = None, min_cell: int = 128) -> Path:
+    """Write a PNG grid: one labelled row per (label, images), optional titles above the columns; images
+    smaller than `min_cell` pixels (tiny pipelines make 64 px) are upscaled by a whole factor, pixels kept sharp."""
+    w, h = rows[0][1][0].size
+    scale = max(1, math.ceil(min_cell / min(w, h)))
+    cell_w, cell_h = w * scale, h * scale
+    font = ImageFont.load_default(size=14)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 8 + int(max(probe.textlength(label) for label, _ in rows))
-    title_h = 16 if column_titles else 0
+    label_w = 12 + int(max(probe.textlength(label, font=font) for label, _ in rows))
+    title_h = 22 if column_titles else 0
     cols = max(len(images) for _, images in rows)
     grid = Image.new("RGB", (label_w + cols * cell_w, title_h + len(rows) * cell_h), "white")
     draw = ImageDraw.Draw(grid)
     for c, title in enumerate(column_titles or []):
-        draw.text((label_w + c * cell_w + 2, 2), title, fill="black")
+        draw.text((label_w + c * cell_w + 4, 3), title, fill="black", font=font)
     for r, (label, images) in enumerate(rows):
         top = title_h + r * cell_h
-        draw.text((4, top + cell_h // 2 - 5), label, fill="black")
+        draw.text((6, top + cell_h // 2 - 8), label, fill="black", font=font)
         for c, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((cell_w, cell_h)), (label_w + c * cell_w, top))
+            grid.paste(image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (label_w + c * cell_w, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
 
 
-def write_gallery(folder: str | Path, entries: list[tuple[str | Path, str]]) -> Path:
-    """Write folder/index.html showing each (image path, caption); paths become relative to `folder`."""
+def write_gallery(folder: str | Path, header: list[str], rows: list[list[str | Path]], title: str = "a2v gallery",
+                  links: dict[str, str] | None = None) -> Path:
+    """Write folder/index.html: `title`, `links` (label -> href, e.g. the previous and next round), and a table
+    with `header` and one row per list of cells; a Path cell is an image (relative to `folder`), others text."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    srcs = [Path(p).relative_to(folder) if Path(p).is_absolute() else Path(p) for p, _ in entries]
-    figures = [f'<figure><img src="{html.escape(src.as_posix())}" alt="{html.escape(caption)}">'
-               f"<figcaption>{html.escape(caption)}</figcaption></figure>" for src, (_, caption) in zip(srcs, entries)]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>a2v gallery</title>"
-            "<style>figure{display:inline-block;margin:8px}</style></head><body>\n"
-            + "\n".join(figures) + "\n</body></html>\n")
+
+    def cell(value) -> str:
+        if not isinstance(value, Path):
+            return f"<td>{html.escape(str(value))}</td>"
+        src = html.escape((value.relative_to(folder) if value.is_absolute() else value).as_posix())
+        return f'<td><a href="{src}"><img src="{src}" alt="{src}"></a></td>'
+
+    nav = " | ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in (links or {}).items())
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif}} td{{padding:4px;"
+            "vertical-align:middle} img{width:160px;image-rendering:pixelated}</style></head><body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<p>{nav}</p>\n<table>\n<tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>\n"
+            + "\n".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+            + "\n</table>\n</body></html>\n")
     (folder / "index.html").write_text(page, encoding="utf-8")
     return folder / "index.html"
 
@@ -269,16 +289,24 @@ class ImageJudge:
         return cls(CLIPModel(cfg), CLIPProcessor(image_processor=images, tokenizer=tok), device)
 
     @torch.no_grad()
-    def judge(self, images: list[Image.Image], labels: list[int], class_names: list[str]) -> dict[str, float]:
-        """Zero-shot accuracy, balanced accuracy, macro F1 and CLIP score of `images` against their labels."""
+    def scores(self, images: list[Image.Image], class_names: list[str]) -> torch.Tensor:
+        """(N, C) cosine of each image with each class prompt; the judge predicts the argmax."""
         prompts = [f"This is a photo of {name.replace('_', ' ')}." for name in class_names]
         text = self.processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         pixels = self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
         txt = torch.nn.functional.normalize(self.model.get_text_features(**text).pooler_output, dim=-1)  # (C, P)
         img = torch.nn.functional.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
                                             dim=-1)                                                   # (N, P)
-        cos = (img @ txt.T).float().cpu()                                                            # (N, C)
-        labels_t = torch.as_tensor(labels)
-        metrics = classification_metrics(cos.argmax(1).numpy(), labels_t.numpy())
-        metrics["clip_score"] = (100 * cos[torch.arange(len(labels)), labels_t]).clamp_min(0).mean().item()
-        return metrics
+        return (img @ txt.T).float().cpu()                                                           # (N, C)
+
+    def judge(self, images: list[Image.Image], labels: list[int], class_names: list[str]) -> dict[str, float]:
+        """Zero-shot accuracy, balanced accuracy, macro F1 and CLIP score of `images` against their labels."""
+        return judge_metrics(self.scores(images, class_names), labels)
+
+
+def judge_metrics(cos: torch.Tensor, labels: list[int]) -> dict[str, float]:
+    """Classification metrics of the judge's (N, C) scores, and the CLIP score (100 x cosine) of the true class."""
+    labels_t = torch.as_tensor(labels)
+    metrics = classification_metrics(cos.argmax(1).numpy(), labels_t.numpy())
+    metrics["clip_score"] = (100 * cos[torch.arange(len(labels)), labels_t]).clamp_min(0).mean().item()
+    return metrics

@@ -73,3 +73,29 @@ def summarise_training(sites: dict[int, dict], failures: int) -> dict:
         "encoder_calls": int(sum(s["encoder_calls"] for s in sites.values())),
         "skipped_files": int(sum(s["skipped"] for s in sites.values())),
         "failures": failures, "sites": sites}
+
+
+COUNTS = ("num-examples", "encoder_calls", "skipped", "synthetic", "resets", "clip_images", "correct_per_class",
+          "count_per_class")  # metrics summed over sites (the rest are weighted means)
+IDS = ("site", "unit-weight")  # metrics that identify or weight a reply: no aggregate means anything
+
+
+def aggregate_metrics(records: list, weight_key: str):
+    """Flower's per-round aggregate of the sites' MetricRecords: counts summed, ids dropped, every other
+    metric averaged with weights `weight_key` (equal weights when they sum to 0); lists element-wise."""
+    from flwr.app import MetricRecord
+
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    out = {}
+    for key in dict.fromkeys(k for m in rows for k in m if k not in IDS):  # every key, in first-seen order
+        have = [m for m in rows if key in m]
+        values = np.array([m[key] for m in have], dtype=float)           # (sites,) or (sites, classes)
+        if key in COUNTS:
+            total = values.sum(0).round().astype(int)
+            out[key] = total.tolist() if total.ndim else int(total)
+            continue
+        w = np.array([float(m[weight_key]) for m in have])
+        w = w / w.sum() if w.sum() > 0 else np.full(len(have), 1 / len(have))
+        mean = np.tensordot(w, values, axes=1)
+        out[key] = mean.tolist() if mean.ndim else float(mean)
+    return MetricRecord(out)

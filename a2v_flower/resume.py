@@ -81,7 +81,7 @@ def save_site_state(folder: Path, site: int, rnd: int, state: RecordDict) -> Non
     resumed run restores it: <folder>/site_{N}_round_{R}.safetensors; rounds before R-1 are removed."""
     tensors, meta = {}, {"round": rnd, "site": site, "configs": {}}
     for name, rec in state.items():
-        if name == "targets":
+        if name in ("targets", "run-config"):  # the server sends both again after a resume
             continue
         if isinstance(rec, ArrayRecord):
             tensors |= {f"{name}//{k}": v for k, v in from_record(rec).items()}

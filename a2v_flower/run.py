@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from a2v_flower import config as C
@@ -76,7 +77,12 @@ def launch(cfg: DictConfig) -> float | None:
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
     C.replay_spec(cfg, classes)                                                    # and bad generator groups
     check_schedule(C.schedule_of(cfg), held_classes(clips, sites), cfg.num_rounds)  # and a bad schedule
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.wandb.name == cfg.name:  # not set by hand: the wandb run is named by its overrides
+        cfg.wandb.name = hydra_cfg.job.override_dirname or cfg.name
+    if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.wandb.group:  # a sweep's runs form one wandb group
+        cfg.wandb.group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
     if cfg.resume:  # continue in the old folder; a missing/corrupt checkpoint or a changed config fails here
         from a2v_flower.resume import load_server_checkpoint
 

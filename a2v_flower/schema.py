@@ -309,6 +309,7 @@ class Wandb:
     mode: str = MISSING
     project: str = MISSING
     name: str = MISSING
+    group: Optional[str] = None
 
     def __post_init__(self):
         _one_of("wandb.mode", self.mode, ("offline", "online", "disabled"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -10,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from a2v_flower import config as C
-from a2v_flower.cache import TensorCache
+from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.checkpoints import save_tensors
 from a2v_flower.data.schedule import check_schedule, held_classes, seen_classes
 from a2v_flower.data.site import federation
@@ -66,8 +67,9 @@ def main(grid: Grid, context: Context) -> None:
         return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
 
     adapters = make_adapters()
-    tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name)
-    n = cfg.federation.num_sites
+    tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
+                         cfg.wandb.group)
+    n, run_yaml = cfg.federation.num_sites, OmegaConf.to_yaml(cfg)
     generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
                                   cfg.seed, replay, C.server_generator_spec(cfg), kd=cfg.strategy.aggregation == "kd")
     strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes, generators,
@@ -77,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
                            min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
                            min_available_nodes=n,
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
-                           timeout=cfg.federation.timeout)
+                           timeout=cfg.federation.timeout, run_config=run_yaml)
     done = 0
     if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round
         done, state, strategy_state, meta = load_server_checkpoint(run_dir, cfg)
@@ -93,22 +95,30 @@ def main(grid: Grid, context: Context) -> None:
     strategy.clip_images = lambda rnd: cfg.diffusion.clip_images if render.due(rnd, cfg.num_rounds) else 0
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """End of a round: rendering (when due) and the server checkpoint."""
+        """End of a round: rendering (when due), the server checkpoint, and the round's one line on the console."""
         if server_round == 0:  # Flower's call before the first round: nothing to do
             return None
         server_round += done
         adapters.load_state_dict(arrays.to_torch_state_dict())
         save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors(),
                                {"best_acc": {str(c): a for c, a in strategy.best_acc.items()}}, cfg)
-        if not render.due(server_round, cfg.num_rounds):
-            return None
-        metrics = render(server_round, adapters, generators.class_stats)
-        tracker.log(server_round, "render", metrics, image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
-        return MetricRecord(metrics) if metrics else None
+        metrics = {}
+        if render.due(server_round, cfg.num_rounds):
+            metrics = render(server_round, adapters, generators.class_stats, cfg.num_rounds)
+            tracker.log(server_round, "render", metrics,
+                        image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
+        ev = next((r for r in tracker.history if r["kind"] == "eval" and r["round"] == server_round), None)
+        seconds = round(time.time() - strategy.round_started, 1)
+        scores = ("top-1 {top1:.3f} | top-5 {top5:.3f} | seen top-1 {seen_top1:.3f} | forgetting {forgetting:.3f}"
+                  .format(**ev) if ev else "no held-out clips evaluated")
+        log.info("round %d/%d: %s | failures %d | %.1f s", server_round, cfg.num_rounds, scores, strategy.failures,
+                 seconds)
+        return MetricRecord(metrics | {"failures": strategy.failures, "seconds": seconds})
 
-    run_cfg = ConfigRecord({"run-config": OmegaConf.to_yaml(cfg)})
+    # The config itself travels once per node (with the class targets); every message names it by hash.
+    digest = ConfigRecord({"config-sha1": sha1_of(run_yaml)[:12]})
     result = strategy.start(grid, ArrayRecord(adapters.state_dict()), cfg.num_rounds - done, cfg.federation.timeout,
-                            train_config=run_cfg, evaluate_config=run_cfg, evaluate_fn=after_round)
+                            train_config=digest, evaluate_config=digest, evaluate_fn=after_round)
     if len(result.arrays):  # empty when no round succeeded
         adapters.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "adapters.safetensors", adapters.state_dict(),

@@ -8,6 +8,7 @@ after averaging, and for checkpoints.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -15,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from a2v_flower.metrics import pool_evaluations, summarise_training
+from a2v_flower.metrics import aggregate_metrics, pool_evaluations, summarise_training
 from a2v_flower.records import payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.tracking import RunTracker
@@ -30,10 +31,13 @@ class A2VStrategy(FedAvg):
 
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
                  classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
-                 timeout: float = 3600, clip_images: Callable[[int], int] | None = None, **kwargs):
-        super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
+                 timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
+                 **kwargs):
+        super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
+                         evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
         self.targets = to_record(class_targets)
+        self.run_config = ConfigRecord({"yaml": run_config})  # the resolved config, sent once per node
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
         self.site_of_node: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
@@ -43,9 +47,12 @@ class A2VStrategy(FedAvg):
         self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
         self.round_offset = 0                        # rounds done before a resume
         self.resume_round = 0                        # > 0: sites restore their state of that round
+        self.round_started = time.time()             # when this round's configure_train began
+        self.failures = 0                            # failed train + evaluate replies this round
 
     def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
-        """Give every message its own RecordDict and `extra` config; add the class targets for nodes that lack them."""
+        """Give every message its own RecordDict and `extra` config; add the class targets and the run config
+        for nodes that lack them."""
         out = []
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
@@ -53,7 +60,7 @@ class A2VStrategy(FedAvg):
                 content["config"] = ConfigRecord(dict(content["config"].items()) | (extra or {})
                                                  | ({"resume-round": self.resume_round} if self.resume_round else {}))
             if msg.metadata.dst_node_id not in self.has_targets:
-                content["targets"] = self.targets
+                content["targets"], content["run-config"] = self.targets, self.run_config
                 self.has_targets.add(msg.metadata.dst_node_id)
             out.append(Message(content=content, message_type=msg.metadata.message_type,
                                dst_node_id=msg.metadata.dst_node_id))
@@ -63,6 +70,7 @@ class A2VStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed, shared generators and synthetic samples."""
         server_round += self.round_offset
+        self.round_started = time.time()
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
         replay = self.generators.replay
         sequential = replay is not None and replay.sharing == "sequential"
@@ -118,6 +126,7 @@ class A2VStrategy(FedAvg):
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)}
+        self.failures = len(replies) - len(sites)
         arrays, metrics = super().aggregate_train(server_round, replies)
         arrays, server = self.generators.after_aggregation(server_round, arrays, teachers)
         self.tracker.log(server_round, "train", server | summarise_training(sites, len(replies) - len(sites)))
@@ -126,7 +135,9 @@ class A2VStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Global retrieval metrics over all sites' held-out clips, per site, on classes seen so far, forgetting."""
         server_round += self.round_offset
+        replies = list(replies)
         rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in replies if not m.has_error()}
+        self.failures += len(replies) - len(rows)
         seen = sorted(self.seen_fn(server_round)) if self.seen_fn else list(range(len(self.classes)))
         glob = pool_evaluations(rows, self.classes, seen, self.best_acc) if rows else None
         if glob is None:
@@ -135,9 +146,5 @@ class A2VStrategy(FedAvg):
         glob["bytes_down"] = float(sum(self.bytes_down_eval.values()) / max(1, len(self.bytes_down_eval)))
         glob["clip_images"] = int(sum(r.get("clip_images", 0) for r in rows.values()))
         self.tracker.log(server_round, "eval", glob)
-        log.info("round %d: global top1=%.3f top5=%.3f cosine=%.3f | seen classes %d top1=%.3f forgetting=%.3f | %s",
-                 server_round, glob["top1"], glob["top5"], glob["cosine"], len(glob["seen_classes"]),
-                 glob["seen_top1"], glob["forgetting"], " ".join(f"site{s}={v['top1']:.2f}"
-                                                                   for s, v in glob["sites"].items()))
         return MetricRecord({k: glob[k] for k in ("top1", "top5", "cosine", "seen_top1", "forgetting")}
                             | {"num-examples": glob["num_examples"]})

@@ -23,8 +23,8 @@ class RunTracker:
     """Writes one JSON line per round event to <run_dir>/metrics.jsonl and mirrors it to wandb."""
 
     def __init__(self, run_dir: str | Path, config: dict, wandb_mode: str = "offline",
-                 project: str = "a2v_flower", name: str = "run"):
-        self.run_dir = Path(run_dir)
+                 project: str = "a2v_flower", name: str = "run", group: str | None = None):
+        self.run_dir, self.name = Path(run_dir), name
         self.path = self.run_dir / "metrics.jsonl"
         self.history: list[dict] = []
         self.wandb = None
@@ -32,8 +32,9 @@ class RunTracker:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
-            self.wandb = wandb.init(mode=wandb_mode, project=project, name=name, config=config,
+            self.wandb = wandb.init(mode=wandb_mode, project=project, name=name, group=group, config=config,
                                     dir=str(self.run_dir), reinit="finish_previous")
+            self.wandb.define_metric("*", step_metric="round")  # charts by federated round
 
     def keep_rounds(self, last: int) -> None:
         """Resume: reload metrics.jsonl up to round `last` (a crashed round's partial rows are dropped)."""
@@ -49,7 +50,7 @@ class RunTracker:
         with open(self.path, "a") as f:
             f.write(line + "\n")
         if self.wandb is not None:
-            flat = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            flat = wandb_keys(kind, metrics)
             if image is not None and Path(image).is_file():
                 import wandb
 
@@ -59,17 +60,18 @@ class RunTracker:
     def finish(self, summary: dict) -> None:
         """Write summary.json and accuracy.png, close wandb."""
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.plot(self.run_dir / "accuracy.png")
+        self.plot(self.run_dir / "accuracy.png", summary.get("chance_top1"))
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             self.wandb.finish()
 
-    def plot(self, path: Path) -> None:
-        """Top-1 retrieval accuracy by round, global and per site."""
+    def plot(self, path: Path, chance: float | None = None) -> None:
+        """Top-1 retrieval accuracy by round, global and per site, with the chance level."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rows = [r for r in self.history if r["kind"] == "eval"]
         if not rows:
@@ -80,8 +82,25 @@ class RunTracker:
         for site in sorted({s for r in rows for s in r.get("sites", {})}):
             ax.plot(rounds, [r["sites"].get(site, {}).get("top1", float("nan")) for r in rows], "--",
                     label=f"site {site}", alpha=0.7)
-        ax.set(xlabel="round", ylabel="top-1 retrieval accuracy", ylim=(0, 1.02), title=self.run_dir.name)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        ax.set(xlabel="round", ylabel="top-1 retrieval accuracy", ylim=(0, 1.02),
+               title=f"{self.name}: top-1 retrieval by round\n{self.run_dir.name}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def wandb_keys(kind: str, metrics: dict, prefix: str | None = None) -> dict:
+    """A metrics.jsonl row as wandb keys: `server/...` as named (the seeds' dashboards use them), the rest under
+    `kind/`; nested dicts (per site, per class) flattened with '/', e.g. eval/sites/0/top1; non-numbers dropped."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if prefix else key if str(key).startswith("server/") else f"{kind}/{key}"
+        if isinstance(value, dict):
+            out |= wandb_keys(kind, value, name)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out

@@ -4,7 +4,9 @@
     python scripts/sweep_report.py outputs/multirun/<date>/<time>
 
 Reads every run folder below the given folder (each has config.yaml, metrics.jsonl, summary.json);
-writes sweep.csv, sweep.md and sweep_rounds.png there and prints the table.
+writes sweep.csv, sweep.md and sweep_rounds.png there and prints the table. A job's wall time runs from
+Hydra's start of the job (.hydra/config.yaml, written before flwr starts) to its summary.json, so it
+includes the start-up of the SuperLink, Ray and the first embedding.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def pick(cfg: dict, dotted: str):
     return cfg
 
 
+def wall_seconds(run: Path) -> int | None:
+    """Seconds from the job's start (Hydra writes .hydra/config.yaml first) to summary.json; None without .hydra."""
+    started = run / ".hydra" / "config.yaml"
+    if not started.is_file():
+        return None
+    return round((run / "summary.json").stat().st_mtime - started.stat().st_mtime)
+
+
 def collect(root: Path) -> list[dict]:
     """One row per run folder under `root`."""
     rows = []
@@ -38,14 +48,13 @@ def collect(root: Path) -> list[dict]:
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in lines if e["kind"] == "eval"]
-        times = [e["time"] for e in lines if "time" in e]
         s = json.loads(summary.read_text())
         rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in KEYS},
                      "final_top1": s["final_top1"], "final_top5": s["final_top5"],
                      "best_top1": max((e["top1"] for e in evals), default=None),
                      "seen_top1": evals[-1].get("seen_top1") if evals else None,
                      "forgetting": evals[-1].get("forgetting") if evals else None,
-                     "rounds_s": round(times[-1] - times[0], 1) if len(times) > 1 else None,
+                     "wall_s": wall_seconds(run), "chance": s.get("chance_top1"),
                      "top1_by_round": [round(e["top1"], 4) for e in evals]})
     return rows
 
@@ -64,27 +73,33 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     head = ["run", *varying, "final top-1", "best top-1", "final top-5", "top-1 seen classes", "forgetting",
-            "rounds wall s"]
+            "wall s (with start-up)"]
 
     def fmt(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    title = f"sweep over {', '.join(varying)}: {len(rows)} runs"
+    lines = [f"# {title}", "", f"In `{root}`.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying],
                                  *[fmt(r[k]) for k in ("final_top1", "best_top1", "final_top5", "seen_top1",
-                                                       "forgetting", "rounds_s")]]) + " |" for r in rows]
+                                                       "forgetting", "wall_s")]]) + " |" for r in rows]
     (root / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         label = ", ".join(f"{k.split('.')[0]}={r[k]}" for k in varying)
         ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], marker="o", label=label)
-    ax.set(xlabel="round", ylabel="top-1 retrieval", ylim=(0, 1), title=root.name)
+    chance = {r["chance"] for r in rows} - {None}
+    if len(chance) == 1:
+        ax.axhline(chance.pop(), color="grey", linestyle=":", label="chance")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+    ax.set(xlabel="round", ylabel="top-1 retrieval", ylim=(0, 1), title=f"top-1 retrieval by round, {title}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "sweep_rounds.png", dpi=100)

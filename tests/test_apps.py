@@ -15,6 +15,8 @@ from a2v_flower.data.site import federation
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
+from a2v_flower.cache import sha1_of
+from a2v_flower.metrics import aggregate_metrics
 from a2v_flower.records import payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
@@ -37,10 +39,12 @@ def setup(cfg):
 
 
 def message(cfg, adapters, targets, kind="train", rnd=1, with_targets=True):
+    """A server message; the first one of a node also carries the class targets and the run config."""
+    text = OmegaConf.to_yaml(cfg)
     content = RecordDict({"arrays": ArrayRecord(adapters.state_dict()),
-                          "config": ConfigRecord({"run-config": OmegaConf.to_yaml(cfg), "server-round": rnd})})
+                          "config": ConfigRecord({"config-sha1": sha1_of(text)[:12], "server-round": rnd})})
     if with_targets:
-        content["targets"] = to_record(targets)
+        content["targets"], content["run-config"] = to_record(targets), ConfigRecord({"yaml": text})
     return Message(content=content, dst_node_id=7, message_type=kind)
 
 
@@ -80,8 +84,11 @@ def test_targets_are_kept_in_state_for_later_rounds(make_cfg, task_identity):
     reply = client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), ctx)
     m = reply.content["metrics"]
     assert 0 <= m["top1"] <= m["top5"] <= 1 and sum(m["count_per_class"]) == m["num-examples"]
-    with pytest.raises(RuntimeError, match="no class targets"):
+    with pytest.raises(RuntimeError, match="site 0: no run config received"):
         client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), context())
+    other = message(make_cfg("train.lr=0.5"), adapters, targets, "evaluate", 3, with_targets=False)
+    with pytest.raises(RuntimeError, match=r"site 0: its run config \(sha1 \w+\) is not the server's"):
+        client_app.evaluate(other, ctx)
 
 
 def test_aggregation_none_keeps_site_adapters(make_cfg, task_identity):
@@ -110,11 +117,11 @@ def replies(weights: list[dict], counts: list[int], cfg_msg):
     return out
 
 
-def make_strategy(aggregation: str) -> A2VStrategy:
+def make_strategy(aggregation: str, **kwargs) -> A2VStrategy:
     """A strategy over two classes with a one-number target, no generators."""
     targets = {"clip": torch.zeros(2, 1)}
     return A2VStrategy(aggregation, targets, NullTracker(), ["a", "b"],
-                       ServerGenerators(["a", "b"], targets, (2, 4), lambda: None, None))
+                       ServerGenerators(["a", "b"], targets, (2, 4), lambda: None, None), **kwargs)
 
 
 @pytest.mark.parametrize("aggregation", ["avg", "uniform"])
@@ -148,11 +155,27 @@ def test_evaluate_pools_all_sites(task_identity):
     assert logged["per_class"] == {"a": 1.0, "b": 0.0} and set(logged["sites"]) == {0, 1}
 
 
-def test_targets_sent_once_per_node(task_identity):
-    strategy = make_strategy("avg")
+def test_targets_and_config_sent_once_per_node(task_identity):
+    strategy = make_strategy("avg", run_config="seed: 3\n")
     msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train")
             for n in (1, 2)]
     first = strategy._with_targets(msgs)
     second = strategy._with_targets(msgs)
-    assert all("targets" in m.content for m in first) and not any("targets" in m.content for m in second)
+    assert all({"targets", "run-config"} <= set(m.content.keys()) for m in first)
+    assert not any({"targets", "run-config"} & set(m.content.keys()) for m in second)
     assert np.array_equal(first[0].content["targets"]["clip"].numpy(), np.zeros((2, 1)))
+    assert first[1].content["run-config"]["yaml"] == "seed: 3\n"
+
+
+def test_metric_aggregates_sum_counts_and_drop_ids():
+    rows = [{"num-examples": 10, "unit-weight": 1, "site": 0, "train_loss": 1.0, "encoder_calls": 80,
+             "correct_per_class": [1, 2]},
+            {"num-examples": 30, "unit-weight": 1, "site": 1, "train_loss": 3.0, "encoder_calls": 0,
+             "correct_per_class": [0, 5], "clip_images": 3}]
+    records = [RecordDict({"metrics": MetricRecord(r)}) for r in rows]
+    by_examples = aggregate_metrics(records, "num-examples")
+    assert dict(by_examples) == {"num-examples": 40, "train_loss": pytest.approx(2.5), "encoder_calls": 80,
+                                 "correct_per_class": [1, 7], "clip_images": 3}  # no site, no unit-weight
+    assert aggregate_metrics(records, "unit-weight")["train_loss"] == pytest.approx(2.0)  # uniform: plain mean
+    empty = [RecordDict({"metrics": MetricRecord({"num-examples": 0, "top1": v})}) for v in (0.2, 0.4)]
+    assert aggregate_metrics(empty, "num-examples")["top1"] == pytest.approx(0.3)  # no weight: equal weights

@@ -59,21 +59,27 @@ def test_generator_benchmark_writes_ratios(tmp_path):
 
 
 def test_sweep_report_compares_runs(tmp_path, make_cfg):
+    import os
+
     from omegaconf import OmegaConf
 
     for i, (agg, tops) in enumerate((("avg", [0.2, 0.5]), ("none", [0.3, 0.4]))):
         run = tmp_path / f"{i}_strategy={agg}"
-        run.mkdir()
+        (run / ".hydra").mkdir(parents=True)
         OmegaConf.save(make_cfg(f"strategy={agg}"), run / "config.yaml")
+        OmegaConf.save(make_cfg(f"strategy={agg}"), run / ".hydra" / "config.yaml")  # Hydra's, at job start
         (run / "metrics.jsonl").write_text("".join(
             f'{{"round": {r + 1}, "kind": "eval", "top1": {t}, "top5": 1.0}}\n' for r, t in enumerate(tops)))
         (run / "summary.json").write_text(f'{{"final_top1": {tops[-1]}, "final_top5": 1.0}}')
+        os.utime(run / ".hydra" / "config.yaml", (1000.0, 1000.0))
+        os.utime(run / "summary.json", (1000.0 + 190 + i, 1000.0 + 190 + i))  # start-up included
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "sweep.md").read_text()
-    assert "strategy.aggregation" in table and "| 0_strategy=avg | avg | 0.500 | 0.500 |" in table
-    assert "| 1_strategy=none | none | 0.400 | 0.400 |" in table
+    assert table.startswith("# sweep over strategy.aggregation: 2 runs")
+    assert "| 0_strategy=avg | avg | 0.500 | 0.500 | 1.000 | - | - | 190 |" in table
+    assert "| 1_strategy=none | none | 0.400 | 0.400 | 1.000 | - | - | 191 |" in table
     assert (tmp_path / "sweep_rounds.png").is_file() and (tmp_path / "sweep.csv").is_file()
 
 

@@ -124,3 +124,22 @@ def test_a_config_file_is_checked_against_the_schema(tmp_path, make_cfg):
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "c.yaml")
     with pytest.raises(ValueError, match="train.lrr: Key 'lrr' not in 'Train'"):
         C.validate(C.load_config({"config-file": str(tmp_path / "c.yaml")}))
+
+
+def test_flower_run_config_keys_map_onto_hydra(tmp_path, make_cfg):
+    import tomli  # flwr depends on it (tomllib needs Python 3.11)
+
+    flower = tomli.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(C.FLOWER_KEYS) | {"overrides", "config-file"} == set(flower)  # flwr refuses keys absent there
+    defaults = C.load_config(flower)  # pyproject's defaults (0) keep the Hydra values
+    assert (defaults.num_rounds, defaults.train.local_epochs, defaults.train.lr) == (8, 8, 3e-3)
+    given = flower | {"num-server-rounds": 3, "local-epochs": 2, "lr": 0.01, "batch-size": 4, "fraction-train": 0.5,
+                      "fraction-evaluate": 0.25, "overrides": "strategy=uniform train.local_epochs=5"}
+    cfg = C.load_config(given)
+    assert (cfg.num_rounds, cfg.train.local_epochs, cfg.train.lr, cfg.train.batch_size) == (3, 2, 0.01, 4)
+    assert (cfg.strategy.fraction_train, cfg.strategy.fraction_evaluate, cfg.strategy.aggregation) == (0.5, 0.25,
+                                                                                                       "uniform")
+    OmegaConf.save(make_cfg("num_rounds=5"), tmp_path / "c.yaml")  # a2v-run's resolved file, plus a Flower key
+    assert C.load_config(flower | {"config-file": str(tmp_path / "c.yaml"), "local-epochs": 7}).train.local_epochs == 7
+    with pytest.raises(ValueError, match=r"run config lr=-1.0 is not allowed; expected a number >= 0 \(0 keeps train.lr"):
+        C.load_config(flower | {"lr": -1.0})

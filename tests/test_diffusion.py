@@ -1,6 +1,7 @@
 """Tests for a2v_flower.diffusion: tiny SD / FLUX pipelines driven by adapter-shaped tensors, grids, CLIP judge."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -161,9 +162,12 @@ def test_grid_and_gallery_are_written(tmp_path):
                      column_titles=["seed 0", "seed 1", "seed 2"])
     with Image.open(path) as grid:
         width, height = grid.size
-        assert (width - 3 * 64) > 0 and height == 16 + 2 * 64  # label column + title row
-        assert grid.getpixel((width - 32, height - 32)) == (255, 255, 255)  # row 2 has only 2 images
-    index = write_gallery(tmp_path, [(path, "round 1 <grid>"), ("grid/other.png", "other")])
+        assert (width - 3 * 128) > 0 and height == 22 + 2 * 128  # 64-px images upscaled to 128-px cells
+        assert grid.getpixel((width - 64, height - 64)) == (255, 255, 255)  # row 2 has only 2 images
+        assert grid.getpixel((width - 128 - 64, height - 64)) == (0, 128, 0)  # green, upscaled without blur
+    index = write_gallery(tmp_path, ["class", "image"], [["round 1 <grid>", path], ["other", Path("grid/other.png")]],
+                          title="run x", links={"next: round 2": "../round_002/index.html"})
     page = index.read_text()
     assert index == tmp_path / "index.html"
     assert 'src="grid/round_1.png"' in page and "round 1 &lt;grid&gt;" in page and 'src="grid/other.png"' in page
+    assert "<th>class</th><th>image</th>" in page and '<a href="../round_002/index.html">next: round 2</a>' in page

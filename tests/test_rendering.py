@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+from PIL import Image
 
 from a2v_flower import diffusion
 from a2v_flower.diffusion import DiffusionSpec, Renderer
@@ -38,13 +41,32 @@ def test_render_round_is_lazy_and_writes_outputs(tmp_path):
     assert not RoundRenderer(rr.renderer, 0, tmp_path, classes, targets, None).due(5, 5)
     assert rr.renderer.pipe is None  # nothing built before a render round
     built = diffusion.PIPELINES_BUILT
-    metrics = rr(2, adapters, {0: stats([1, 1, 0])})
+    metrics = rr(2, adapters, {0: stats([1, 1, 0])}, last_round=5)
     assert diffusion.PIPELINES_BUILT == built + 1 and rr.renderer.pipe is None  # built once, freed after
     folder = tmp_path / "round_002"
     for name in ("dog.png", "dog_oracle.png", "rain.png", "grid.png", "index.html"):
         assert (folder / name).is_file(), name
     assert not (folder / "siren.png").exists()  # no statistics for siren yet
     assert 0 <= metrics["images/accuracy"] <= 1 and 0 <= metrics["oracle_images/macro_f1"] <= 1
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.height >= 2 * 128  # two classes, cells of at least 128 px
+    page = (folder / "index.html").read_text()
+    # audio and oracle side by side per class, with the judge's predicted class and score, and round navigation
+    judged = judge_rows(page)
+    assert [row[0] for row in judged] == ["dog", "rain"]
+    assert all(row[1] == f'{row[0]}.png' and row[3] == f'{row[0]}_oracle.png' for row in judged)
+    assert all(re.fullmatch(r"[✓✗] (dog|rain|siren) \(-?\d+\.\d\)", row[k]) for row in judged for k in (2, 4))
+    accuracy = sum(row[2].startswith("✓") for row in judged) / 2
+    assert accuracy == metrics["images/accuracy"] and f"judge accuracy {accuracy:.2f}" in page
+    assert '"../round_004/index.html">next: round 4' in page and "previous" not in page
+    assert rr.neighbours(5, 5) == {"previous: round 4": "../round_004/index.html"}
+
+
+def judge_rows(page: str) -> list[list[str]]:
+    """Cells of the gallery table's rows (an image cell as its file name)."""
+    rows = re.findall(r"<tr>(.*?)</tr>", page)[1:]
+    return [[img or text for img, text in re.findall(r'<td>(?:<a href="[^"]*"><img src="([^"]*)"[^>]*></a>|([^<]*))</td>',
+                                                       row)] for row in rows]
 
 
 def test_sites_render_held_out_clips_only_in_render_rounds(make_cfg, tmp_path, task_identity):

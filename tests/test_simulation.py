@@ -91,12 +91,22 @@ def test_multirun_sweep_writes_one_comparison(tmp_path):
                FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     proc = subprocess.run([str(BIN / "a2v-run"), "-m", *TINY, f"paths.cache_dir={tmp_path / 'cache'}",
                            f"paths.output_root={tmp_path / 'outputs'}", "num_rounds=1", "diffusion.render_every=0",
-                           "generator=gaussian", "reset=off,on_class_change"],
+                           "generator=gaussian", "reset=off,on_class_change", "wandb.mode=offline"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     runs = sorted(p.parent.name for p in sweep.rglob("summary.json"))
     assert len(runs) == 2 and all("reset=" in r for r in runs)  # one folder per combination
     table = (sweep / "sweep.md").read_text().splitlines()
-    assert "reset.reset_generator_on_class_change" in table[0] and len(table) == 4
+    assert table[0] == "# sweep over reset.reset_generator_on_class_change: 2 runs"
+    assert "reset.reset_generator_on_class_change" in table[4] and len(table) == 8
+    assert all(float(row.split("|")[-2]) > 0 for row in table[6:])  # each job's wall time, start-up included
     assert (sweep / "sweep.csv").is_file() and (sweep / "sweep_rounds.png").is_file()
+    # wandb: each run named by its overrides, the sweep's runs in one group named by the sweep folder
+    from tests.test_tracking import wandb_records
+
+    runs = [next(r.run for r in wandb_records(p) if r.WhichOneof("record_type") == "run")
+            for p in sorted(sweep.rglob("offline-run-*/run-*.wandb"))]
+    assert len(runs) == 2 and {r.run_group for r in runs} == {f"{sweep.parent.name}/{sweep.name}"}
+    assert sorted("reset=off" in r.display_name for r in runs) == [False, True]
+    assert all("generator=gaussian" in r.display_name for r in runs)

@@ -105,7 +105,7 @@ def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, nu
     found = {i: cache.get(k) for i, k in enumerate(keys) if k is not None}
     missing = [i for i, k in enumerate(keys) if k is None or found.get(i) is None]
     skipped = []
-    for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing, leave=False):
+    for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing):
         chunk = missing[start:start + 64]
         waves, ok = [], []
         for i in chunk:
