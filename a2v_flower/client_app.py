@@ -18,6 +18,7 @@ from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
+from a2v_flower.names import safe_name
 from a2v_flower.strategy import from_record, to_record
 from a2v_flower.tracking import use_flower_logging
 from a2v_flower.training import class_means, predict, train_adapters
@@ -276,7 +277,7 @@ def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, 
     folder.mkdir(parents=True, exist_ok=True)
     entries, rows = [], []
     for j, (i, img) in enumerate(zip(order, images)):
-        name = f"clip_{j:02d}_{site.classes[int(y[i])]}.png"
+        name = f"clip_{j:02d}_{safe_name(site.classes[int(y[i])], 'class')}.png"
         img.save(folder / name)
         entries.append((name, f"held-out clip {j} (true class: {site.classes[int(y[i])]})"))
         rows.append((f"{j}: {site.classes[int(y[i])]}", [img]))

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from a2v_flower.diffusion import ImageJudge, Renderer, save_grid, write_gallery
 from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.names import safe_name
 from a2v_flower.replay import class_audio_means
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RoundRenderer:
             self.renderer.free()
         folder = self.out_dir / f"round_{server_round:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        names = [self.classes[c] for c in present]
+        names = [safe_name(self.classes[c], "class") for c in present]
         entries = []
         for name, img, ora in zip(names, images, oracle_images):
             img.save(folder / f"{name}.png")
