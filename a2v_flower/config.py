@@ -15,7 +15,8 @@ from a2v_flower.data.synthetic import SyntheticSpec
 from a2v_flower.models.generators import GeneratorSpec, generator_keys
 from a2v_flower.server_generator import ServerGeneratorSpec
 from a2v_flower.replay import ReplaySpec, check_reset_layers, default_groups
-from a2v_flower.models.audio_encoder import AudioEncoderSpec
+from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
+from a2v_flower.names import safe_name
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
 
@@ -104,14 +105,48 @@ def validate(cfg: DictConfig) -> None:
     if gen == "none" and (cfg.mode.generator_only_mode or cfg.mode.use_pretrained_generators):
         raise ValueError(f"mode generator_only_mode={cfg.mode.generator_only_mode} / use_pretrained_generators="
                          f"{cfg.mode.use_pretrained_generators} need a generator but generator.type='none'")
+    if cfg.sharing.mode != "none" and gen == "none":
+        raise ValueError(f"sharing.mode={cfg.sharing.mode!r} shares generators but generator.type='none'; "
+                         "choose generator=gaussian|vae|cvae|gan or sharing=none")
+    most = 1 + patch_tokens(audio_spec(cfg))  # the summary token + at most one token per AST patch
+    if not 2 <= cfg.model.audio.tokens <= most:
+        raise ValueError(f"model.audio.tokens={cfg.model.audio.tokens} is not allowed; the compact representation "
+                         f"has a summary token and 1..{most - 1} pooled patch tokens: expected 2..{most} "
+                         f"(model.audio.max_length={cfg.model.audio.max_length})")
+    for key in ("name", "generator_checkpoint.base_name"):  # both become parts of file names
+        safe_name(OmegaConf.select(cfg, key), key)
     if "{}" not in cfg.prompt_template:
         raise ValueError(f"prompt_template={cfg.prompt_template!r} must contain '{{}}' for the class name")
     splits = dict(cfg.data.splits)
     if set(splits) != {"train", "val", "test"} or abs(sum(splits.values()) - 1) > 1e-6:
         raise ValueError(f"data.splits={splits} must have train, val and test fractions summing to 1")
+    for part, frac in splits.items():
+        if not 0 <= frac <= 1:
+            raise ValueError(f"data.splits.{part}={frac} is not allowed; expected a fraction in [0, 1]")
+    check_federation(cfg)
     if cfg.data.kind == "esc50" and OmegaConf.select(cfg, "data.root") in (None, "???"):
         raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 "
                          "(the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
+
+
+def check_federation(cfg: DictConfig) -> None:
+    """Sampling fractions in (0, 1] and `federation.min_sites` (null = all) in 1..num_sites."""
+    n = cfg.federation.num_sites
+    for key in ("strategy.fraction_train", "strategy.fraction_evaluate"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{key}={value!r} is not allowed; expected a fraction in (0, 1] of the "
+                             f"federation.num_sites={n} sites (each round samples max(1, round({n} x fraction)))")
+    low = OmegaConf.select(cfg, "federation.min_sites")
+    if low is not None and (isinstance(low, bool) or not isinstance(low, int) or not 1 <= low <= n):
+        raise ValueError(f"federation.min_sites={low!r} is not allowed; expected null (all sites) or a whole "
+                         f"number in 1..federation.num_sites={n}")
+
+
+def min_sites(cfg: DictConfig) -> int:
+    """Fewest sites a round may finish with (federation.min_sites; null = every site)."""
+    low = OmegaConf.select(cfg, "federation.min_sites")
+    return cfg.federation.num_sites if low is None else int(low)
 
 
 def check_gpus(num_gpus: float) -> None:
