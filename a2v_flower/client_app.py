@@ -143,9 +143,11 @@ def train_shared_generators(msg: Message, context: Context) -> Message:
 
 @app.query("site")
 def which_site(msg: Message, context: Context) -> Message:
-    """The partition id this node serves (the server asks after a resume, when node ids are new)."""
-    return Message(content=RecordDict({"metrics": MetricRecord({"site": int(context.node_config["partition-id"])})}),
-                   reply_to=msg)
+    """The partition id this node serves and the federation size it was given (num-partitions, 0 if unset):
+    the server asks before round 1 to size the federation, and later when a node is new to it."""
+    size = int(context.node_config.get("num-partitions", 0))
+    return Message(content=RecordDict({"metrics": MetricRecord({"site": int(context.node_config["partition-id"]),
+                                                                "num-partitions": size})}), reply_to=msg)
 
 
 def _mean(values: list[float]) -> float:

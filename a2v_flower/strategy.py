@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from collections.abc import Callable, Iterable
 
@@ -37,6 +38,24 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
 
 
+class RoundFailed(RuntimeError):
+    """A round ended with fewer sites than `federation.min_sites`, or too few SuperNodes are connected."""
+
+
+def short_reason(reason: str) -> str:
+    """The gist of a site's error reply (Flower sends a remote traceback): one line, at most 300 characters."""
+    lines = [line for line in str(reason).splitlines() if line.strip()] or ["error without a reason"]
+    text = reason.rsplit("Message: ", 1)[1] if "Message: " in reason else lines[-1]
+    return " ".join(text.split()).rstrip("'>")[:300]
+
+
+def query_sites(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple[int, int]]:
+    """Node -> (partition-id, num-partitions or 0) as each node reports it (a "query.site" message)."""
+    msgs = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in nodes]
+    return {r.metadata.src_node_id: (int(r.content["metrics"]["site"]), int(r.content["metrics"]["num-partitions"]))
+            for r in grid.send_and_receive(msgs, timeout=timeout) if not r.has_error()}
+
+
 class A2VStrategy(FedAvg):
     """FedAvg whose weighting follows `aggregation` (avg: by examples, uniform: equal, none: unused)."""
 
@@ -45,7 +64,8 @@ class A2VStrategy(FedAvg):
                  make_adapters: Callable[[], AdapterSet] | None = None, train_spec=None, seed: int = 0,
                  token_shape: tuple[int, int] = (8, 64), seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, server_gen: SG.ServerGeneratorSpec | None = None,
-                 clip_images: Callable[[int], int] | None = None, **kwargs):
+                 clip_images: Callable[[int], int] | None = None, num_sites: int = 1, min_sites: int = 1,
+                 **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], **kwargs)
         self.aggregation, self.replay, self.make_adapters = aggregation, replay, make_adapters
         self.train_spec, self.seed, self.token_shape = train_spec, seed, token_shape
@@ -67,6 +87,9 @@ class A2VStrategy(FedAvg):
         self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
         self.round_offset = 0                        # rounds done before a resume
         self.resume_round = 0                        # > 0: sites restore their state of that round
+        self.num_sites, self.min_sites = num_sites, min_sites  # a round may lose num_sites - min_sites sites
+        self.failures: dict[int, dict[str, str]] = {}  # round -> site -> first reason it failed that round
+        self.sent: set[int] = set()                  # nodes asked in the current train/evaluate step
 
     def owners(self, seen: bool = False) -> dict[int, list[int]]:
         """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
@@ -100,9 +123,10 @@ class A2VStrategy(FedAvg):
         """FedAvg's messages, plus targets where needed and synthetic samples of classes a site lacks."""
         server_round += self.round_offset
         config = self._resume_config(config)
+        self.wait_for_sites(grid, server_round)
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
-        if self.resume_round or (self.replay and self.replay.sharing == "sequential"):
-            self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
+        self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
+        self.sent = {m.metadata.dst_node_id for m in messages}
         if self.replay and self.replay.sharing == "sequential" and self.replay.train:
             self.train_sequentially(server_round, messages, grid)
         if self.shared:
@@ -131,7 +155,9 @@ class A2VStrategy(FedAvg):
         n = self.clip_images(server_round) if self.clip_images else 0
         if n:  # a render round: sites also render some of their held-out clips
             config = ConfigRecord(dict(config.items()) | {"render-clips": n})
+        self.wait_for_sites(grid, server_round)
         messages = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
+        self.sent = {m.metadata.dst_node_id for m in messages}
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
@@ -142,14 +168,48 @@ class A2VStrategy(FedAvg):
         return ConfigRecord(dict(config.items()) | {"resume-round": self.resume_round})
 
     def learn_sites(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes whose site (partition id) is not known yet; needed when node ids are new (resume)."""
+        """Ask nodes whose site (partition id) is not known yet (a SuperNode that joined late); refuse one
+        whose num-partitions disagrees with the federation's size."""
         ask = [n for n in nodes if n not in self.site_of_node]
-        if not ask:
-            return
-        msgs = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in ask]
-        for reply in grid.send_and_receive(msgs):
-            if not reply.has_error():
-                self.site_of_node[reply.metadata.src_node_id] = int(reply.content["metrics"]["site"])
+        for node, (site, size) in (query_sites(grid, ask, self.timeout) if ask else {}).items():
+            if size and size != self.num_sites:
+                raise RoundFailed(f"SuperNode {node} (partition-id={site}) has num-partitions={size} but the "
+                                  f"federation has {self.num_sites} sites; start it with num-partitions={self.num_sites}")
+            self.site_of_node[node] = site
+
+    def wait_for_sites(self, grid: Grid, server_round: int) -> None:
+        """Go on as soon as `min_sites` SuperNodes are connected (FedAvg would wait for all of them, forever
+        when one has died); stop after federation.timeout seconds with fewer."""
+        start = time.monotonic()
+        while len(nodes := list(grid.get_node_ids())) < self.min_sites:
+            waited = time.monotonic() - start
+            if waited > self.timeout:
+                raise RoundFailed(f"round {server_round}: only {len(nodes)} SuperNodes connected after "
+                                  f"federation.timeout={self.timeout:.0f} s; federation.min_sites={self.min_sites}")
+            if int(waited) % 30 == 0:
+                log.info("round %s: waiting for SuperNodes: %d connected, federation.min_sites=%d",
+                         server_round, len(nodes), self.min_sites)
+            time.sleep(1)
+
+    def note_failures(self, server_round: int, step: str, replies: list[Message], sent: set[int]) -> None:
+        """Record each site that failed this step (error reply, or no reply from a node in `sent`); stop the
+        run when more sites failed this round than federation.min_sites allows."""
+        answered = {m.metadata.src_node_id for m in replies}
+        failed = {m.metadata.src_node_id: short_reason(m.error.reason) for m in replies if m.has_error()}
+        failed |= {n: "no reply within federation.timeout" for n in sent - answered}
+        row = self.failures.setdefault(server_round, {})
+        for node, reason in failed.items():
+            self.has_targets.discard(node)  # a failed ClientApp kept nothing: send the targets again
+            site = self.site_of_node.get(node)
+            row.setdefault(f"site {site}" if site is not None else f"node {node}", f"{step}: {reason}")
+            log.warning("round %s: %s failed in %s: %s", server_round, "site %s" % site if site is not None
+                        else "node %s" % node, step, reason)
+        if not row:
+            del self.failures[server_round]
+        elif len(row) > self.num_sites - self.min_sites:
+            who, why = next(iter(row.items()))
+            raise RoundFailed(f"round {server_round}: {len(row)} of {self.num_sites} sites failed, more than "
+                              f"federation.min_sites={self.min_sites} allows; first: {who}: {why}")
 
     def train_sequentially(self, server_round: int, messages: list[Message], grid: Grid) -> None:
         """sharing=sequential: hand the one shared state per key to the sites one after another (by site id);
@@ -165,8 +225,7 @@ class A2VStrategy(FedAvg):
             out = Message(content=content, message_type="train.generators", dst_node_id=node)
             reply = next(iter(grid.send_and_receive([out], timeout=self.timeout)), None)
             if reply is None or reply.has_error():
-                log.warning("round %s: site on node %s failed to train the shared generators: %s", server_round,
-                            node, reply.error.reason if reply is not None else "no reply")
+                self.note_failures(server_round, "train.generators", [reply] if reply is not None else [], {node})
                 continue
             trained = R.unflatten(from_record(reply.content["generators"]))
             self.shared = {**self.shared, **trained}
@@ -179,11 +238,10 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         # by site: the same float sums whatever order replies arrive in (a resumed run matches an uninterrupted one)
         replies = sorted(replies, key=lambda m: -1 if m.has_error() else int(m.content["metrics"]["site"]))
+        self.note_failures(server_round, "train", replies, self.sent)
         sites, teachers = {}, {}
         for msg in replies:
             if msg.has_error():
-                log.warning("round %s: site on node %s failed: %s", server_round,
-                            msg.metadata.src_node_id, msg.error.reason)
                 continue
             metrics = msg.content["metrics"]
             site = int(metrics["site"])
@@ -273,6 +331,8 @@ class A2VStrategy(FedAvg):
         """Global retrieval metrics = all sites' held-out clips pooled; per-site metrics logged too; accuracy on
         the classes seen so far and forgetting (best earlier accuracy - now, mean over earlier-seen classes)."""
         server_round += self.round_offset
+        replies = list(replies)
+        self.note_failures(server_round, "evaluate", replies, self.sent)
         ok = [m for m in replies if not m.has_error()]
         if not ok:
             log.warning("round %s: no site returned evaluation results", server_round)
