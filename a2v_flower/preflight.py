@@ -56,12 +56,17 @@ def check_pretrained(cfg: DictConfig, replay: R.ReplaySpec, clips: list, classes
         for key, state in states.items():
             have = {k: tuple(v.shape) for k, v in R.weights_only(state).items()}
             want = {k: tuple(v.shape) for k, v in fresh.items()}
-            if have != want:
+            if diff := [k for k in sorted(have.keys() | want.keys()) if not _fits(have.get(k), want.get(k))][:3]:
                 name = generator_checkpoint_name(replay.checkpoint_base, site, replay.granularity, key)
-                diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))[:3]
                 raise ValueError(f"{Path(replay.checkpoint_dir) / name}: tensor shapes differ from a "
                                  f"{replay.generator.type} generator of {shape[0]}x{shape[1]} tokens: "
                                  + "; ".join(f"{k} is {have.get(k)} in the file, {want.get(k)} here" for k in diff))
+
+
+def _fits(have: tuple | None, want: tuple | None) -> bool:
+    """Same shape, except dimensions a fresh generator leaves empty (0: they grow with the classes it saw)."""
+    return (have is not None and want is not None and len(have) == len(want)
+            and all(w in (h, 0) for h, w in zip(have, want)))
 
 
 def check_resume(cfg: DictConfig) -> None:

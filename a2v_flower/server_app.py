@@ -18,11 +18,9 @@ from a2v_flower.cache import TensorCache
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.data.schedule import held_classes, seen_classes
 from a2v_flower.data.site import federation
-from a2v_flower.diffusion import Renderer
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
-from a2v_flower.rendering import RoundRenderer
 from a2v_flower.strategy import A2VStrategy, query_sites
 from a2v_flower.tracking import RunTracker, use_flower_logging
 
@@ -43,8 +41,8 @@ def prepare_run(run_config: dict, grid: Grid) -> tuple:
     except ValueError as err:
         if cfg.federation.num_sites == asked:
             raise
-        raise ValueError(f"{err} (the federation has {cfg.federation.num_sites} SuperNodes but the config was made "
-                         f"for federation.num_sites={asked}: start {asked}, e.g. flwr run --federation-config "
+        raise ValueError(f"{err} (the federation has {cfg.federation.num_sites} SuperNodes, the config asks for "
+                         f"{asked} sites: start {asked} SuperNodes, e.g. flwr run --federation-config "
                          f"num-supernodes={asked}, or change the config)") from None
     given = str(run_config.get("config-file", "") or "")
     run_dir = Path(cfg.resume).resolve() if cfg.resume else Path(given).parent if given else C.run_dir_for(cfg)
@@ -156,6 +154,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summary: dict) -> None:
     """Run `num_rounds` of adapter federation; save the global adapters and complete `summary`."""
+    from a2v_flower.diffusion import Renderer  # diffusers: imported by a run, not by resume pre-checks
+    from a2v_flower.rendering import RoundRenderer
+
     log.info("run folder: %s", run_dir)
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # validates the partition
     held, schedule = held_classes(clips, sites), C.schedule_of(cfg)  # both checked by preflight.check_run
