@@ -129,12 +129,17 @@ def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(alive, timeout=grace)
-    while roots is None:  # reap zombies of orphans re-parented to this process
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(-1, os.WNOHANG)[0]:
-                continue
-        break
+    if roots is None:
+        reap_orphans()
     return len(seen)
+
+
+def reap_orphans(keep: set[int] = frozenset()) -> None:
+    """Collect exited processes re-parented to this one (a subreaper), except `keep` (Popen's own children)."""
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if child.pid not in keep and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
 
 
 def start_superlink(home: Path, log_file) -> int:

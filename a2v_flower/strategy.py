@@ -89,7 +89,7 @@ class A2VStrategy(FedAvg):
         self.resume_round = 0                        # > 0: sites restore their state of that round
         self.num_sites, self.min_sites = num_sites, min_sites  # a round may lose num_sites - min_sites sites
         self.failures: dict[int, dict[str, str]] = {}  # round -> site -> first reason it failed that round
-        self.sent: set[int] = set()                  # nodes asked in the current train/evaluate step
+        self.sent: list[Message] = []                # messages of the current train/evaluate step
 
     def owners(self, seen: bool = False) -> dict[int, list[int]]:
         """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
@@ -126,7 +126,7 @@ class A2VStrategy(FedAvg):
         self.wait_for_sites(grid, server_round)
         messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
         self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
-        self.sent = {m.metadata.dst_node_id for m in messages}
+        self.sent = messages
         if self.replay and self.replay.sharing == "sequential" and self.replay.train:
             self.train_sequentially(server_round, messages, grid)
         if self.shared:
@@ -157,7 +157,7 @@ class A2VStrategy(FedAvg):
             config = ConfigRecord(dict(config.items()) | {"render-clips": n})
         self.wait_for_sites(grid, server_round)
         messages = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid))
-        self.sent = {m.metadata.dst_node_id for m in messages}
+        self.sent = messages
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
@@ -191,12 +191,14 @@ class A2VStrategy(FedAvg):
                          server_round, len(nodes), self.min_sites)
             time.sleep(1)
 
-    def note_failures(self, server_round: int, step: str, replies: list[Message], sent: set[int]) -> None:
-        """Record each site that failed this step (error reply, or no reply from a node in `sent`); stop the
+    def note_failures(self, server_round: int, step: str, replies: list[Message], sent: list[Message]) -> None:
+        """Record each site that failed this step (error reply, or no reply to a message in `sent`); stop the
         run when more sites failed this round than federation.min_sites allows."""
-        answered = {m.metadata.src_node_id for m in replies}
-        failed = {m.metadata.src_node_id: short_reason(m.error.reason) for m in replies if m.has_error()}
-        failed |= {n: "no reply within federation.timeout" for n in sent - answered}
+        # by the message answered: the SuperLink's own error replies (node unavailable) come from node 1
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        answered = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in replies}
+        failed = {node: short_reason(m.error.reason) for node, m in answered.items() if m.has_error()}
+        failed |= {n: "no reply within federation.timeout" for n in set(node_of.values()) - set(answered)}
         row = self.failures.setdefault(server_round, {})
         for node, reason in failed.items():
             self.has_targets.discard(node)  # a failed ClientApp kept nothing: send the targets again
@@ -225,7 +227,7 @@ class A2VStrategy(FedAvg):
             out = Message(content=content, message_type="train.generators", dst_node_id=node)
             reply = next(iter(grid.send_and_receive([out], timeout=self.timeout)), None)
             if reply is None or reply.has_error():
-                self.note_failures(server_round, "train.generators", [reply] if reply is not None else [], {node})
+                self.note_failures(server_round, "train.generators", [reply] if reply is not None else [], [out])
                 continue
             trained = R.unflatten(from_record(reply.content["generators"]))
             self.shared = {**self.shared, **trained}

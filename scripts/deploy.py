@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import preflight
-from a2v_flower.run import (APP_DIR, REFUSALS, REFUSED, become_subreaper, flwr_env, outcome,
+from a2v_flower.run import (APP_DIR, REFUSALS, REFUSED, become_subreaper, flwr_env, outcome, reap_orphans,
                             stop_processes)
 
 CONNECTION = "deploy"  # name of the SuperLink connection written to the CLI's config.toml
@@ -282,6 +282,7 @@ def deploy(args: argparse.Namespace, work: Path, config_file: Path, procs: list[
         for report in (deaths := dead(nodes))[reported:]:
             print(report, file=sys.stderr, flush=True)
         reported = len(deaths)
+        reap_orphans({p.pid for p in [*procs, flwr]})  # exited ClientApps re-parented to this script
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(run, args.timeout)
         time.sleep(1)

@@ -6,6 +6,7 @@ tests marked slow start real Flower processes. docs/reliability.md lists each ca
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -14,7 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -341,3 +344,212 @@ def test_error_replies_are_cut_to_their_reason():
              "generator checkpoints in /g not loaded\n   (nothing changed)'>")
     assert short_reason(trace) == "generator checkpoints in /g not loaded (nothing changed)"
     assert short_reason("Error: node unavailable\n") == "Error: node unavailable"
+
+
+# ---- real Flower processes ------------------------------------------------------------------------------------------
+
+def start_a2v_run(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """`a2v-run` like a user in a terminal (its own process group, as a shell job has), output piped."""
+    return subprocess.Popen([str(BIN / "a2v-run"), *SMALL, *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True)
+
+
+def watch(proc: subprocess.Popen, until: str | None = None, timeout: float = 600) -> tuple[str, dict]:
+    """Read `proc`'s output (up to a line containing `until`, else to the end) while recording every process
+    below it (pid -> psutil.Process) and every TCP address they listen on, with the process name."""
+    tree, listening, out, stop = {}, set(), [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    tree.setdefault(p.pid, p)
+                    with contextlib.suppress(psutil.Error):
+                        for c in p.net_connections(kind="inet"):
+                            if c.status == psutil.CONN_LISTEN:
+                                listening.add((c.laddr.ip, p.name()))
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if (until and until in line) or time.monotonic() > deadline:
+                break
+    finally:
+        stop.set()
+        thread.join()
+    return "".join(out), {"tree": tree, "listening": listening}
+
+
+def command(proc: psutil.Process) -> str:
+    """A process's command line ('' once it has exited)."""
+    with contextlib.suppress(psutil.Error):
+        return " ".join(proc.cmdline())
+    return ""
+
+
+def alive(tree: dict[int, psutil.Process]) -> list[str]:
+    """Recorded processes still running (psutil compares start times, so a reused PID does not count)."""
+    return [f"{p.pid} {p.name()}" for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_complete_on_loopback_and_leave_nothing(cache_dir, tmp_path):
+    out = tmp_path / "outputs"
+    first = start_a2v_run(tmp_path, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=first")
+    time.sleep(5)
+    second = start_a2v_run(tmp_path, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=second")
+    with ThreadPoolExecutor(2) as pool:  # read both at once: a full pipe would pause a run
+        (out1, seen1), (out2, seen2) = pool.map(watch, (first, second))
+    assert first.wait(60) == 0, out1[-3000:]
+    assert second.wait(60) == 0, out2[-3000:]
+    for text in (out1, out2):
+        assert "final top-1 retrieval" in text.splitlines()[-1]
+    listening = seen1["listening"] | seen2["listening"]
+    assert {"raylet", "gcs_server"} <= {name for _, name in listening}, listening  # Ray was seen listening ...
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening  # ... on loopback only
+    assert not alive(seen1["tree"] | seen2["tree"])
+    for name in ("first", "second"):
+        (run_dir,) = out.rglob(f"*_{name}")
+        assert json.loads((run_dir / "summary.json").read_text())["completed"]
+        log = (run_dir / "run.log").read_text()
+        assert "Starting Flower SuperLink" in log and "final top-1 retrieval" in log  # the launcher's whole log
+
+
+@pytest.mark.slow
+def test_a_crash_or_ctrl_c_leaves_no_process_behind(cache_dir, tmp_path):
+    paths = [f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    crashing = start_a2v_run(tmp_path, *paths, "name=crash")
+    text, seen = watch(crashing, until="[ROUND 1/")
+    (sim,) = [p for p in seen["tree"].values() if "flwr-simulation" in command(p)]
+    sim.kill()  # the ServerApp and Ray's driver die; Ray's own processes are orphaned
+    rest, _ = watch(crashing)
+    assert crashing.wait(300) == 1, (text + rest)[-3000:]
+    assert "FAILED: its ServerApp stopped before writing a summary" in rest.splitlines()[-1]
+    assert not alive(seen["tree"])
+
+    interrupted = start_a2v_run(tmp_path, *paths, "name=interrupted")
+    text, seen = watch(interrupted, until="Successfully started run")
+    os.killpg(interrupted.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+    rest, _ = watch(interrupted)
+    assert interrupted.wait(120) == 130, (text + rest)[-3000:]
+    assert "interrupted; every process of the run was stopped" in rest
+    assert not alive(seen["tree"])
+
+
+def corrupt_after_finishing(base: list[str], tmp_path: Path) -> tuple[list[str], Path]:
+    """A finished 1-round run on a copy of the data, whose audio is then made unreadable: (overrides, run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    root = data_copy(base, tmp_path / "esc")
+    overrides = [*base, "data=esc50", f"data.root={root}", "data.classes=null", "data.folds=null"]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    run_server(C.absolute_paths(C.compose_config(overrides), Path.cwd()), tmp_path / "run", launch_id="first")
+    corrupt_audio(root)
+    return overrides, tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_a_failed_resumed_run_is_not_reported_with_the_old_summary(base, tmp_path):
+    overrides, run_dir = corrupt_after_finishing(base, tmp_path)
+    assert json.loads((run_dir / "summary.json").read_text())["completed"]  # the old run's summary
+    proc = subprocess.run([str(BIN / "a2v-run"), *overrides, f"resume={run_dir}", "num_rounds=2"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"run \w+ FAILED: round 2: 2 of 2 sites failed, .*first: site \d: train: No usable audio", last), last
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run_id"] != "first" and not summary["completed"] and summary["rounds_done"] == 1
+    assert "FAILED" in (run_dir / "run.log").read_text()  # the resumed launch logs into the run's own run.log
+
+
+def flwr_plain(tmp_path: Path, env: dict, overrides: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """`flwr run . --stream` from the repository root, with Hydra overrides only (no federation options)."""
+    quoted = " ".join(f'"{o}"' if " " in o else o for o in overrides)
+    start = time.monotonic()
+    proc = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", f"overrides='{quoted}'"],
+                          capture_output=True, text=True, timeout=600, cwd=run.APP_DIR, env=env)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_plain_flwr_run_follows_the_federation_and_refuses_a_mismatch_fast(cache_dir, tmp_path):
+    port = run.free_port()
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(run.free_port()), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the CLI starts flower-superlink from PATH
+    small = [o for o in SMALL if not o.startswith("federation.num_sites")]  # the config's default: 3 sites
+    paths = [f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    try:
+        proc, took = flwr_plain(tmp_path, env, [*small, *paths, "data.classes=[dog,rain,rooster]", "partition=classes",
+                                                "partition.sites=[[dog],[rain],[rooster]]"])
+        assert "partition.sites has 3 sites but federation.num_sites=2" in proc.stdout, proc.stdout[-3000:]
+        assert "flwr run --federation-config num-supernodes=3" in proc.stdout and took < 180
+        assert not (tmp_path / "outputs").exists()
+        proc, _ = flwr_plain(tmp_path, env, [*small, *paths, "name=plain"])
+        (summary,) = (tmp_path / "outputs").rglob("*_plain/summary.json")
+        summary = json.loads(summary.read_text())
+        assert summary["completed"] and summary["num_sites"] == 2, proc.stdout[-3000:]
+        assert "federation.num_sites=3 but the federation has 2 SuperNodes: the run has 2 sites" in proc.stdout
+    finally:  # the CLI leaves its SuperLink running: stop it (and what it started) by PID
+        pids = [c.pid for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
+        run.stop_processes(pids)
+
+
+@pytest.mark.slow
+def test_deploy_reports_a_dead_supernode_and_the_run_goes_on_with_min_sites(cache_dir, tmp_path):
+    from tests.test_deployment import QUICK, SCRIPT
+
+    cmd = [sys.executable, str(SCRIPT), "--sites", "2", "--work-dir", str(tmp_path / "work"), *QUICK,
+           "federation.min_sites=1", f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    timer = threading.Timer(900, proc.send_signal, [signal.SIGTERM])  # deploy.py's clean stop
+    timer.start()
+    out, tree = [], {}
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "[ROUND 2/2]" in line and not tree:  # round 1 is over: SIGKILL site 1's SuperNode
+                tree = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+                (node,) = [p for p in tree.values() if "flower-supernode" in command(p)
+                           and "partition-id=1 " in command(p)]
+                node.kill()
+        proc.wait(60)
+    finally:
+        timer.cancel()
+        run.stop_processes([proc.pid])
+    text = "".join(out)
+    assert proc.returncode == 0, text[-4000:]
+    assert "SuperNode 1 (partition-id=1) died with exit code -9; last lines of" in text
+    final = next(line for line in reversed(out) if "final top-1 retrieval" in line)
+    assert "failed sites round 2: site 1 (first: site 1: train: Error: Node Unavailable" in final, final
+    assert not alive(tree)
+
+
+@pytest.mark.slow
+def test_deploy_explains_a_tls_mismatch(tmp_path):
+    from tests.test_deployment import deploy
+
+    work, port = tmp_path / "work", deploy.free_port()
+    certs = deploy.make_certs(work / "certs")
+    deploy.write_connection(work / "cli", port, certs[0])
+    procs = [deploy.start(deploy.superlink_command(port, certs, False), work / "superlink", work / "superlink.log")]
+    try:
+        deploy.wait_until("flower-superlink", lambda: deploy.listening(port), procs, 60)
+        log = work / "supernode-0.log"
+        procs.append(deploy.start(deploy.supernode_command(0, 1, port, None, None), work / "supernode-0", log))
+        node = deploy.SuperNode(0, procs[-1], log, None)  # --insecure against a TLS SuperLink
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"SuperNode 0 cannot connect to the SuperLink on 127.0.0.1:\d+: the "
+                                               r"SuperLink speaks TLS but the SuperNode was started with --insecure"):
+            deploy.wait_for_supernodes(work / "cli", port, [node], procs[0], timeout=120)
+        assert time.monotonic() - start < 60
+        other_ca = deploy.make_certs(work / "other")[0]  # a CA that did not sign the SuperLink's certificate
+        assert "does not verify against" in deploy.tls_mismatch(port, other_ca)
+    finally:
+        deploy.stop(procs)
