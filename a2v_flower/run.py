@@ -13,6 +13,7 @@ Exit status: 0 every round of every job completed; 1 a run failed or stopped (th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -40,10 +41,8 @@ from a2v_flower import preflight
 APP_DIR = C.CONF_DIR.parent
 REFUSED, FAILED = 2, 1  # exit statuses
 REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
-HYDRA_ONLY = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
-              "--shell-completion", "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn",
-              "--config-dir", "-cd", "--experimental-rerun"}  # Hydra prints or reads something else: no check
 OUTCOMES: list[tuple[Path, bool]] = []  # (run folder, completed) of each job of this process
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # prctl, loaded before any fork
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,10 @@ def flwr_env(home: Path | None = None) -> dict:
 
 
 def job_overrides(argv: list[str]) -> list[list[str]]:
-    """The overrides of every job `argv` asks for (each combination of a `-m` sweep); none when Hydra only
-    prints something (--help, --cfg, ...). `hydra.*` overrides are Hydra's own and not checked."""
-    if any(a.split("=")[0] in HYDRA_ONLY for a in argv):
+    """The overrides of every job `argv` asks for (each combination of a `-m` sweep); none for Hydra's other
+    flags (--help, --cfg, --config-dir, ...: Hydra prints or composes something else). `hydra.*` overrides are
+    Hydra's own and not checked."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return []
     overrides = [a for a in argv if a not in ("-m", "--multirun") and not a.lstrip("+~").startswith("hydra")]
     if not any(a in ("-m", "--multirun") for a in argv):
@@ -92,13 +92,17 @@ def check(argv: list[str]) -> list[DictConfig]:
     return cfgs
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when this process dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    if LIBC is not None:
+        LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def become_subreaper() -> None:
     """Orphans of this process's children (Ray's processes when flwr-simulation dies) re-parent to this
     process instead of init, so `stop_processes` still finds them (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    if LIBC is not None:
+        LIBC.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
@@ -106,18 +110,20 @@ def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
     one started (children, theirs, orphans re-parented to it); SIGKILL what is left after `grace` s, reap
     them; return how many there were. Found by PID (psutil), never by name."""
     def tree() -> list[psutil.Process]:
-        if roots is None:
-            return psutil.Process().children(recursive=True)
-        found = []
-        for pid in roots:
+        found = psutil.Process().children(recursive=True) if roots is None else []
+        for pid in roots or []:
             with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(pid)
-                found += [root, *root.children(recursive=True)]
-        return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+                found += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        live = []
+        for p in found:
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
+                    live.append(p)
+        return live
 
     seen: set[int] = set()
     for _ in range(3):  # a process may start another while the first ones stop
-        procs = [p for p in tree() if p.pid != os.getpid()]
+        procs = tree()
         if not procs:
             break
         seen |= {p.pid for p in procs}
@@ -132,6 +138,18 @@ def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
     if roots is None:
         reap_orphans()
     return len(seen)
+
+
+def stop_local_superlink(flwr_home: str | Path) -> int:
+    """Stop the SuperLink the Flower CLI started, detached, for `flwr_home` (plain `flwr run`: benchmarks,
+    tests; a2v-run never uses it) and everything it started; return how many processes there were."""
+    marker = str(Path(flwr_home) / "local-superlink")  # in its --log-file and --database paths
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "flower-superlink" in cmd and marker in cmd:
+            pids.append(proc.pid)
+    return stop_processes(pids) if pids else 0
 
 
 def reap_orphans(keep: set[int] = frozenset()) -> None:
@@ -150,9 +168,10 @@ def start_superlink(home: Path, log_file) -> int:
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
            "--port", str(port), "--disable-runtime-dependency-installation"]
-    # own session: Ctrl-C reaches a2v-run, which then stops everything in order
+    # own session: Ctrl-C reaches a2v-run, which then stops everything in order; if a2v-run is killed
+    # outright, the SuperLink gets SIGTERM (and its superexec, flwr-simulation and Ray follow their parents)
     link = subprocess.Popen(cmd, env=flwr_env(home), cwd=APP_DIR, stdout=log_file, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     deadline = time.monotonic() + 60
     while link.poll() is None and time.monotonic() < deadline:
         with socket.socket() as s:
@@ -180,7 +199,8 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
         try:
             start_superlink(home, out)
             flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id), env=flwr_env(home), cwd=APP_DIR,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    preexec_fn=die_with_parent)
             for line in flwr.stdout:
                 sys.stdout.write(line)
                 out.write(line)

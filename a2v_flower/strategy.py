@@ -182,11 +182,10 @@ class A2VStrategy(FedAvg):
         when one has died); stop after federation.timeout seconds with fewer."""
         start = time.monotonic()
         while len(nodes := list(grid.get_node_ids())) < self.min_sites:
-            waited = time.monotonic() - start
-            if waited > self.timeout:
+            if time.monotonic() - start > self.timeout:
                 raise RoundFailed(f"round {server_round}: only {len(nodes)} SuperNodes connected after "
                                   f"federation.timeout={self.timeout:.0f} s; federation.min_sites={self.min_sites}")
-            if int(waited) % 30 == 0:
+            if time.monotonic() - start < 1:
                 log.info("round %s: waiting for SuperNodes: %d connected, federation.min_sites=%d",
                          server_round, len(nodes), self.min_sites)
             time.sleep(1)
@@ -202,10 +201,9 @@ class A2VStrategy(FedAvg):
         row = self.failures.setdefault(server_round, {})
         for node, reason in failed.items():
             self.has_targets.discard(node)  # a failed ClientApp kept nothing: send the targets again
-            site = self.site_of_node.get(node)
-            row.setdefault(f"site {site}" if site is not None else f"node {node}", f"{step}: {reason}")
-            log.warning("round %s: %s failed in %s: %s", server_round, "site %s" % site if site is not None
-                        else "node %s" % node, step, reason)
+            who = f"site {self.site_of_node[node]}" if node in self.site_of_node else f"node {node}"
+            row.setdefault(who, f"{step}: {reason}")
+            log.warning("round %s: %s failed in %s: %s", server_round, who, step, reason)
         if not row:
             del self.failures[server_round]
         elif len(row) > self.num_sites - self.min_sites:

@@ -439,6 +439,14 @@ def test_a_crash_or_ctrl_c_leaves_no_process_behind(cache_dir, tmp_path):
     assert "interrupted; every process of the run was stopped" in rest
     assert not alive(seen["tree"])
 
+    killed = start_a2v_run(tmp_path, *paths, "name=killed")
+    _, seen = watch(killed, until="[ROUND 1/")  # Ray is up
+    killed.kill()  # SIGKILL: no clean-up code of a2v-run runs; its children get SIGTERM from the kernel
+    deadline = time.monotonic() + 180  # the SuperLink, then superexec, flwr-simulation and Ray follow (77 s here)
+    while alive(seen["tree"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not alive(seen["tree"])
+
 
 def corrupt_after_finishing(base: list[str], tmp_path: Path) -> tuple[list[str], Path]:
     """A finished 1-round run on a copy of the data, whose audio is then made unreadable: (overrides, run)."""
@@ -495,9 +503,7 @@ def test_plain_flwr_run_follows_the_federation_and_refuses_a_mismatch_fast(cache
         assert summary["completed"] and summary["num_sites"] == 2, proc.stdout[-3000:]
         assert "federation.num_sites=3 but the federation has 2 SuperNodes: the run has 2 sites" in proc.stdout
     finally:  # the CLI leaves its SuperLink running: stop it (and what it started) by PID
-        pids = [c.pid for c in psutil.net_connections(kind="tcp")
-                if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid]
-        run.stop_processes(pids)
+        run.stop_local_superlink(tmp_path / "flwr")
 
 
 @pytest.mark.slow
