@@ -167,7 +167,9 @@ def dead(nodes: list[SuperNode]) -> list[str]:
 
 def tls_mismatch(port: int, ca: Path | None) -> str | None:
     """Why a SuperNode trusting `ca` (None: --insecure) cannot talk to the SuperLink on `port`, if TLS is why."""
-    probe = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
+    probe = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if ca is None:  # only asking whether the SuperLink speaks TLS at all
+        probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with probe.wrap_socket(raw, server_hostname="127.0.0.1"):
@@ -177,6 +179,8 @@ def tls_mismatch(port: int, ca: Path | None) -> str | None:
                 "SuperNode the CA that signed it (--root-certificates)")
     except (ssl.SSLError, ConnectionResetError):
         tls = False  # a plain-HTTP server cannot answer a TLS handshake
+    except OSError:  # nothing answers there: not a TLS question
+        return None
     if tls and ca is None:
         return ("the SuperLink speaks TLS but the SuperNode was started with --insecure: start it with "
                 "--root-certificates <ca.crt> instead")
