@@ -128,6 +128,9 @@ REFUSED = [  # (overrides, what the one line must say)
     (["train.lrr=3"], r"Could not override 'train.lrr'"),
     (["partition=nosuch"], r"Could not find 'partition/nosuch'"),
     (["schedule={5: [{from_round: 1, classes: [dog]}]}"], r"schedule.5: site 5 is not allowed; expected a site id 0..1"),
+    (["federation.timeout=0"], r"federation.timeout=0 is not allowed; expected a number > 0"),
+    (["data.clip_seconds=-1"], r"data.clip_seconds=-1 is not allowed"),
+    (["resume=/nonexistent/run"], r"resume='/nonexistent/run': no server_round_\*.safetensors"),
     (["-m", "train.lr=0.1,-1"], r"train.lr=-1 is not allowed"),  # the second job is refused before the first runs
 ]
 
