@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from a2v_flower.models.generators.keys import check_granularity
+from a2v_flower.names import safe_name
 
 META_KEY = "a2v_meta"  # JSON metadata stored in the safetensors header
 
@@ -121,9 +122,8 @@ def generator_checkpoint_name(base: str, node: int | str, granularity: str, key:
                               round_: int | None = None) -> str:
     """`{base}_node{N}[_class_{c} | _group_{g}][_round_{R}].safetensors` (unified ignores `key`)."""
     check_granularity(granularity)
-    for what, value in (("base", str(base)), ("key", str(key))):                 # names stay inside the folder
-        if not value or value.startswith(".") or "/" in value or os.sep in value:
-            raise ValueError(f"generator checkpoint {what}={value!r} is not allowed; expected a plain file-name part")
+    safe_name(base, "generator_checkpoint.base_name")                            # names stay inside the folder
+    safe_name(key, "generator key")
     name = f"{base}_node{node}"
     if granularity != "unified":
         name += f"{_KEY_INFIX[granularity]}{key}"

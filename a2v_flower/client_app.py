@@ -19,6 +19,7 @@ from a2v_flower.metrics import retrieval
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 from a2v_flower.models.generators import ReplaySpec
+from a2v_flower.names import safe_name
 from a2v_flower.records import flatten, from_record, to_record, unflatten
 from a2v_flower.resume import restore_site_state, save_site_state, site_state_dir
 from a2v_flower.tracking import use_flower_logging
@@ -159,9 +160,11 @@ def train_shared_generators(msg: Message, context: Context) -> Message:
 
 @app.query("site")
 def which_site(msg: Message, context: Context) -> Message:
-    """The partition id this node serves (the server asks after a resume, when node ids are new)."""
-    return Message(content=RecordDict({"metrics": MetricRecord({"site": int(context.node_config["partition-id"])})}),
-                   reply_to=msg)
+    """The partition id this node serves and the federation size it was given (num-partitions, 0 if unset):
+    the server asks before round 1 to size the federation, and later when a node is new to it."""
+    size = int(context.node_config.get("num-partitions", 0))
+    return Message(content=RecordDict({"metrics": MetricRecord({"site": int(context.node_config["partition-id"]),
+                                                                "num-partitions": size})}), reply_to=msg)
 
 
 def _mean(values: list[float]) -> float:
@@ -245,7 +248,7 @@ def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, 
     folder.mkdir(parents=True, exist_ok=True)
     entries, rows = [], []
     for j, (i, img) in enumerate(zip(order, images)):
-        name = f"clip_{j:02d}_{site.classes[int(y[i])]}.png"
+        name = f"clip_{j:02d}_{safe_name(site.classes[int(y[i])], 'class')}.png"
         img.save(folder / name)
         entries.append([j, site.classes[int(y[i])], Path(name)])
         rows.append((f"{j}: {site.classes[int(y[i])]}", [img]))

@@ -94,6 +94,12 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"{err.full_key}: {msg}" if getattr(err, "full_key", None) else msg) from None
 
 
+def min_sites(cfg: DictConfig) -> int:
+    """Fewest sites a round may finish with (federation.min_sites; null = every site)."""
+    low = OmegaConf.select(cfg, "federation.min_sites")
+    return cfg.federation.num_sites if low is None else int(low)
+
+
 def check_gpus(num_gpus: float) -> None:
     """A GPU fraction on a machine without CUDA fails inside Ray with 'ActorPool is empty': say why first."""
     import torch

@@ -9,6 +9,7 @@ import torch
 
 from a2v_flower.diffusion import ImageJudge, Renderer, judge_metrics, save_grid, write_gallery
 from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.names import safe_name
 from a2v_flower.server_generators import class_audio_means
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class RoundRenderer:
         metrics |= {f"oracle_images/{k}": v for k, v in judge_metrics(oracle_cos, present).items()}
         folder = self.out_dir / f"round_{server_round:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        names, rows = [self.classes[c] for c in present], []
+        names, rows = [safe_name(self.classes[c], "class") for c in present], []
         for i, (name, img, ora) in enumerate(zip(names, images, oracle_images)):
             img.save(folder / f"{name}.png")
             ora.save(folder / f"{name}_oracle.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -49,11 +50,22 @@ def save_server_checkpoint(run_dir: Path, rnd: int, adapters: torch.nn.Module, t
 
 def load_server_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
     """The newest server checkpoint of `run_dir`: (round, adapter state, strategy tensors, metadata).
-    Raises naming the file if it is corrupt, and the key with both values if the config differs."""
-    files = _round_files(run_dir / "checkpoints", "server")
+    Raises naming the file if it is corrupt, stray or not this app's, and the key with both values if the
+    config differs."""
+    folder, files = run_dir / "checkpoints", []
+    for path in sorted(folder.glob("[!.]*")):  # hidden temp files of an interrupted write are not checkpoints
+        match = re.fullmatch(r"server_round_(\d+)\.safetensors", path.name)
+        if not match:
+            raise ValueError(f"resume: {path} is not a server checkpoint (expected server_round_<R>.safetensors); "
+                             f"move it out of {folder}")
+        files.append((int(match.group(1)), path))
     if not files:
-        raise FileNotFoundError(f"resume={str(run_dir)!r}: no server_round_*.safetensors in {run_dir / 'checkpoints'}")
+        raise FileNotFoundError(f"resume={str(run_dir)!r}: no server_round_*.safetensors in {folder}")
+    files = [path for _, path in sorted(files)]
     tensors, meta = load_tensors(files[-1])
+    if "resume_keys" not in meta or meta.get("round") != int(files[-1].stem.rsplit("_", 1)[1]):
+        raise ValueError(f"resume: {files[-1]} has no resume metadata of its round (it holds {sorted(meta)}): "
+                         "not a server checkpoint written by this app")
     for key, saved in meta.get("resume_keys", {}).items():
         now = _plain(OmegaConf.select(cfg, key))
         if now != saved:

@@ -1,109 +1,255 @@
-"""`a2v-run`: compose the Hydra config, check it, and run the Flower app as a simulation (`flwr run`).
+"""`a2v-run`: check the whole config before anything is written, run the Flower app as a simulation on a
+SuperLink of its own, and exit 0 only if this run completed every round.
 
     a2v-run                                  # 3 sites, tiny models, synthetic ESC-50
     a2v-run partition=groups num_rounds=10   # any config key or group, Hydra style
-    a2v-run -m strategy=avg,uniform,none     # a sweep: one run folder per combination
+    a2v-run -m strategy=avg,uniform,none     # a sweep: every job checked first, one run folder each
     a2v-run --help                           # every group and key with its default
+
+Exit status: 0 every round of every job completed; 1 a run failed or stopped (the last line says why);
+2 the config was refused (one line, nothing written); 130 interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import hydra
+import psutil
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import config as C
-from a2v_flower.data.schedule import check_schedule, held_classes
-from a2v_flower.data.site import federation
+from a2v_flower import preflight
 
 APP_DIR = C.CONF_DIR.parent
+REFUSED, FAILED = 2, 1  # exit statuses
+REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+OUTCOMES: list[tuple[Path, bool]] = []  # (run folder, completed) of each job of this process
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # prctl, loaded before any fork
+
+log = logging.getLogger(__name__)
 
 
-def flwr_env() -> dict:
-    """Environment for `flwr run`: a project-local FLWR_HOME and no per-run dependency install."""
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path | None = None) -> dict:
+    """Environment for Flower processes: FLWR_HOME `home`, no per-run dependency install, Ray on loopback."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superlink etc.
-    env.setdefault("FLWR_HOME", str(APP_DIR / ".flwr"))
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else gigabytes are installed per run
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's single-node mode: node IP 127.0.0.1
     return env
 
 
-def superlink_running(env: dict) -> bool:
-    """Whether the local SuperLink that `flwr run` manages already answers on its port."""
-    port = int(env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", 39091))
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def job_overrides(argv: list[str]) -> list[list[str]]:
+    """The overrides of every job `argv` asks for (each combination of a `-m` sweep); none for Hydra's other
+    flags (--help, --cfg, --config-dir, ...: Hydra prints or composes something else). `hydra.*` overrides are
+    Hydra's own and not checked."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return []
+    overrides = [a for a in argv if a not in ("-m", "--multirun") and not a.lstrip("+~").startswith("hydra")]
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check(argv: list[str]) -> list[DictConfig]:
+    """Every job's config, checked: a refusal raises before Hydra creates a folder or Flower starts."""
+    cfgs = []
+    for overrides in job_overrides(argv):
+        cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
+        preflight.check_run(cfg)
+        C.check_gpus(cfg.federation.num_gpus)
+        cfgs.append(cfg)
+    return cfgs
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when this process dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    if LIBC is not None:
+        LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def become_subreaper() -> None:
+    """Orphans of this process's children (Ray's processes when flwr-simulation dies) re-parent to this
+    process instead of init, so `stop_processes` still finds them (Linux; elsewhere a no-op)."""
+    if LIBC is not None:
+        LIBC.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
+    """SIGTERM the processes `roots` (PIDs) and all their descendants, or without `roots` every process this
+    one started (children, theirs, orphans re-parented to it); SIGKILL what is left after `grace` s, reap
+    them; return how many there were. Found by PID (psutil), never by name."""
+    def tree() -> list[psutil.Process]:
+        found = psutil.Process().children(recursive=True) if roots is None else []
+        for pid in roots or []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        live = []
+        for p in found:
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
+                    live.append(p)
+        return live
+
+    seen: set[int] = set()
+    for _ in range(3):  # a process may start another while the first ones stop
+        procs = tree()
+        if not procs:
+            break
+        seen |= {p.pid for p in procs}
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=grace)
+    if roots is None:
+        reap_orphans()
+    return len(seen)
 
 
 def stop_local_superlink(flwr_home: str | Path) -> int:
-    """Stop the detached SuperLink that `flwr run` started for `flwr_home` (Linux /proc); return how many."""
-    marker, stopped = str(Path(flwr_home) / "local-superlink"), 0
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
+    """Stop the SuperLink the Flower CLI started, detached, for `flwr_home` (plain `flwr run`: benchmarks,
+    tests; a2v-run never uses it) and everything it started; return how many processes there were."""
+    marker = str(Path(flwr_home) / "local-superlink")  # in its --log-file and --database paths
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
         if "flower-superlink" in cmd and marker in cmd:
-            os.kill(int(proc.name), signal.SIGTERM)
-            stopped += 1
-    return stopped
+            pids.append(proc.pid)
+    return stop_processes(pids) if pids else 0
 
 
-def flwr_command(config_file: Path, cfg: DictConfig) -> list[str]:
+def reap_orphans(keep: set[int] = frozenset()) -> None:
+    """Collect exited processes re-parented to this one (a subreaper), except `keep` (Popen's own children)."""
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if child.pid not in keep and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+
+
+def start_superlink(home: Path, log_file) -> int:
+    """A simulation SuperLink of this launch only (own FLWR_HOME, a free loopback port), the CLI's default
+    connection pointing at it; return its port."""
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "a2v"\n\n[superlink.a2v]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+           "--port", str(port), "--disable-runtime-dependency-installation"]
+    # own session: Ctrl-C reaches a2v-run, which then stops everything in order; if a2v-run is killed
+    # outright, the SuperLink gets SIGTERM (and its superexec, flwr-simulation and Ray follow their parents)
+    link = subprocess.Popen(cmd, env=flwr_env(home), cwd=APP_DIR, stdout=log_file, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+    deadline = time.monotonic() + 60
+    while link.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return port
+        time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink did not start on 127.0.0.1:{port} (exit code {link.poll()}); "
+                       f"see {log_file.name}")
+
+
+def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str) -> list[str]:
     """The `flwr run` call that simulates `federation.num_sites` sites on the Ray engine."""
     fed = cfg.federation
     return ["flwr", "run", str(APP_DIR), "--stream",
-            "--run-config", f"config-file='{config_file}'",
+            "--run-config", f"config-file='{config_file}' launch-id='{launch_id}'",
             "--federation-config", f"num-supernodes={fed.num_sites} client-resources-num-cpus={fed.num_cpus} "
                                    f"client-resources-num-gpus={fed.num_gpus}"]
 
 
+def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) -> int:
+    """Run the app on a SuperLink of its own with `flwr run --stream` (output to the terminal and `run_log`),
+    then stop every process that started, also on Ctrl-C or an error; return `flwr run`'s exit status."""
+    home = Path(tempfile.mkdtemp(prefix="a2v-flwr-"))
+    with open(run_log, "a", buffering=1) as out:
+        try:
+            start_superlink(home, out)
+            flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id), env=flwr_env(home), cwd=APP_DIR,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    preexec_fn=die_with_parent)
+            for line in flwr.stdout:
+                sys.stdout.write(line)
+                out.write(line)
+            return flwr.wait()
+        finally:
+            log.info("stopped %d Flower/Ray processes of this run", stop_processes())
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
+    """(completed, final line) of this launch from the summary its ServerApp wrote."""
+    if summary.get("run_id") != launch_id:  # missing, or an earlier run's summary in the same folder
+        return False, (f"run {launch_id} FAILED: its ServerApp stopped before writing a summary (flwr run exit "
+                       f"code {code}); see run.log")
+    failures = summary.get("failures") or {}
+    failed = "; ".join(f"round {r}: {', '.join(sites)}" for r, sites in failures.items())
+    first = next((f"{site}: {why}" for sites in failures.values() for site, why in sites.items()), "")
+    note = f"; failed sites {failed} (first: {first})" if failures else ""
+    if not summary.get("completed"):
+        why = summary.get("error") or f"{summary.get('rounds_done')} of {summary.get('rounds')} rounds done"
+        return False, f"run {launch_id} FAILED: {why}{note}"
+    top1 = "n/a (no site has held-out clips)" if summary["final_top1"] is None else f"{summary['final_top1']:.3f}"
+    return True, f"final top-1 retrieval {top1} (chance {summary['chance_top1']:.3f}){note}"
+
+
 @hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")
 def launch(cfg: DictConfig) -> float | None:
-    """Validate everything a run needs before starting it, then stream the simulation."""
+    """Run one checked config (a job) as a simulation; record whether this run completed every round."""
     cfg = C.absolute_paths(cfg, Path.cwd())
-    C.validate(cfg)
-    C.check_gpus(cfg.federation.num_gpus)
-    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
-    C.replay_spec(cfg, classes)                                                    # and bad generator groups
-    check_schedule(C.schedule_of(cfg), held_classes(clips, sites), cfg.num_rounds)  # and a bad schedule
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = Path(cfg.resume) if cfg.resume else Path(hydra_cfg.runtime.output_dir)
     if cfg.wandb.name == cfg.name:  # not set by hand: the wandb run is named by its overrides
         cfg.wandb.name = hydra_cfg.job.override_dirname or cfg.name
     if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.wandb.group:  # a sweep's runs form one wandb group
         cfg.wandb.group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
-    if cfg.resume:  # continue in the old folder; a missing/corrupt checkpoint or a changed config fails here
-        from a2v_flower.resume import load_server_checkpoint
-
-        run_dir = Path(cfg.resume)
-        load_server_checkpoint(run_dir, cfg)
     config_file = run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml")
     OmegaConf.save(cfg, config_file)
-    env = flwr_env()
-    started_here = not superlink_running(env)
-    try:
-        proc = subprocess.run(flwr_command(config_file, cfg), env=env, cwd=APP_DIR)
-    finally:
-        if started_here:  # leave no detached SuperLink behind (it would keep this run's environment)
-            stop_local_superlink(env["FLWR_HOME"])
+    launch_id = uuid.uuid4().hex[:12]
+    log.info("run %s in %s", launch_id, run_dir)
+    code = simulate(config_file, cfg, launch_id, run_dir / "run.log")
     summary_file = run_dir / "summary.json"
-    if proc.returncode != 0 or not summary_file.is_file():
-        raise SystemExit(f"flwr run failed (exit code {proc.returncode}); see the log above and {run_dir}")
-    summary = json.loads(summary_file.read_text())
-    top1 = "n/a (no site has held-out clips)" if summary["final_top1"] is None else f"{summary['final_top1']:.3f}"
-    print(f"final top-1 retrieval {top1} (chance {summary['chance_top1']:.3f}); outputs in {run_dir}")
-    return summary["final_top1"]
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    ok, line = outcome(summary, launch_id, code)
+    OUTCOMES.append((run_dir, ok))
+    print(f"{line}; outputs in {run_dir}", flush=True)
+    with open(run_dir / "run.log", "a") as out:
+        out.write(f"{line}; outputs in {run_dir}\n")
+    return summary.get("final_top1") if ok else None
 
 
 class SweepReport(Callback):
@@ -113,9 +259,30 @@ class SweepReport(Callback):
         subprocess.run([sys.executable, str(APP_DIR / "scripts" / "sweep_report.py"), str(config.hydra.sweep.dir)])
 
 
-def main() -> None:
-    """Console entry point."""
-    launch()
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: refuse a bad config in one line (exit 2) before anything is written, then run
+    every job; exit 1 unless all of them completed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cfgs = check(argv)
+    except REFUSALS as err:
+        print(f"a2v-run: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(REFUSED) from None
+    if len(cfgs) == 1 and cfgs[0].resume:  # continue in the run's own folder: its run.log, no new folder
+        argv += [f"hydra.run.dir={cfgs[0].resume}", "hydra.output_subdir=null"]
+    become_subreaper()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: through `finally`
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        launch()
+    except KeyboardInterrupt:
+        print("a2v-run: interrupted; every process of the run was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    failed = [str(d) for d, ok in OUTCOMES if not ok]
+    if failed:
+        if len(OUTCOMES) > 1:
+            print(f"a2v-run: {len(failed)} of {len(OUTCOMES)} runs FAILED: {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(FAILED)
 
 
 if __name__ == "__main__":

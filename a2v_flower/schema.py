@@ -99,10 +99,15 @@ class Audio:
     tiny: Any = None                  # ASTConfig overrides of the tiny model, e.g. {hidden_size: 64}
 
     def __post_init__(self):
+        from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
+
         _positive("model.audio.", self, "sampling_rate", "max_length", "batch_size")
-        if not 2 <= self.tokens <= 64:
-            raise ValueError(f"model.audio.tokens={self.tokens!r} is not allowed; expected 2..64 "
-                             "(the summary token plus 1..63 pooled patch groups)")
+        most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length,
+                                                 tiny=tuple((self.tiny or {}).items())))
+        if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
+            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a "
+                             f"summary token and 1..{most - 1} pooled patch tokens: expected 2..{most} "
+                             f"(model.audio.max_length={self.max_length})")
 
 
 @dataclass
@@ -223,10 +228,14 @@ class Federation:
     num_cpus: int = MISSING
     num_gpus: float = MISSING
     timeout: float = MISSING
+    min_sites: Optional[int] = None
 
     def __post_init__(self):
         _positive("federation.", self, "num_sites", "num_cpus", "timeout")
         _non_negative("federation.", self, "num_gpus")
+        if self.min_sites is not None and not 1 <= self.min_sites <= self.num_sites:
+            raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) "
+                             f"or a whole number in 1..federation.num_sites={self.num_sites}")
 
 
 @dataclass
@@ -346,7 +355,11 @@ class Config:
     wandb: Wandb = MISSING
 
     def __post_init__(self):
+        from a2v_flower.names import safe_name
+
         _positive("", self, "num_rounds")
+        for key, value in (("name", self.name), ("generator_checkpoint.base_name", self.generator_checkpoint.base_name)):
+            safe_name(value, key)  # both become parts of file names
         if "{}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
         gen, server_gen = self.generator.type, self.server_generator.epochs > 0

@@ -1,7 +1,8 @@
-"""Flower ServerApp: validate the config, build targets and adapters, run the federated rounds."""
+"""Flower ServerApp: size the run to the federation, check the config, build targets and adapters, run the rounds."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,15 +12,15 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from a2v_flower import config as C
+from a2v_flower import preflight
 from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.checkpoints import save_tensors
-from a2v_flower.data.schedule import check_schedule, held_classes, seen_classes
+from a2v_flower.data.schedule import held_classes, seen_classes
 from a2v_flower.data.site import federation
-from a2v_flower.diffusion import Renderer
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
-from a2v_flower.rendering import RoundRenderer
+from a2v_flower.nodes import federation_size
 from a2v_flower.resume import load_server_checkpoint, save_server_checkpoint
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
@@ -29,39 +30,61 @@ log = logging.getLogger("a2v_flower")
 app = ServerApp()
 
 
-def prepare_run(run_config: dict) -> tuple:
-    """Config (validated, absolute paths) and the run folder it is saved in (the resumed run's folder)."""
+def prepare_run(run_config: dict, grid: Grid) -> tuple:
+    """Config (sized to the federation, checked, absolute paths), the run folder it is saved in (the resumed
+    run's folder) and node -> site of the SuperNodes connected so far."""
     cfg = C.absolute_paths(C.load_config(run_config), Path.cwd())
-    C.validate(cfg)
+    asked = cfg.federation.num_sites
+    # a config file (a2v-run, deploy.py) or an override asked for its size; composed defaults follow the federation
+    explicit = bool(run_config.get("config-file")) or "federation.num_sites" in str(run_config.get("overrides", ""))
+    cfg.federation.num_sites, node_sites = federation_size(grid, asked, cfg.federation.timeout, explicit)
+    try:
+        preflight.check_run(cfg)
+    except ValueError as err:
+        if cfg.federation.num_sites == asked:
+            raise
+        raise ValueError(f"{err} (the federation has {cfg.federation.num_sites} SuperNodes, the config asks for "
+                         f"{asked} sites: start {asked} SuperNodes, e.g. flwr run --federation-config "
+                         f"num-supernodes={asked}, or change the config)") from None
     given = str(run_config.get("config-file", "") or "")
-    if cfg.resume:
-        run_dir = Path(cfg.resume).resolve()
-        if not (run_dir / "checkpoints").is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: no checkpoints/ folder there; expected the folder "
-                                    "of a run started by this app (it holds config.yaml and checkpoints/)")
-    else:
-        run_dir = Path(given).parent if given else C.run_dir_for(cfg)
+    run_dir = Path(cfg.resume).resolve() if cfg.resume else Path(given).parent if given else C.run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.paths.run_dir = str(run_dir)  # sites keep their per-round state under <run_dir>/state
     OmegaConf.save(cfg, run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml"))
-    return cfg, run_dir
+    return cfg, run_dir, node_sites
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run `num_rounds` of adapter federation and save the global adapters and a summary."""
+    """Run the rounds. summary.json says whether this run (its id) completed them and which sites failed."""
     use_flower_logging()
-    cfg, run_dir = prepare_run(dict(context.run_config))
+    run_config = dict(context.run_config)
+    given = str(run_config.get("config-file", "") or "")
+    run_dir = Path(given).parent if given else None
+    summary = {"run_id": str(run_config.get("launch-id") or f"flwr-{context.run_id}"), "completed": False}
+    try:
+        cfg, run_dir, node_sites = prepare_run(run_config, grid)
+        run_rounds(grid, cfg, run_dir, node_sites, summary)
+    except Exception as err:
+        summary["error"] = " ".join(str(err).split()) or type(err).__name__
+        log.error("run stopped: %s", summary["error"])
+        if run_dir is not None and run_dir.is_dir():  # what a launcher reads: not a summary of an older run
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        raise
+
+
+def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summary: dict) -> None:
+    """Run `num_rounds` of adapter federation; save the global adapters and complete `summary`."""
+    from a2v_flower.diffusion import Renderer  # diffusers: imported by a run, not by resume pre-checks
+    from a2v_flower.rendering import RoundRenderer
+
     log.info("run folder: %s", run_dir)
-    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # validates the partition
-    held = held_classes(clips, sites)
-    schedule = C.schedule_of(cfg)
-    check_schedule(schedule, held, cfg.num_rounds)
+    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    held, schedule = held_classes(clips, sites), C.schedule_of(cfg)  # both checked by preflight.check_run
     log.info("%d clips, %d classes, sites hold %s clips", len(clips), len(classes), [len(s) for s in sites])
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
                             C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     dim = encoder_dim(C.audio_spec(cfg))
-    replay = C.replay_spec(cfg, classes)  # validates generator groups against the classes
 
     def make_adapters():
         return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
@@ -69,17 +92,19 @@ def main(grid: Grid, context: Context) -> None:
     adapters = make_adapters()
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
                          cfg.wandb.group)
-    n, run_yaml = cfg.federation.num_sites, OmegaConf.to_yaml(cfg)
+    n, low, run_yaml = cfg.federation.num_sites, C.min_sites(cfg), OmegaConf.to_yaml(cfg)
     generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
-                                  cfg.seed, replay, C.server_generator_spec(cfg), kd=cfg.strategy.aggregation == "kd")
+                                  cfg.seed, C.replay_spec(cfg, classes), C.server_generator_spec(cfg),
+                                  kd=cfg.strategy.aggregation == "kd")
     strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes, generators,
                            fraction_train=cfg.strategy.fraction_train,
                            fraction_evaluate=cfg.strategy.fraction_evaluate,
-                           min_train_nodes=max(1, round(n * cfg.strategy.fraction_train)),
-                           min_evaluate_nodes=max(1, round(n * cfg.strategy.fraction_evaluate)),
-                           min_available_nodes=n,
+                           min_train_nodes=max(1, round(low * cfg.strategy.fraction_train)),
+                           min_evaluate_nodes=max(1, round(low * cfg.strategy.fraction_evaluate)),
+                           min_available_nodes=low,  # rounds go on with >= min_sites of the n sites
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
-                           timeout=cfg.federation.timeout, run_config=run_yaml)
+                           timeout=cfg.federation.timeout, run_config=run_yaml, num_sites=n, min_sites=low)
+    strategy.site_of_node.update(node_sites)
     done = 0
     if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round
         done, state, strategy_state, meta = load_server_checkpoint(run_dir, cfg)
@@ -99,6 +124,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:  # Flower's call before the first round: nothing to do
             return None
         server_round += done
+        summary["rounds_done"] = server_round
         adapters.load_state_dict(arrays.to_torch_state_dict())
         save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors(),
                                {"best_acc": {str(c): a for c, a in strategy.best_acc.items()}}, cfg)
@@ -108,26 +134,35 @@ def main(grid: Grid, context: Context) -> None:
             tracker.log(server_round, "render", metrics,
                         image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
         ev = next((r for r in tracker.history if r["kind"] == "eval" and r["round"] == server_round), None)
-        seconds = round(time.time() - strategy.round_started, 1)
+        seconds, failed = round(time.time() - strategy.round_started, 1), strategy.failures.count(server_round)
         scores = ("top-1 {top1:.3f} | top-5 {top5:.3f} | seen top-1 {seen_top1:.3f} | forgetting {forgetting:.3f}"
                   .format(**ev) if ev else "no held-out clips evaluated")
-        log.info("round %d/%d: %s | failures %d | %.1f s", server_round, cfg.num_rounds, scores, strategy.failures,
-                 seconds)
-        return MetricRecord(metrics | {"failures": strategy.failures, "seconds": seconds})
+        log.info("round %d/%d: %s | failures %d | %.1f s", server_round, cfg.num_rounds, scores, failed, seconds)
+        return MetricRecord(metrics | {"failures": failed, "seconds": seconds})
 
+    summary |= {"run_dir": str(run_dir), "rounds": cfg.num_rounds, "rounds_done": done, "num_sites": n,
+                "min_sites": low}
     # The config itself travels once per node (with the class targets); every message names it by hash.
     digest = ConfigRecord({"config-sha1": sha1_of(run_yaml)[:12]})
-    result = strategy.start(grid, ArrayRecord(adapters.state_dict()), cfg.num_rounds - done, cfg.federation.timeout,
-                            train_config=digest, evaluate_config=digest, evaluate_fn=after_round)
+    try:
+        result = strategy.start(grid, ArrayRecord(adapters.state_dict()), cfg.num_rounds - done,
+                                cfg.federation.timeout, train_config=digest, evaluate_config=digest,
+                                evaluate_fn=after_round)
+    except BaseException:
+        if tracker.wandb is not None:
+            tracker.wandb.finish(exit_code=1)  # the wandb run is marked failed
+        raise
+    finally:  # also when a round failed: which sites failed, and why
+        summary["failures"] = {str(r): sites for r, sites in strategy.failures.rounds.items()}
     if len(result.arrays):  # empty when no round succeeded
         adapters.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "adapters.safetensors", adapters.state_dict(),
                  {"diffusion": cfg.diffusion.type, "classes": classes, "rounds": cfg.num_rounds})
     evals = [r for r in tracker.history if r["kind"] == "eval"]
-    summary = {"run_dir": str(run_dir), "rounds": cfg.num_rounds, "classes": classes,
-               "chance_top1": 1 / len(classes),
-               "final_top1": evals[-1]["top1"] if evals else None,
-               "final_top5": evals[-1]["top5"] if evals else None,
-               "encoder_calls": sum(r["encoder_calls"] for r in tracker.history if r["kind"] == "train")}
+    summary |= {"completed": summary["rounds_done"] == cfg.num_rounds, "classes": classes,
+                "chance_top1": 1 / len(classes),
+                "final_top1": evals[-1]["top1"] if evals else None,
+                "final_top5": evals[-1]["top5"] if evals else None,
+                "encoder_calls": sum(r["encoder_calls"] for r in tracker.history if r["kind"] == "train")}
     tracker.finish(summary)
     log.info("done: final top1=%s (chance %.3f); outputs in %s", summary["final_top1"], summary["chance_top1"], run_dir)

@@ -78,7 +78,8 @@ class ServerGenerators:
         return out
 
     def train_sequentially(self, server_round: int, messages: list[Message], site_of: Callable[[int], int],
-                           grid: Grid, timeout: float) -> None:
+                           grid: Grid, timeout: float, on_failure: Callable[[list[Message], list[Message]], None]
+                           ) -> None:
         """sharing=sequential: hand the one shared state per key to the sites one after another (by site id);
         each trains it on its data and returns it. Weights, AdamW moments and step counts pass on intact."""
         for msg in sorted(messages, key=lambda m: site_of(m.metadata.dst_node_id)):
@@ -88,8 +89,7 @@ class ServerGenerators:
             out = Message(content=content, message_type="train.generators", dst_node_id=msg.metadata.dst_node_id)
             reply = next(iter(grid.send_and_receive([out], timeout=timeout)), None)
             if reply is None or reply.has_error():
-                log.warning("round %s: site on node %s failed to train the shared generators: %s", server_round,
-                            msg.metadata.dst_node_id, reply.error.reason if reply is not None else "no reply")
+                on_failure([reply] if reply is not None else [], [out])  # named, and counted against min_sites
                 continue
             trained = unflatten(from_record(reply.content["generators"]))
             self.shared = {**self.shared, **trained}

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from a2v_flower.metrics import aggregate_metrics, pool_evaluations, summarise_training
+from a2v_flower.nodes import FailureLog, RoundFailed, query_sites, wait_for_sites
 from a2v_flower.records import payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.tracking import RunTracker
@@ -32,7 +33,7 @@ class A2VStrategy(FedAvg):
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
                  classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
-                 **kwargs):
+                 num_sites: int = 1, min_sites: int = 1, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
                          evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
@@ -48,7 +49,9 @@ class A2VStrategy(FedAvg):
         self.round_offset = 0                        # rounds done before a resume
         self.resume_round = 0                        # > 0: sites restore their state of that round
         self.round_started = time.time()             # when this round's configure_train began
-        self.failures = 0                            # failed train + evaluate replies this round
+        self.num_sites, self.min_sites = num_sites, min_sites  # a round may lose num_sites - min_sites sites
+        self.failures = FailureLog(num_sites, min_sites)
+        self.sent: list[Message] = []                # messages of the current train/evaluate step
 
     def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
         """Give every message its own RecordDict and `extra` config; add the class targets and the run config
@@ -71,14 +74,14 @@ class A2VStrategy(FedAvg):
         """FedAvg's messages, plus targets where needed, shared generators and synthetic samples."""
         server_round += self.round_offset
         self.round_started = time.time()
-        messages = self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        wait_for_sites(grid, server_round, self.min_sites, self.timeout)
+        messages = self.sent = self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
         replay = self.generators.replay
-        sequential = replay is not None and replay.sharing == "sequential"
-        if self.resume_round or sequential:
-            self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
-        if sequential and replay.train:
-            self.generators.train_sequentially(server_round, messages, lambda n: self.site_of_node.get(n, 1 << 30),
-                                               grid, self.timeout)
+        if replay is not None and replay.sharing == "sequential" and replay.train:
+            self.generators.train_sequentially(
+                server_round, messages, lambda n: self.site_of_node.get(n, 1 << 30), grid, self.timeout,
+                lambda replies, sent: self.note_failures(server_round, "train.generators", replies, sent))
         for msg in messages:
             for name, record in self.generators.outgoing(self.site_of_node.get(msg.metadata.dst_node_id),
                                                          server_round).items():
@@ -91,20 +94,25 @@ class A2VStrategy(FedAvg):
         """FedAvg's messages, plus targets where needed; in a render round sites also render some clips."""
         server_round += self.round_offset
         n = self.clip_images(server_round) if self.clip_images else 0
-        messages = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid),
-                                      {"render-clips": n} if n else None)
+        wait_for_sites(grid, server_round, self.min_sites, self.timeout)
+        messages = self.sent = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid),
+                                                  {"render-clips": n} if n else None)
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
     def learn_sites(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes whose site (partition id) is not known yet; needed when node ids are new (resume)."""
+        """Ask nodes whose site (partition id) is not known yet (a SuperNode that joined late or after a resume);
+        refuse one whose num-partitions disagrees with the federation's size."""
         ask = [n for n in nodes if n not in self.site_of_node]
-        if not ask:
-            return
-        msgs = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in ask]
-        for reply in grid.send_and_receive(msgs):
-            if not reply.has_error():
-                self.site_of_node[reply.metadata.src_node_id] = int(reply.content["metrics"]["site"])
+        for node, (site, size) in (query_sites(grid, ask, self.timeout) if ask else {}).items():
+            if size and size != self.num_sites:
+                raise RoundFailed(f"SuperNode {node} (partition-id={site}) has num-partitions={size} but the "
+                                  f"federation has {self.num_sites} sites; start it with num-partitions={self.num_sites}")
+            self.site_of_node[node] = site
+
+    def note_failures(self, server_round: int, step: str, replies: list[Message], sent: list[Message]) -> None:
+        """Name the sites that failed `step` (FailureLog); a failed ClientApp kept nothing: resend its targets."""
+        self.has_targets -= self.failures.note(server_round, step, replies, sent, self.site_of_node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -112,11 +120,10 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         # by site: the same float sums whatever order replies arrive in (a resumed run matches an uninterrupted one)
         replies = sorted(replies, key=lambda m: -1 if m.has_error() else int(m.content["metrics"]["site"]))
+        self.note_failures(server_round, "train", replies, self.sent)
         sites, teachers = {}, {}
         for msg in replies:
             if msg.has_error():
-                log.warning("round %s: site on node %s failed: %s", server_round,
-                            msg.metadata.src_node_id, msg.error.reason)
                 continue
             metrics, node = msg.content["metrics"], msg.metadata.src_node_id
             site = self.site_of_node[node] = int(metrics["site"])
@@ -126,7 +133,6 @@ class A2VStrategy(FedAvg):
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)}
-        self.failures = len(replies) - len(sites)
         arrays, metrics = super().aggregate_train(server_round, replies)
         arrays, server = self.generators.after_aggregation(server_round, arrays, teachers)
         self.tracker.log(server_round, "train", server | summarise_training(sites, len(replies) - len(sites)))
@@ -136,8 +142,8 @@ class A2VStrategy(FedAvg):
         """Global retrieval metrics over all sites' held-out clips, per site, on classes seen so far, forgetting."""
         server_round += self.round_offset
         replies = list(replies)
+        self.note_failures(server_round, "evaluate", replies, self.sent)
         rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in replies if not m.has_error()}
-        self.failures += len(replies) - len(rows)
         seen = sorted(self.seen_fn(server_round)) if self.seen_fn else list(range(len(self.classes)))
         glob = pool_evaluations(rows, self.classes, seen, self.best_acc) if rows else None
         if glob is None:

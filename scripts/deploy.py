@@ -12,17 +12,18 @@ FLWR_HOME go to <run folder>/deploy unless --work-dir says otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import ipaddress
 import json
-import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,8 +32,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from omegaconf import OmegaConf
 
 from a2v_flower import config as C
-from a2v_flower.data.site import federation
-from a2v_flower.run import APP_DIR, flwr_env
+from a2v_flower import preflight
+from a2v_flower.run import (APP_DIR, REFUSALS, REFUSED, become_subreaper, flwr_env, outcome, reap_orphans,
+                            stop_processes)
 
 CONNECTION = "deploy"  # name of the SuperLink connection written to the CLI's config.toml
 HOSTS = ("127.0.0.1", "localhost")  # names the TLS server certificate is valid for
@@ -119,34 +121,9 @@ def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def spawned(work: Path) -> list[int]:
-    """Live processes with FLWR_HOME under `work`: all a deployment started, re-parented ones too (Linux /proc)."""
-    marker, pids = f"FLWR_HOME={work}{os.sep}".encode(), []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:  # gone, or not ours
-            continue
-    return pids
-
-
-def stop(procs: list[subprocess.Popen], work: Path, grace: float = 10.0) -> None:
-    """SIGTERM the process groups in `procs` and every process with FLWR_HOME under `work`; SIGKILL what is left
-    after `grace` seconds. The groups hold the SuperNodes' ClientApps; the SuperLink starts its flower-superexec
-    (parent of the ServerApp) in a session of its own, so only FLWR_HOME finds it and the ServerApp."""
-    for p in reversed(procs):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    for pid in spawned(work):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while (any(p.poll() is None for p in procs) or spawned(work)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in [p.pid for p in procs if p.poll() is None] + spawned(work):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM `procs` and every process they started (by PID, psutil), SIGKILL what is left after `grace` s."""
+    stop_processes([p.pid for p in procs], grace)
     for p in procs:
         p.wait()
 
@@ -167,6 +144,68 @@ def wait_until(what: str, ready, procs: list[subprocess.Popen], timeout: float) 
         time.sleep(0.5)
 
 
+class SuperNode(NamedTuple):
+    """A SuperNode this script started: its partition, process, log, and the CA it trusts (None: --insecure)."""
+
+    site: int
+    proc: subprocess.Popen
+    log: Path
+    ca: Path | None
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    """The last `lines` lines of a log file, indented."""
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+def dead(nodes: list[SuperNode]) -> list[str]:
+    """A report (exit code, log tail) for each SuperNode that has exited."""
+    return [f"SuperNode {n.site} (partition-id={n.site}) died with exit code {n.proc.returncode}; last lines of "
+            f"{n.log}:\n{log_tail(n.log)}" for n in nodes if n.proc.poll() is not None]
+
+
+def tls_mismatch(port: int, ca: Path | None) -> str | None:
+    """Why a SuperNode trusting `ca` (None: --insecure) cannot talk to the SuperLink on `port`, if TLS is why."""
+    probe = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if ca is None:  # only asking whether the SuperLink speaks TLS at all
+        probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with probe.wrap_socket(raw, server_hostname="127.0.0.1"):
+                tls = True
+    except ssl.SSLCertVerificationError as err:
+        return (f"the SuperLink's TLS certificate does not verify against {ca} ({err.verify_message}): give the "
+                "SuperNode the CA that signed it (--root-certificates)")
+    except (ssl.SSLError, ConnectionResetError):
+        tls = False  # a plain-HTTP server cannot answer a TLS handshake
+    except OSError:  # nothing answers there: not a TLS question
+        return None
+    if tls and ca is None:
+        return ("the SuperLink speaks TLS but the SuperNode was started with --insecure: start it with "
+                "--root-certificates <ca.crt> instead")
+    if not tls and ca is not None:
+        return ("the SuperNode expects TLS (--root-certificates) but the SuperLink was started with --insecure: "
+                "start both with TLS, or both with --insecure")
+    return None
+
+
+def wait_for_supernodes(cli_home: Path, port: int, nodes: list[SuperNode], link: subprocess.Popen,
+                        timeout: float = 120) -> None:
+    """Until the SuperLink (process `link`) lists every node online; fail early, with the reason, when one
+    died or cannot connect because of TLS, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while online_nodes(cli_home) < len(nodes):
+        problems = dead(nodes) + [f"SuperNode {n.site} cannot connect to the SuperLink on 127.0.0.1:{port}: {why}"
+                                  for n in nodes if "Connection attempt failed" in log_tail(n.log)
+                                  and (why := tls_mismatch(port, n.ca))]
+        if link.poll() is not None:
+            problems.append(f"flower-superlink exited with code {link.returncode}")
+        if problems or time.monotonic() > deadline:
+            raise RuntimeError("; ".join(problems) or f"{len(nodes)} SuperNodes not online after {timeout:.0f} s")
+        time.sleep(1)
+
+
 def online_nodes(cli_home: Path) -> int:
     """How many SuperNodes the SuperLink lists as online."""
     out = flwr_cli(cli_home, "supernode", "list", CONNECTION, "--format", "json")
@@ -179,8 +218,7 @@ def online_nodes(cli_home: Path) -> int:
 def prepare_config(overrides: list[str], sites: int) -> tuple[Path, Path]:
     """Compose, validate and save the config for `sites` sites; return (run folder, config file)."""
     cfg = C.absolute_paths(C.compose_config([*overrides, f"federation.num_sites={sites}"]), Path.cwd())
-    C.validate(cfg)
-    federation(C.data_spec(cfg), C.partition_spec(cfg))  # a bad partition fails here, before any process starts
+    preflight.check_run(cfg)  # a bad value, partition or checkpoint fails here, before anything is written
     run_dir = Path(f"{C.run_dir_for(cfg)}_deploy")
     run_dir.mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
@@ -221,8 +259,10 @@ def register(cli_home: Path, key: Path, name: str) -> Path:
     return key
 
 
-def deploy(args: argparse.Namespace, work: Path, config_file: Path, procs: list[subprocess.Popen]) -> int:
-    """Start the SuperLink and SuperNodes (appended to `procs`), run the app; return `flwr run`'s exit code."""
+def deploy(args: argparse.Namespace, work: Path, config_file: Path, procs: list[subprocess.Popen],
+           launch_id: str) -> int:
+    """Start the SuperLink and SuperNodes (appended to `procs`), run the app while watching the SuperNodes;
+    return `flwr run`'s exit code."""
     port, cli_home = free_port(), work / "cli"
     certs = make_certs(work / "certs") if args.tls else None
     ca = certs[0] if certs else None
@@ -231,23 +271,34 @@ def deploy(args: argparse.Namespace, work: Path, config_file: Path, procs: list[
     wait_until("flower-superlink", lambda: listening(port), procs, 60)
     print(f"SuperLink on 127.0.0.1:{port} ({'TLS' if args.tls else 'insecure'}"
           f"{', SuperNode auth' if args.auth else ''}); logs in {work}", flush=True)
+    nodes = []
     for i in range(args.sites):
         key = register(cli_home, work / "keys" / f"site-{i}", f"site-{i}") if args.auth else None
-        procs.append(start(supernode_command(i, args.sites, port, ca, key), work / f"supernode-{i}",
-                           work / f"supernode-{i}.log"))
-    wait_until(f"{args.sites} SuperNodes online", lambda: online_nodes(cli_home) >= args.sites, procs, 120)
-    run = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", f"config-file='{config_file}'"]
-    return subprocess.run(run, env=flwr_env() | {"FLWR_HOME": str(cli_home)}, timeout=args.timeout).returncode
+        log = work / f"supernode-{i}.log"
+        procs.append(start(supernode_command(i, args.sites, port, ca, key), work / f"supernode-{i}", log))
+        nodes.append(SuperNode(i, procs[-1], log, ca))
+    wait_for_supernodes(cli_home, port, nodes, procs[0])
+    run = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream",
+           "--run-config", f"config-file='{config_file}' launch-id='{launch_id}'"]
+    flwr = subprocess.Popen(run, env=flwr_env() | {"FLWR_HOME": str(cli_home)})
+    deadline, reported = time.monotonic() + args.timeout, 0
+    while flwr.poll() is None:  # a SuperNode that dies is reported at once; the server decides whether to go on
+        for report in (deaths := dead(nodes))[reported:]:
+            print(report, file=sys.stderr, flush=True)
+        reported = len(deaths)
+        reap_orphans({p.pid for p in [*procs, flwr]})  # exited ClientApps re-parented to this script
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(run, args.timeout)
+        time.sleep(1)
+    return flwr.returncode
 
 
-def report(run_dir: Path) -> None:
-    """Print the final metrics from summary.json and the last evaluation in metrics.jsonl."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def report(run_dir: Path, line: str) -> None:
+    """Print the final line (accuracy, failed sites) and the last evaluation's top-1 per site."""
+    evals = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
     sites = {s: round(m["top1"], 3) for s, m in evals[-1].get("sites", {}).items()} if evals else {}
-    print(f"final top-1 retrieval {summary['final_top1']:.3f}, top-5 {summary['final_top5']:.3f} "
-          f"(chance {summary['chance_top1']:.3f}) after {summary['rounds']} rounds; top-1 per site {sites}")
+    print(f"{line}; top-1 per site {sites}")
     print(f"outputs in {run_dir}")
 
 
@@ -280,14 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run_dir, config_file = prepare_config(args.overrides, args.sites)
-    except ValueError as e:  # nothing started yet
-        sys.exit(f"invalid config: {e}")
+    except REFUSALS as e:  # nothing started or written yet
+        print(f"deploy.py: {' '.join(str(e).split())}", file=sys.stderr)
+        return REFUSED
     work = Path(args.work_dir or run_dir / "deploy").resolve()
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: through `finally`
+    become_subreaper()  # the SuperLink's detached flower-superexec and its ServerApp stay findable by PID
     procs: list[subprocess.Popen] = []
+    launch_id = uuid.uuid4().hex[:12]
     try:
-        code = deploy(args, work, config_file, procs)
+        code = deploy(args, work, config_file, procs, launch_id)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
@@ -297,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
-        print(f"stopping {len(procs)} Flower processes", file=sys.stderr, flush=True)
-        stop(procs, work)
-    if code != 0 or not (run_dir / "summary.json").is_file():
-        print(f"deployment run failed (exit code {code}); logs in {work}", file=sys.stderr)
+        print(f"stopped {stop_processes()} Flower processes", file=sys.stderr, flush=True)
+    summary_file = run_dir / "summary.json"
+    ok, line = outcome(json.loads(summary_file.read_text()) if summary_file.is_file() else {}, launch_id, code)
+    if not ok:
+        print(f"deployment {line}; logs in {work}", file=sys.stderr)
         return code or 1
-    report(run_dir)
+    report(run_dir, line)
     return 0
 
 

@@ -130,7 +130,7 @@ def test_flower_run_config_keys_map_onto_hydra(tmp_path, make_cfg):
     import tomli  # flwr depends on it (tomllib needs Python 3.11)
 
     flower = tomli.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(C.FLOWER_KEYS) | {"overrides", "config-file"} == set(flower)  # flwr refuses keys absent there
+    assert set(C.FLOWER_KEYS) | {"overrides", "config-file", "launch-id"} == set(flower)  # flwr refuses keys absent there
     defaults = C.load_config(flower)  # pyproject's defaults (0) keep the Hydra values
     assert (defaults.num_rounds, defaults.train.local_epochs, defaults.train.lr) == (8, 8, 3e-3)
     given = flower | {"num-server-rounds": 3, "local-epochs": 2, "lr": 0.01, "batch-size": 4, "fraction-train": 0.5,

@@ -127,7 +127,7 @@ def auth_deployment(tmp_path_factory, cache_dir):
         run = run_folder(tmp_path) if code == 0 else None
         yield code, out, run, work, rogue
     finally:
-        deploy.stop(rogue, tmp_path)
+        deploy.stop(rogue)
         kill(our_processes(work))
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from a2v_flower.names import safe_name
+
 CSV_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
 
 # ESC-50's five semantic groups, 10 classes each, in `target` order (target = 10*group + i).
@@ -52,6 +54,12 @@ def read_metadata(root: str | Path, folds: list[int] | None = None,
         if missing:
             raise ValueError(f"{meta}: missing columns {missing}; ESC-50 needs {CSV_COLUMNS}")
         rows = list(reader)
+    for i, r in enumerate(rows, start=2):  # line 1 is the header
+        try:  # class names become file names (images, generator checkpoints): no separators, no '..'
+            safe_name(r["category"], "category")
+            safe_name(r["filename"], "filename")
+        except ValueError as err:
+            raise ValueError(f"{meta}, line {i}: {err}") from None
     clips = [Clip(root / "audio" / r["filename"], int(r["fold"]), int(r["target"]), r["category"])
              for r in rows]
     present = sorted({c.category for c in clips})

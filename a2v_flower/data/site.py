@@ -90,8 +90,7 @@ def load_site(data: DataSpec, part: PartitionSpec, encoder: AudioEncoder, site_i
     x, kept, skipped = embed_clips(encoder, [clips[i] for i in sites[site_id]], cache, num_samples,
                                    desc=f"site {site_id} embedding")
     y = torch.tensor([classes.index(c.category) for c in kept])
-    parts = part_lib.split(y.tolist(), dict(data.splits), seed=data.seed + 1000 * site_id)
-    splits = {name: (x[idx], y[idx]) for name, idx in parts.items()}
+    splits = {name: (x[idx], y[idx]) for name, idx in split_site(y.tolist(), data, site_id).items()}
     if len(splits["train"][1]) == 0:
         raise ValueError(f"site {site_id} has no training clips after splitting; adjust data.splits")
     return SiteData(classes, splits, skipped, encoder.calls - calls_before)
@@ -127,3 +126,8 @@ def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, nu
     if not kept:
         raise ValueError(f"No usable audio: all {len(clips)} clips were unreadable (first: {skipped[:3]})")
     return torch.stack([found[i]["tokens"] for i in kept]), [clips[i] for i in kept], skipped
+
+
+def split_site(labels: list[int], data: DataSpec, site_id: int) -> dict[str, list[int]]:
+    """Positions of a site's clips in each split: stratified per class, seeded by site."""
+    return part_lib.split(labels, dict(data.splits), seed=data.seed + 1000 * site_id)

@@ -86,6 +86,13 @@ class AudioEncoder:
         return torch.cat(out)
 
 
+def patch_tokens(spec: AudioEncoderSpec) -> int:
+    """Patch tokens P per clip (the AST's states are (2 + P, D)): its patch grid over mel bins x frames."""
+    ast = {"patch_size": 16, "frequency_stride": 10, "time_stride": 10, "num_mel_bins": 128} | dict(spec.tiny or ())
+    freq = (ast["num_mel_bins"] - ast["patch_size"]) // ast["frequency_stride"] + 1
+    return freq * max(0, (spec.max_length - ast["patch_size"]) // ast["time_stride"] + 1)
+
+
 def encoder_dim(spec: AudioEncoderSpec) -> int:
     """Token width D of the encoder, read from its config only (no weights loaded)."""
     from transformers import ASTConfig, AutoConfig

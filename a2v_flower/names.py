@@ -1,0 +1,24 @@
+"""The one check every file name made from a class, site, group or key goes through."""
+
+from __future__ import annotations
+
+import os
+
+_SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
+
+
+def safe_name(value: str, what: str) -> str:
+    """`value` if it can name a file inside its folder; ValueError naming `what` otherwise.
+
+    Refused rather than rewritten: two classes 'a/b' and 'a_b' must not end up in one file.
+    """
+    text = str(value)
+    bad = ("is empty" if not text.strip() else
+           "is '.' or '..'" if text in (".", "..") else
+           "contains a path separator" if any(s in text for s in _SEPARATORS) else
+           "contains '..'" if ".." in text else
+           "contains a control character" if any(ord(ch) < 32 or ord(ch) == 127 for ch in text) else
+           "starts with '.'" if text.startswith(".") else None)
+    if bad:
+        raise ValueError(f"{what}={text!r} cannot name a file: it {bad}; expected a plain name such as 'dog'")
+    return text

@@ -1,0 +1,564 @@
+"""Issue 12's table, row by row: what happens when a config, a file, a site, a SuperNode or the launcher fails.
+
+Fast tests call `a2v-run`'s entry point or the real ServerApp/ClientApp in process (tests/inprocess.py);
+tests marked slow start real Flower processes. docs/reliability.md lists each case with its command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from a2v_flower import config as C
+from a2v_flower import site_generators as R
+from a2v_flower import run, server_app
+from a2v_flower.checkpoints import load_tensors, save_tensors
+from a2v_flower.data.esc50 import read_metadata
+from a2v_flower.data.site import dataset_root
+from a2v_flower.models.generators import build_generator
+from a2v_flower.names import safe_name
+from a2v_flower.preflight import token_shape
+from a2v_flower.nodes import RoundFailed, short_reason
+from tests.conftest import TINY
+from tests.inprocess import LocalGrid, run_server
+
+BIN = Path(sys.executable).parent
+SMALL = [*TINY, "num_rounds=1", "federation.num_sites=2", "diffusion.render_every=0", "train.local_epochs=1"]
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    """Every file under `folder` with its modification time (what a refusal must leave alone)."""
+    return {str(p): p.stat().st_mtime for p in folder.rglob("*")} if folder.exists() else {}
+
+
+# ---- fixtures: a finished run to resume, generator checkpoints to load, a broken copy of the data --------------
+
+@pytest.fixture(scope="module")
+def base(cache_dir, tmp_path_factory) -> list[str]:
+    """The valid overrides every refusal case starts from (outputs in a folder of the module's own)."""
+    out = tmp_path_factory.mktemp("faults") / "outputs"
+    return [*SMALL, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(base, tmp_path_factory) -> Path:
+    """A 1-round run folder (server checkpoint, both sites' state files) made by the real apps in process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_server(C.absolute_paths(C.compose_config(base), Path.cwd()), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def generators(base, tmp_path_factory) -> Path:
+    """Gaussian per-class generator checkpoints of both sites for every class, as a generator_training run saves."""
+    folder = tmp_path_factory.mktemp("generators")
+    cfg = C.absolute_paths(C.compose_config([*base, *pretrained_overrides(folder)]), Path.cwd())
+    classes = list(cfg.data.classes)
+    replay, shape = C.replay_spec(cfg, classes), token_shape(cfg)
+    for site in (0, 1):
+        states = {c: build_generator(replay.generator, shape).state_tensors() | {"seen": torch.tensor([i])}
+                  for i, c in enumerate(classes)}
+        R.save_site_generators(replay, site, states, classes, set(range(len(classes))), shape, 1, False)
+    return folder
+
+
+def pretrained_overrides(folder: Path) -> list[str]:
+    return ["generator=gaussian", "granularity=per_class", "mode=use_pretrained", f"generator_checkpoint.dir={folder}"]
+
+
+def data_copy(base: list[str], dst: Path) -> Path:
+    """A copy of the TINY synthetic dataset (ESC-50 layout) to break."""
+    cfg = C.absolute_paths(C.compose_config(base), Path.cwd())
+    return Path(shutil.copytree(dataset_root(C.data_spec(cfg)), dst))
+
+
+def corrupt_audio(root: Path, classes: set[str] | None = None) -> None:
+    """Overwrite the audio of `classes` (all if None) with bytes no decoder reads."""
+    for clip in read_metadata(root):
+        if classes is None or clip.category in classes:
+            clip.path.write_bytes(b"not audio")
+
+
+# ---- refused configs: one line, exit status 2, nothing written --------------------------------------------------
+
+REFUSED = [  # (overrides, what the one line must say)
+    (["train.lr=-1"], r"train.lr=-1(\.0)? is not allowed; expected a number > 0"),
+    (["num_rounds=0"], r"num_rounds=0(\.0)? is not allowed"),
+    (["partition=classes", "partition.sites=[[dog,cat],[rain]]"], r"partition.sites\[0\]: unknown classes \['cat'\]"),
+    (["partition=groups", "partition.sites=[[animals],[space]]"], r"unknown groups \['space'\]"),
+    (["strategy.fraction_train=0"], r"strategy.fraction_train=0(\.0)? is not allowed; expected a fraction in \(0, 1\]"),
+    (["strategy.fraction_train=5"], r"strategy.fraction_train=5(\.0)? is not allowed"),
+    (["strategy.fraction_evaluate=0"], r"strategy.fraction_evaluate=0(\.0)? is not allowed"),
+    (["sharing=sequential"], r"sharing.mode='sequential' shares generators but generator.type='none'"),
+    (["sharing=averaged"], r"sharing.mode='averaged' shares generators"),
+    (["model.audio.tokens=1"], r"model.audio.tokens=1(\.0)? is not allowed; .* expected 2..145"),
+    (["model.audio.tokens=999"], r"model.audio.tokens=999(\.0)? is not allowed"),
+    (["data.splits={train: 1.2, val: -0.1, test: -0.1}"], r"data.splits.train=1.2 is not allowed; expected a fraction"),
+    (["data.splits.train=0.9"], r"data.splits=.* summing to 1"),
+    (["federation.min_sites=5"], r"federation.min_sites=5(\.0)? is not allowed; expected null \(all sites\) or .* 1..federation"),
+    (["federation.min_sites=0"], r"federation.min_sites=0(\.0)? is not allowed"),
+    (["federation.num_cpus=0"], r"federation.num_cpus=0"),
+    (["name=../escape"], r"name='../escape' cannot name a file"),
+    (["generator=gaussian", "generator_checkpoint.base_name=a/b"], r"generator_checkpoint.base_name='a/b' cannot name"),
+    (["strategy.aggregation=median"], r"strategy.aggregation='median' is not allowed"),
+    (["wandb.mode=maybe"], r"wandb.mode='maybe' is not allowed"),
+    (["adapter.heads=3"], r"adapter.width=64 must be divisible by adapter.heads=3"),
+    (["prompt_template=hello"], r"prompt_template='hello' must contain"),
+    (["generator=vae"], r"generator.type='vae' is unconditioned"),
+    (["strategy=kd"], r"strategy.aggregation='kd' distils on generator samples"),
+    (["server_generator.epochs=5"], r"server_generator.epochs=5 but nothing uses its samples"),
+    (["train.lrr=3"], r"Could not override 'train.lrr'"),
+    (["partition=nosuch"], r"Could not find 'partition/nosuch'"),
+    (["schedule={5: [{from_round: 1, classes: [dog]}]}"], r"schedule.5: site 5 is not allowed; expected a site id 0..1"),
+    (["federation.timeout=0"], r"federation.timeout=0(\.0)? is not allowed; expected a number > 0"),
+    (["data.clip_seconds=-1"], r"data.clip_seconds=-1(\.0)? is not allowed"),
+    (["resume=/nonexistent/run"], r"resume='/nonexistent/run': no server_round_\*.safetensors"),
+    (["-m", "train.lr=0.1,-1"], r"train.lr=-1(\.0)? is not allowed"),  # the second job is refused before the first runs
+]
+
+
+def refuse(argv: list[str], capsys) -> str:
+    """Run a2v-run's entry point; assert exit status 2 and exactly one line on stderr; return it."""
+    with pytest.raises(SystemExit) as exit_:
+        run.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("a2v-run: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("overrides,match", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_refused_config_is_one_line_exit_2_and_writes_nothing(overrides, match, base, capsys):
+    out = Path(base[-1].split("=", 1)[1])
+    line = refuse([*base, *overrides], capsys)
+    assert re.search(match, line), line
+    assert not out.exists() or not any(out.iterdir())  # no run folder, no .hydra, no run.log
+
+
+PRETRAINED_REFUSED = [  # how the generator folder is broken, what the line must say
+    ("empty", r"file does not exist"),
+    ("truncated", r"corrupt or not a safetensors file"),
+    ("tokens", r"tensor shapes differ from a gaussian generator of 4x64 tokens"),
+    ("type", r"type is 'gaussian' in the file but 'cvae' was asked"),
+]
+
+
+@pytest.mark.parametrize("case,match", PRETRAINED_REFUSED, ids=[c for c, _ in PRETRAINED_REFUSED])
+def test_pretrained_checkpoints_are_checked_before_start(case, match, base, generators, tmp_path, capsys):
+    folder, extra = tmp_path / "gens", []
+    if case == "empty":
+        folder.mkdir()
+    else:
+        shutil.copytree(generators, folder)
+    if case == "truncated":  # one site's files cut short
+        for path in folder.glob("*_node0_*"):
+            path.write_bytes(path.read_bytes()[:100])
+    extra = {"tokens": ["model.audio.tokens=4"],
+             "type": ["generator=cvae", "generator_checkpoint.base_name=gaussian_per_class"]}.get(case, [])
+    before = snapshot(folder)
+    line = refuse([*base, *pretrained_overrides(folder), *extra], capsys)
+    assert re.search(match, line), line
+    assert snapshot(folder) == before
+
+
+def test_valid_pretrained_and_resume_configs_pass_the_same_checks(base, generators, finished_run):
+    assert run.check([*base, *pretrained_overrides(generators)])
+    assert run.check([*base, f"resume={finished_run}", "num_rounds=2"])
+
+
+def break_adapter_shape(run_dir: Path) -> None:
+    path = run_dir / "checkpoints" / "server_round_1.safetensors"
+    tensors, meta = load_tensors(path)
+    key = next(k for k in tensors if k.startswith("adapters/") and k.endswith("queries"))
+    tensors[key] = torch.zeros(3, 5)
+    save_tensors(path, tensors, meta)
+
+
+RESUME_REFUSED = {  # how the finished run (d) is broken (g: generator files), extra overrides, the line's gist
+    "adapter shape": (lambda d, g: break_adapter_shape(d), [],
+                      r"adapters in .* do not fit this config: .*queries is \(3, 5\) there"),
+    "site state truncated": (lambda d, g: (d / "state/site_1_round_1.safetensors").write_bytes(b"\0" * 40), [],
+                             r"site_1_round_1.safetensors is corrupt"),
+    "generator file as checkpoint": (lambda d, g: shutil.copy(next(g.glob("*node0*")),
+                                                              d / "checkpoints/server_round_2.safetensors"),
+                                     ["num_rounds=3"], r"server_round_2.safetensors has no resume metadata"),
+    "stray name": (lambda d, g: (d / "checkpoints/server_round_x.safetensors").write_bytes(b""), [],
+                   r"server_round_x.safetensors is not a server checkpoint"),
+    "already done": (lambda d, g: None, ["num_rounds=1"], r"is at round 1 but num_rounds=1"),
+    "changed config": (lambda d, g: None, ["train.lr=0.1"], r"resume: train=.* differs from the checkpoint's"),
+    "no checkpoints": (lambda d, g: shutil.rmtree(d / "checkpoints"), [], r"no server_round_\*.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_REFUSED)
+def test_resume_is_checked_before_start(case, base, finished_run, generators, tmp_path, capsys):
+    broken = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    damage, extra, match = RESUME_REFUSED[case]
+    damage(broken, generators)
+    before = snapshot(broken)
+    line = refuse([*base, f"resume={broken}", "num_rounds=2", *extra], capsys)
+    assert re.search(match, line), line
+    assert snapshot(broken) == before  # the resumed folder is left as it was
+
+
+# ---- safe names ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../ESCAPED_rain", "a/b", "a\\b", "..", ".hidden", "ra\nin", "", "x..y"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(ValueError, match="cannot name a file"):
+        safe_name(name, "class")
+
+
+def test_a_class_with_a_separator_is_refused_at_load_naming_the_row(base, tmp_path, capsys):
+    root = data_copy(base, tmp_path / "esc")
+    meta = root / "meta" / "esc50.csv"
+    rows = list(csv.reader(meta.open()))
+    bad = next(i for i, r in enumerate(rows) if r[3] == "rain")
+    rows[bad][3] = "../../../../../../ESCAPED_rain"
+    with meta.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    line = refuse([*base, "data=esc50", f"data.root={root}", "data.classes=null"], capsys)
+    assert f"line {bad + 1}: category='../../../../../../ESCAPED_rain' cannot name a file" in line
+
+
+# ---- failing sites, min_sites, the federation's size (real ServerApp and ClientApps in process) ----------------
+
+def test_failing_site_stops_the_run_naming_it(base, tmp_path, task_identity):
+    broken = data_copy(base, tmp_path / "site1_data")
+    corrupt_audio(broken)  # site 1's SuperNode finds no readable audio (its data-root)
+    cfg = C.absolute_paths(C.compose_config(base), Path.cwd())
+    grid = LocalGrid(2, node_configs={1: {"data-root": str(broken)}})
+    with pytest.raises(RoundFailed, match=r"round 1: 1 of 2 sites failed, more than federation.min_sites=2 allows; "
+                                          r"first: site 1: train: ValueError: No usable audio"):
+        run_server(cfg, tmp_path / "run", grid, launch_id="abc")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["run_id"] == "abc" and not summary["completed"] and summary["rounds_done"] == 0
+    assert list(summary["failures"]) == ["1"] and list(summary["failures"]["1"]) == ["site 1"]
+    assert summary["failures"]["1"]["site 1"].startswith("train: ValueError: No usable audio")
+    ok, line = run.outcome(summary, "abc", 0)
+    assert not ok and line.startswith("run abc FAILED: round 1: 1 of 2 sites failed") and "site 1: train:" in line
+
+
+def test_min_sites_lets_the_run_finish_and_the_final_line_names_failures(base, tmp_path, task_identity):
+    broken = data_copy(base, tmp_path / "site1_data")
+    corrupt_audio(broken)
+    cfg = C.absolute_paths(C.compose_config([*base, "num_rounds=2", "federation.min_sites=1"]), Path.cwd())
+    run_server(cfg, tmp_path / "run", LocalGrid(2, node_configs={1: {"data-root": str(broken)}}), launch_id="abc")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["completed"] and summary["rounds_done"] == 2 and set(summary["failures"]) == {"1", "2"}
+    ok, line = run.outcome(summary, "abc", 0)
+    assert ok and "failed sites round 1: site 1; round 2: site 1 (first: site 1: train: ValueError: No usable" in line
+    evals = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(r["sites"]) == {"0"} for r in evals if r["kind"] == "eval")  # went on with site 0
+
+
+def test_an_earlier_runs_summary_is_never_taken_for_this_one():
+    old = {"run_id": "old", "completed": True, "final_top1": 0.097, "chance_top1": 0.1}
+    ok, line = run.outcome(old, "new", 700)
+    assert not ok and "run new FAILED: its ServerApp stopped before writing a summary" in line
+
+
+class DyingGrid(LocalGrid):
+    """A LocalGrid whose last node dies once round 1 is over: Flower then lists it no more."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.evaluated = False
+
+    def get_node_ids(self) -> list[int]:
+        nodes = super().get_node_ids()
+        return nodes[:-1] if self.evaluated else nodes
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.evaluated |= any(m.metadata.message_type == "evaluate" for m in self.sent)
+        return replies
+
+
+def test_a_dead_site_costs_at_most_one_round(base, tmp_path, task_identity):
+    cfg = C.absolute_paths(C.compose_config([*base, "num_rounds=2", "federation.min_sites=1"]), Path.cwd())
+    run_server(cfg, tmp_path / "on", DyingGrid(2))  # round 2 goes on with the one node left, without waiting
+    evals = [r for r in map(json.loads, (tmp_path / "on" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert [sorted(r["sites"]) for r in evals] == [["0", "1"], ["0"]]
+    cfg = C.absolute_paths(C.compose_config([*base, "num_rounds=2", "federation.timeout=2"]), Path.cwd())
+    with pytest.raises(RoundFailed, match=r"round 2: only 1 SuperNodes connected after federation.timeout=2 s; "
+                                          r"federation.min_sites=2"):
+        run_server(cfg, tmp_path / "off", DyingGrid(2))  # min_sites = all: a clear stop, not an hour of waiting
+
+
+def plain_run_config(base: list[str], out: Path, *extra: str) -> dict:
+    """Flower's run config of `flwr run .` with `overrides` only: no config file, no federation.num_sites."""
+    overrides = [o for o in base if not o.startswith(("federation.num_sites", "paths.output_root"))]
+    overrides += [f"paths.output_root={out}", *extra]
+    return {"config-file": "", "overrides": " ".join(f"'{o}'" if " " in o else o for o in overrides)}
+
+
+def run_plain(grid: LocalGrid, run_config: dict) -> None:
+    from flwr.app import Context, RecordDict
+
+    server_app.main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+
+def test_plain_flwr_run_takes_the_site_count_from_the_federation(base, tmp_path, task_identity):
+    run_plain(LocalGrid(2), plain_run_config(base, tmp_path, "name=plain"))  # the config's default is 3 sites
+    (summary,) = tmp_path.rglob("*_plain/summary.json")
+    summary = json.loads(summary.read_text())
+    assert summary["completed"] and summary["num_sites"] == 2 and summary["run_id"] == "flwr-7"
+
+
+@pytest.mark.parametrize("grid,extra,match", [
+    (LocalGrid(2), ["data.classes=[dog,rain,rooster]", "partition=classes", "partition.sites=[[dog],[rain],[rooster]]"],
+     r"partition.sites has 3 sites but federation.num_sites=2; .*\(the federation has 2 SuperNodes, the config asks "
+     r"for 3 sites: start 3 SuperNodes, e.g. flwr run --federation-config num-supernodes=3"),
+    (LocalGrid(2), ["schedule={2: [{from_round: 1, classes: [dog]}]}"], r"schedule.2: site 2 is not allowed"),
+    (LocalGrid(2), ["federation.num_sites=3"], r"federation.num_sites=3 but the federation has 2 SuperNodes"),
+    (LocalGrid(2, node_configs={1: {"num-partitions": 3}}), [], r"SuperNodes disagree on num-partitions: \[2, 3\]"),
+])
+def test_a_size_that_cannot_be_reconciled_stops_before_round_1(grid, extra, match, base, tmp_path, task_identity):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=match):
+        run_plain(grid, plain_run_config(base, tmp_path, *extra))
+    assert not [m for m in grid.sent if m.metadata.message_type != "query.site"]  # nothing trained
+    assert time.monotonic() - start < 60
+
+
+def test_error_replies_are_cut_to_their_reason():
+    trace = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+             "  File \"x.py\", line 3\nValueError: boom\n\nException ClientAppException occurred. Message: "
+             "generator checkpoints in /g not loaded\n   (nothing changed)'>")
+    assert short_reason(trace) == "generator checkpoints in /g not loaded (nothing changed)"
+    assert short_reason("Error: node unavailable\n") == "Error: node unavailable"
+
+
+# ---- real Flower processes ------------------------------------------------------------------------------------------
+
+def start_a2v_run(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """`a2v-run` like a user in a terminal (its own process group, as a shell job has), output piped."""
+    return subprocess.Popen([str(BIN / "a2v-run"), *SMALL, *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True)
+
+
+def watch(proc: subprocess.Popen, until: str | None = None, timeout: float = 600) -> tuple[str, dict]:
+    """Read `proc`'s output (up to a line containing `until`, else to the end) while recording every process
+    below it (pid -> psutil.Process) and every TCP address they listen on, with the process name."""
+    tree, listening, out, stop = {}, set(), [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    tree.setdefault(p.pid, p)
+                    with contextlib.suppress(psutil.Error):
+                        for c in p.net_connections(kind="inet"):
+                            if c.status == psutil.CONN_LISTEN:
+                                listening.add((c.laddr.ip, p.name()))
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if (until and until in line) or time.monotonic() > deadline:
+                break
+    finally:
+        stop.set()
+        thread.join()
+    return "".join(out), {"tree": tree, "listening": listening}
+
+
+def command(proc: psutil.Process) -> str:
+    """A process's command line ('' once it has exited)."""
+    with contextlib.suppress(psutil.Error):
+        return " ".join(proc.cmdline())
+    return ""
+
+
+def alive(tree: dict[int, psutil.Process]) -> list[str]:
+    """Recorded processes still running (psutil compares start times, so a reused PID does not count)."""
+    return [f"{p.pid} {p.name()}" for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_complete_on_loopback_and_leave_nothing(cache_dir, tmp_path):
+    out = tmp_path / "outputs"
+    first = start_a2v_run(tmp_path, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=first")
+    time.sleep(5)
+    second = start_a2v_run(tmp_path, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=second")
+    with ThreadPoolExecutor(2) as pool:  # read both at once: a full pipe would pause a run
+        (out1, seen1), (out2, seen2) = pool.map(watch, (first, second))
+    assert first.wait(60) == 0, out1[-3000:]
+    assert second.wait(60) == 0, out2[-3000:]
+    for text in (out1, out2):
+        assert "final top-1 retrieval" in text.splitlines()[-1]
+    listening = seen1["listening"] | seen2["listening"]
+    assert {"raylet", "gcs_server"} <= {name for _, name in listening}, listening  # Ray was seen listening ...
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening  # ... on loopback only
+    assert not alive(seen1["tree"] | seen2["tree"])
+    for name in ("first", "second"):
+        (run_dir,) = out.rglob(f"*_{name}")
+        assert json.loads((run_dir / "summary.json").read_text())["completed"]
+        log = (run_dir / "run.log").read_text()
+        assert "Starting Flower SuperLink" in log and "final top-1 retrieval" in log  # the launcher's whole log
+
+
+@pytest.mark.slow
+def test_a_crash_or_ctrl_c_leaves_no_process_behind(cache_dir, tmp_path):
+    paths = [f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    crashing = start_a2v_run(tmp_path, *paths, "name=crash")
+    text, seen = watch(crashing, until="[ROUND 1/")
+    (sim,) = [p for p in seen["tree"].values() if "flwr-simulation" in command(p)]
+    sim.kill()  # the ServerApp and Ray's driver die; Ray's own processes are orphaned
+    rest, _ = watch(crashing)
+    assert crashing.wait(300) == 1, (text + rest)[-3000:]
+    assert "FAILED: its ServerApp stopped before writing a summary" in rest.splitlines()[-1]
+    assert not alive(seen["tree"])
+
+    interrupted = start_a2v_run(tmp_path, *paths, "name=interrupted")
+    text, seen = watch(interrupted, until="Successfully started run")
+    os.killpg(interrupted.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+    rest, _ = watch(interrupted)
+    assert interrupted.wait(120) == 130, (text + rest)[-3000:]
+    assert "interrupted; every process of the run was stopped" in rest
+    assert not alive(seen["tree"])
+
+    killed = start_a2v_run(tmp_path, *paths, "name=killed")
+    _, seen = watch(killed, until="[ROUND 1/")  # Ray is up
+    killed.kill()  # SIGKILL: no clean-up code of a2v-run runs; its children get SIGTERM from the kernel
+    deadline = time.monotonic() + 180  # the SuperLink, then superexec, flwr-simulation and Ray follow (77 s here)
+    while alive(seen["tree"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not alive(seen["tree"])
+
+
+def corrupt_after_finishing(base: list[str], tmp_path: Path) -> tuple[list[str], Path]:
+    """A finished 1-round run on a copy of the data, whose audio is then made unreadable: (overrides, run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    root = data_copy(base, tmp_path / "esc")
+    overrides = [*base, "data=esc50", f"data.root={root}", "data.classes=null", "data.folds=null"]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    run_server(C.absolute_paths(C.compose_config(overrides), Path.cwd()), tmp_path / "run", launch_id="first")
+    corrupt_audio(root)
+    return overrides, tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_a_failed_resumed_run_is_not_reported_with_the_old_summary(base, tmp_path):
+    overrides, run_dir = corrupt_after_finishing(base, tmp_path)
+    assert json.loads((run_dir / "summary.json").read_text())["completed"]  # the old run's summary
+    proc = subprocess.run([str(BIN / "a2v-run"), *overrides, f"resume={run_dir}", "num_rounds=2"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"run \w+ FAILED: round 2: 2 of 2 sites failed, .*first: site \d: train: No usable audio", last), last
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run_id"] != "first" and not summary["completed"] and summary["rounds_done"] == 1
+    assert "FAILED" in (run_dir / "run.log").read_text()  # the resumed launch logs into the run's own run.log
+
+
+def flwr_plain(tmp_path: Path, env: dict, overrides: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """`flwr run . --stream` from the repository root, with Hydra overrides only (no federation options)."""
+    quoted = " ".join(f'"{o}"' if " " in o else o for o in overrides)
+    start = time.monotonic()
+    proc = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", f"overrides='{quoted}'"],
+                          capture_output=True, text=True, timeout=600, cwd=run.APP_DIR, env=env)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_plain_flwr_run_follows_the_federation_and_refuses_a_mismatch_fast(cache_dir, tmp_path):
+    port = run.free_port()
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(port),
+               FLWR_LOCAL_CONTROL_API_PORT=str(run.free_port()), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the CLI starts flower-superlink from PATH
+    small = [o for o in SMALL if not o.startswith("federation.num_sites")]  # the config's default: 3 sites
+    paths = [f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    try:
+        proc, took = flwr_plain(tmp_path, env, [*small, *paths, "data.classes=[dog,rain,rooster]", "partition=classes",
+                                                "partition.sites=[[dog],[rain],[rooster]]"])
+        assert "partition.sites has 3 sites but federation.num_sites=2" in proc.stdout, proc.stdout[-3000:]
+        assert "flwr run --federation-config num-supernodes=3" in proc.stdout and took < 180
+        assert not (tmp_path / "outputs").exists()
+        proc, _ = flwr_plain(tmp_path, env, [*small, *paths, "name=plain"])
+        (summary,) = (tmp_path / "outputs").rglob("*_plain/summary.json")
+        summary = json.loads(summary.read_text())
+        assert summary["completed"] and summary["num_sites"] == 2, proc.stdout[-3000:]
+        assert "federation.num_sites=3 but the federation has 2 SuperNodes: the run has 2 sites" in proc.stdout
+    finally:  # the CLI leaves its SuperLink running: stop it (and what it started) by PID
+        run.stop_local_superlink(tmp_path / "flwr")
+
+
+@pytest.mark.slow
+def test_deploy_reports_a_dead_supernode_and_the_run_goes_on_with_min_sites(cache_dir, tmp_path):
+    from tests.test_deployment import QUICK, SCRIPT
+
+    cmd = [sys.executable, str(SCRIPT), "--sites", "2", "--work-dir", str(tmp_path / "work"), *QUICK,
+           "federation.min_sites=1", f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    timer = threading.Timer(900, proc.send_signal, [signal.SIGTERM])  # deploy.py's clean stop
+    timer.start()
+    out, tree = [], {}
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "[ROUND 2/2]" in line and not tree:  # round 1 is over: SIGKILL site 1's SuperNode
+                tree = {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+                (node,) = [p for p in tree.values() if "flower-supernode" in command(p)
+                           and "partition-id=1 " in command(p)]
+                node.kill()
+        proc.wait(60)
+    finally:
+        timer.cancel()
+        run.stop_processes([proc.pid])
+    text = "".join(out)
+    assert proc.returncode == 0, text[-4000:]
+    assert "SuperNode 1 (partition-id=1) died with exit code -9; last lines of" in text
+    final = next(line for line in reversed(out) if "final top-1 retrieval" in line)
+    assert "failed sites round 2: site 1 (first: site 1: train: Error: Node Unavailable" in final, final
+    assert not alive(tree)
+
+
+@pytest.mark.slow
+def test_deploy_explains_a_tls_mismatch(tmp_path):
+    from tests.test_deployment import deploy
+
+    work, port = tmp_path / "work", deploy.free_port()
+    certs = deploy.make_certs(work / "certs")
+    deploy.write_connection(work / "cli", port, certs[0])
+    procs = [deploy.start(deploy.superlink_command(port, certs, False), work / "superlink", work / "superlink.log")]
+    try:
+        deploy.wait_until("flower-superlink", lambda: deploy.listening(port), procs, 60)
+        log = work / "supernode-0.log"
+        procs.append(deploy.start(deploy.supernode_command(0, 1, port, None, None), work / "supernode-0", log))
+        node = deploy.SuperNode(0, procs[-1], log, None)  # --insecure against a TLS SuperLink
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"SuperNode 0 cannot connect to the SuperLink on 127.0.0.1:\d+: the "
+                                               r"SuperLink speaks TLS but the SuperNode was started with --insecure"):
+            deploy.wait_for_supernodes(work / "cli", port, [node], procs[0], timeout=120)
+        assert time.monotonic() - start < 60
+        other_ca = deploy.make_certs(work / "other")[0]  # a CA that did not sign the SuperLink's certificate
+        assert "does not verify against" in deploy.tls_mismatch(port, other_ca)
+    finally:
+        deploy.stop(procs)
