@@ -153,7 +153,8 @@ def text_spec(cfg: DictConfig) -> TextSpec:
 def train_spec(cfg: DictConfig) -> TrainSpec:
     """Optimisation spec from `train.*`."""
     t = cfg.train
-    return TrainSpec(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.cosine_weight, t.grad_clip)
+    return TrainSpec(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.cosine_weight, t.grad_clip, t.loss,
+                     t.temperature, t.proximal_mu, t.absent_scale)
 
 
 def t5_seq_len(cfg: DictConfig) -> int:

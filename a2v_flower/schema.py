@@ -257,10 +257,18 @@ class Train:
     weight_decay: float = MISSING
     cosine_weight: float = MISSING
     grad_clip: float = MISSING
+    loss: str = MISSING
+    temperature: float = MISSING
+    proximal_mu: float = MISSING
+    absent_scale: float = MISSING
 
     def __post_init__(self):
-        _positive("train.", self, "local_epochs", "batch_size", "lr")
-        _non_negative("train.", self, "weight_decay", "cosine_weight", "grad_clip")
+        _positive("train.", self, "local_epochs", "batch_size", "lr", "temperature")
+        _non_negative("train.", self, "weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale")
+        _one_of("train.loss", self.loss, ("mse", "contrastive", "mse+contrastive"))
+        if self.absent_scale > 1 or (self.absent_scale != 1 and self.loss == "mse"):
+            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; "
+                             "expected a number in [0, 1] and a loss with a contrastive term")
 
 
 @dataclass

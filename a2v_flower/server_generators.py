@@ -135,7 +135,7 @@ class ServerGenerators:
         out["server/synthetic_samples"] = len(y)
         if self.kd and len(y):
             spec = replace(self.train_spec, epochs=opts.kd_epochs)
-            out["server/kd_loss"] = distill(glob, models, self.owners(), x, y, spec, self.seed)
+            out["server/kd_loss"] = distill(glob, models, self.owners(), x, y, self.class_targets, spec, self.seed)
         if opts.refine_epochs:
             present, means = class_audio_means(self.class_stats, len(self.classes))
             xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
@@ -227,8 +227,10 @@ def synthesize(site_states: dict[int, dict[str, dict[str, torch.Tensor]]], owner
 
 
 def distill(global_adapters: AdapterSet, teachers: dict[int, AdapterSet], owners: dict[int, list[int]],
-            x: torch.Tensor, y: torch.Tensor, spec: TrainSpec, seed: int = 0) -> float:
-    """Fit the global adapters to the mean output, on (x, y), of the teachers that own each sample's class."""
+            x: torch.Tensor, y: torch.Tensor, class_targets: dict[str, torch.Tensor], spec: TrainSpec,
+            seed: int = 0) -> float:
+    """Fit the global adapters to the mean output, on (x, y), of the teachers that own each sample's class
+    (spec.loss: MSE to that output and/or cross-entropy to its softmax over the class targets)."""
     keep = torch.tensor([any(s in teachers for s in owners.get(int(c), [])) for c in y], dtype=torch.bool)
     x, y = x[keep], y[keep]  # classes whose owners all failed this round have no teacher
     if not len(y):
@@ -236,7 +238,7 @@ def distill(global_adapters: AdapterSet, teachers: dict[int, AdapterSet], owners
     outs = {s: predict(t, x) for s, t in teachers.items()}
     target = {h: torch.stack([torch.stack([outs[s][h][i] for s in owners.get(int(c), []) if s in outs]).mean(0)
                               for i, c in enumerate(y)]) for h in global_adapters}
-    return train_adapters(global_adapters, x, torch.arange(len(x)), target, spec, seed)
+    return train_adapters(global_adapters, x, y, class_targets, spec, seed, teacher=target)
 
 
 def refine(global_adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor, class_targets: dict[str, torch.Tensor],

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from a2v_flower.metrics import similarity
 from a2v_flower.models.adapters import AdapterSet
+
+LOSSES = ("mse", "contrastive", "mse+contrastive")
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Optimisation hyper-parameters (conf: train.*)."""
+    """Optimisation hyper-parameters and the local objective (conf: train.*)."""
 
     epochs: int = 5
     batch_size: int = 32
@@ -20,27 +23,60 @@ class TrainSpec:
     weight_decay: float = 1e-4
     cosine_weight: float = 0.0
     grad_clip: float = 1.0
+    loss: str = "mse"               # one of LOSSES
+    temperature: float = 0.1        # of the softmax over cosine similarities to all class targets
+    proximal_mu: float = 0.0        # FedProx: + mu/2 * ||w - w_received||^2 (0 = off)
+    absent_scale: float = 1.0       # FedRS: logits of classes absent from the training data x this (1 = off)
 
 
-def adapter_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                 cosine_weight: float = 0.0) -> torch.Tensor:
-    """Sum over heads of MSE (+ cosine_weight * (1 - cosine)) between outputs and their targets."""
-    loss = 0.0
-    for head, out in outputs.items():
-        tgt = targets[head]
-        loss = loss + F.mse_loss(out, tgt)
-        if cosine_weight:
-            loss = loss + cosine_weight * (1 - F.cosine_similarity(out.flatten(1), tgt.flatten(1))).mean()
+def contrastive_logits(outputs: dict[str, torch.Tensor], class_targets: dict[str, torch.Tensor],
+                       temperature: float, present: torch.Tensor | None = None, absent_scale: float = 1.0
+                       ) -> torch.Tensor:
+    """(B, C) cosine similarity to every class target, centred as retrieval centres it, / temperature;
+    logits of classes not in `present` (bool (C,)) scaled by `absent_scale` (restricted softmax)."""
+    logits = similarity(outputs, class_targets) / temperature
+    if present is not None and absent_scale != 1.0:
+        logits = torch.where(present, logits, absent_scale * logits)
+    return logits
+
+
+def adapter_loss(outputs: dict[str, torch.Tensor], y: torch.Tensor, class_targets: dict[str, torch.Tensor],
+                 spec: TrainSpec, teacher: dict[str, torch.Tensor] | None = None,
+                 present: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE (+ cosine) to each sample's target and/or cross-entropy over all class targets, per spec.loss.
+
+    Targets are the class targets of labels `y`, or with `teacher` the teacher outputs of the batch (kd):
+    MSE then pulls toward the teacher's output and the cross-entropy matches the teacher's softmax.
+    """
+    loss = torch.zeros(())
+    if spec.loss in ("mse", "mse+contrastive"):
+        want = teacher if teacher is not None else {h: t[y] for h, t in class_targets.items()}
+        for head, out in outputs.items():  # summed over heads
+            loss = loss + F.mse_loss(out, want[head])
+            if spec.cosine_weight:
+                cos = F.cosine_similarity(out.flatten(1), want[head].flatten(1))
+                loss = loss + spec.cosine_weight * (1 - cos).mean()
+    if spec.loss in ("contrastive", "mse+contrastive"):  # averaged over heads inside `similarity`
+        logits = contrastive_logits(outputs, class_targets, spec.temperature, present, spec.absent_scale)
+        label = y if teacher is None else contrastive_logits(teacher, class_targets, spec.temperature).softmax(1)
+        loss = loss + F.cross_entropy(logits, label)
     return loss
 
 
 def train_adapters(adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor,
-                   class_targets: dict[str, torch.Tensor], spec: TrainSpec, seed: int = 0) -> float:
-    """Fit `adapters` so that x[i] maps to class_targets[head][y[i]]; returns the last epoch's mean loss."""
+                   class_targets: dict[str, torch.Tensor], spec: TrainSpec, seed: int = 0,
+                   teacher: dict[str, torch.Tensor] | None = None) -> float:
+    """Fit `adapters` so that x[i] maps to class y[i] (or to teacher[head][i]); returns the last epoch's mean loss.
+
+    With spec.proximal_mu the weights are held near the ones the adapters started from (FedProx).
+    """
     opt = torch.optim.AdamW(adapters.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     dev = next(adapters.parameters()).device  # data follow the model (CPU or CUDA)
     class_targets = {h: t.to(dev) for h, t in class_targets.items()}
+    present = torch.zeros(len(next(iter(class_targets.values()))), dtype=torch.bool, device=dev)
+    present[y.unique().to(dev)] = True  # classes in this training data (restricted softmax)
+    anchor = [p.detach().clone() for p in adapters.parameters()] if spec.proximal_mu else []
     adapters.train()
     epoch_loss = float("nan")
     for _ in range(spec.epochs):
@@ -49,8 +85,11 @@ def train_adapters(adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor,
         for i in range(0, len(x), spec.batch_size):
             idx = order[i:i + spec.batch_size]
             xb, yb = x[idx].to(dev), y[idx].to(dev)
-            loss = adapter_loss(adapters(xb), {h: t[yb] for h, t in class_targets.items()},
-                                spec.cosine_weight)
+            tb = {h: t[idx].to(dev) for h, t in teacher.items()} if teacher is not None else None
+            loss = adapter_loss(adapters(xb), yb, class_targets, spec, tb, present)
+            if anchor:
+                loss = loss + spec.proximal_mu / 2 * sum((p - a).pow(2).sum()
+                                                         for p, a in zip(adapters.parameters(), anchor))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if spec.grad_clip > 0:

@@ -7,42 +7,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch import nn
 
+from benchmarks import bench_quality
 from benchmarks.bench_generators import predecessor_vae_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_quality_intervals_and_paired_test():
+    rng = np.random.default_rng(1)
+    a = (rng.random(600) < 0.8).astype(float)
+    lo, hi = bench_quality.bootstrap(a, rng)
+    assert lo < a.mean() < hi and hi - lo < 0.08  # about +-1.96 * sqrt(0.16 / 600)
+    b = np.where(rng.random(600) < 0.25, 1 - a, a)  # a quarter of the clips flipped: mostly 1 -> 0
+    diff, lo, hi, p = bench_quality.paired(a, b, rng)
+    assert diff == pytest.approx(a.mean() - b.mean()) and lo < diff < hi and diff > 0 and p < 0.01
+    assert bench_quality.paired(a, a.copy(), rng)[3] == 1.0  # identical rows: no difference
+
+
 @pytest.mark.slow
-def test_quality_benchmark_quick(tmp_path, cache_dir):
+def test_quality_benchmark_quick_scores_every_method_on_the_same_clips_and_resumes(tmp_path, cache_dir):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--quick", "--out", str(out),
-                           f"paths.cache_dir={cache_dir}", "data.clips_per_class=8", "data.seconds=1.0",
-                           "data.clip_seconds=1.0", "model.audio.max_length=128", "train.local_epochs=1",
-                           "generator.epochs=2", "adapter.width=64"],
-                          capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--quick", "--out", str(out),
+           f"paths.cache_dir={cache_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "quality.csv")))
-    methods = {r["method"] for r in rows}
-    assert {"FedAvg", "local only", "centralised (upper bound)", "+ kd (gaussian)"} <= methods
-    assert {r["scenario"] for r in rows} == {"non-IID (one group per site)", "class-incremental"}
-    assert all(0 <= float(r["top1_mean"]) <= 1 and float(r["mb_per_site_round"]) > 0 for r in rows)
-    # generator bytes: none without generators; a neural generator beside its copy at the gaussian's bytes
-    gen_bytes = {(r["scenario"], r["method"]): float(r["gen_bytes_per_site_round"]) for r in rows}
-    assert all(b == 0 for (_, m), b in gen_bytes.items() if m in ("FedAvg", "local only"))
-    gaussian = gen_bytes["non-IID (one group per site)", "+ kd (gaussian)"]  # unified, both classes every round
-    default = gen_bytes["class-incremental", "+ replay (cvae, unified)"]
-    equal = gen_bytes["class-incremental", "+ replay (cvae, unified) at gaussian bytes"]
-    assert 0.5 * gaussian <= equal <= gaussian < default / 10
-    hidden = {r["method"]: int(r["generator_size"].split()[1].rstrip(",")) for r in rows if r["generator_size"]}
-    assert 1 <= hidden["+ replay (cvae, unified) at gaussian bytes"] < hidden["+ replay (cvae, unified)"]
+    by = {(r["scenario"], r["method"]): r for r in rows}
+    assert {r["scenario"] for r in rows} == {"non-IID", "non-IID, hard data", "class-incremental, hard data"}
+    assert {"linear probe (ceiling)", "centralised", "local only", "FedAvg", "+ kd (gaussian)"} <= {m for _, m in by}
+    for scenario in {r["scenario"] for r in rows}:  # the same test clips, all classes, for every method
+        sizes = {len(r["correct"].split()) for r in rows if r["scenario"] == scenario}
+        assert len(sizes) == 1 and sizes.pop() >= 10
+    for r in rows:
+        hits = [float(v) for v in r["correct"].split()]
+        assert float(r["top1"]) == pytest.approx(np.mean(hits), abs=1e-3) and 0 <= float(r["train_fit"]) <= 1
+    local = by["non-IID", "local only"]  # every site's adapters on every clip; its own clips in another column
+    assert 0 <= float(local["within_site"]) <= 1 and any(0 < float(v) < 1 for v in local["correct"].split())
+    forgetting = by["class-incremental, hard data", "FedAvg"]["forgetting"].split()  # from val, per old class
+    assert len(forgetting) == 5 and all(0 <= float(f) <= 1 for f in forgetting)
+    assert by["class-incremental, hard data", "joint (all classes from round 1)"]["forgetting"] == ""
+    gen = {m: float(r["gen_kb"]) for (s, m), r in by.items() if s.startswith("class")}
+    gaussian, cvae = gen["+ replay (gaussian, unified, reset=off)"], "+ replay (cvae, unified, reset=off)"
+    assert gen["FedAvg"] == 0 and 0.5 * gaussian <= gen[f"{cvae} at gaussian bytes"] <= 1.5 * gaussian < gen[cvae] / 10
     table = (out / "quality.md").read_text()
-    assert table.count("| scenario | method |") == 1 and "generator kB sent / site / round" in table
-    assert "at gaussian bytes (hidden " in table
-    assert table.count("\n|") >= len(rows) + 1
-    assert (out / "quality_rounds.png").stat().st_size > 1000
+    assert table.count("| method | top-1 [95 % CI] |") == 3 and "vs centralised: diff [95 % CI], p" in table
+    assert "| centralised |" in table and "reference" in table and "at gaussian bytes (hidden " in table
+    # a stopped run loses nothing: drop the last row, rerun, and only that row is computed again
+    lines = (out / "quality.csv").read_text().splitlines(keepends=True)
+    (out / "quality.csv").write_text("".join(lines[:-1]))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(" seed 0 top1 ") == 1
+    assert (out / "quality.csv").read_text().splitlines(keepends=True)[:-1] == lines[:-1]
 
 
 def test_generator_benchmark_writes_ratios(tmp_path):

@@ -56,6 +56,10 @@ def test_every_readme_command_composes(overrides, make_cfg):
 @pytest.mark.parametrize("override,match", [
     ("strategy.aggregation=median", r"strategy.aggregation='median' is not allowed; expected one of \['avg'"),
     ("train.lr=-1", r"train.lr=-1(\.0)? is not allowed; expected a number > 0"),
+    ("train.loss=hinge", r"train.loss='hinge' is not allowed; expected one of \['mse', 'contrastive'"),
+    ("train.absent_scale=2", r"train.absent_scale=2(\.0)? is not allowed with train.loss='mse\+contrastive'"),
+    ("train.absent_scale=0.5 train.loss=mse", r"train.absent_scale=0.5 is not allowed with train.loss='mse'"),
+    ("train.temperature=0", r"train.temperature=0(\.0)? is not allowed; expected a number > 0"),
     ("federation.num_cpus=0", r"federation.num_cpus=0"),
     ("adapter.heads=3", r"adapter.width=64 must be divisible by adapter.heads=3"),
     ("prompt_template=hello", r"must contain '\{\}'"),
@@ -69,7 +73,7 @@ def test_every_readme_command_composes(overrides, make_cfg):
 ])
 def test_bad_values_are_named(override, match, make_cfg):
     with pytest.raises(ValueError, match=match):
-        C.validate(make_cfg(override))
+        C.validate(make_cfg(*override.split()))
 
 
 def test_esc50_without_root_is_clear(make_cfg, monkeypatch):

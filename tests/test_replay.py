@@ -114,7 +114,7 @@ def test_distill_matches_owner_teachers_mean():
     owners = {0: [0, 1], 1: [2]}
     target0 = (predict(teachers[0], x[y == 0])["pooled"] + predict(teachers[1], x[y == 0])["pooled"]) / 2
     before = (predict(student, x[y == 0])["pooled"] - target0).pow(2).mean()
-    distill(student, teachers, owners, x, y, TrainSpec(epochs=60, lr=3e-3, batch_size=16))
+    distill(student, teachers, owners, x, y, TARGETS, TrainSpec(epochs=60, lr=3e-3, batch_size=16))
     after = (predict(student, x[y == 0])["pooled"] - target0).pow(2).mean()
     assert after < 0.5 * before
 
@@ -133,9 +133,9 @@ def test_distill_skips_classes_without_a_teacher():
     student = build_adapters(8, TARGETS, 16, 2, seed=9)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     loss = distill(student, {0: build_adapters(8, TARGETS, 16, 2, seed=0)}, {0: [0], 1: [5]}, x, y,
-                   TrainSpec(epochs=2, batch_size=8))
+                   TARGETS, TrainSpec(epochs=2, batch_size=8))
     assert not math.isnan(loss) and any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
-    assert math.isnan(distill(student, {}, {0: [0]}, x, y, TrainSpec(epochs=1)))  # no teacher at all
+    assert math.isnan(distill(student, {}, {0: [0]}, x, y, TARGETS, TrainSpec(epochs=1)))  # no teacher at all
 
 
 def test_reset_of_a_gaussian_measures_quality_on_the_classes_it_knows():

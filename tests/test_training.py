@@ -1,0 +1,104 @@
+"""Adapter training: MSE and contrastive losses (SD's one head, FLUX's two), FedProx, restricted softmax, kd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from a2v_flower.metrics import retrieval, similarity
+from a2v_flower.models.adapters import build_adapters
+from a2v_flower.server_generators import distill
+from a2v_flower.training import TrainSpec, adapter_loss, contrastive_logits, predict, train_adapters
+
+G = torch.Generator().manual_seed(0)
+SD = {"clip": torch.randn(5, 4, 16, generator=G)}                                # 5 classes, 4 tokens x 16
+FLUX = {"t5": torch.randn(5, 3, 24, generator=G), "pooled": torch.randn(5, 16, generator=G)}
+
+
+def toy(classes=(0, 1, 2, 3, 4), n=12, seed=0):
+    """n clips per class: (N, 4, 8) tokens around a class centre, labels (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor([c for c in classes for _ in range(n)])
+    centres = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1)) * 3
+    return centres[y] + 0.3 * torch.randn(len(y), 4, 8, generator=g), y
+
+
+@pytest.mark.parametrize("targets", [SD, FLUX], ids=["sd", "flux"])
+def test_contrastive_gradient_moves_toward_own_target_and_away_from_the_others(targets):
+    out = {h: torch.randn(1, *t.shape[1:], generator=torch.Generator().manual_seed(3)).requires_grad_()
+           for h, t in targets.items()}
+    y = torch.tensor([2])
+    adapter_loss(out, y, targets, TrainSpec(loss="contrastive", temperature=0.1)).backward()
+    assert all(o.grad.abs().sum() > 0 for o in out.values())  # every head gets a gradient
+    stepped = {h: (o - 0.05 * o.grad).detach() for h, o in out.items()}
+    before, after = similarity({h: o.detach() for h, o in out.items()}, targets)[0], similarity(stepped, targets)[0]
+    others = [c for c in range(5) if c != 2]
+    assert after[2] > before[2]                                   # toward its own target
+    assert after[others].mean() < before[others].mean()           # away from the others on average
+    hardest = others[int(before[others].argmax())]
+    assert after[hardest] < before[hardest]                       # and from the nearest wrong class
+
+
+@pytest.mark.parametrize("targets", [SD, FLUX], ids=["sd", "flux"])
+@pytest.mark.parametrize("loss", ["contrastive", "mse+contrastive"])
+def test_contrastive_training_retrieves_every_class(targets, loss):
+    x, y = toy()
+    adapters = build_adapters(8, targets, 16, 2, seed=0)
+    train_adapters(adapters, x, y, targets, TrainSpec(epochs=30, batch_size=16, lr=3e-3, loss=loss, temperature=0.1))
+    assert retrieval(predict(adapters, x), y, targets)["top1"] == 1.0
+
+
+def test_mse_is_the_mean_squared_error_summed_over_heads():
+    out = {h: torch.randn(2, *t.shape[1:], generator=torch.Generator().manual_seed(4)) for h, t in FLUX.items()}
+    y = torch.tensor([0, 3])
+    want = sum(F.mse_loss(out[h], FLUX[h][y]) for h in FLUX)
+    assert torch.allclose(adapter_loss(out, y, FLUX, TrainSpec(loss="mse")), want)
+    both = adapter_loss(out, y, FLUX, TrainSpec(loss="mse+contrastive", temperature=0.5))
+    assert torch.allclose(both, want + F.cross_entropy(similarity(out, FLUX) / 0.5, y))
+
+
+def test_restricted_softmax_scales_only_the_absent_classes_logits():
+    out = {"clip": torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(5))}
+    present = torch.tensor([True, True, False, False, True])
+    full = contrastive_logits(out, SD, 0.1)
+    restricted = contrastive_logits(out, SD, 0.1, present, absent_scale=0.5)
+    assert torch.equal(restricted[:, present], full[:, present])
+    assert torch.allclose(restricted[:, ~present], 0.5 * full[:, ~present])
+
+
+def test_restricted_softmax_changes_training_of_a_site_missing_classes():
+    x, y = toy(classes=(0, 1))
+    runs = {}
+    for scale in (1.0, 0.0):
+        adapters = build_adapters(8, SD, 16, 2, seed=0)
+        train_adapters(adapters, x, y, SD, TrainSpec(epochs=2, batch_size=8, loss="contrastive", absent_scale=scale))
+        runs[scale] = predict(adapters, x)["clip"]
+    assert not torch.allclose(runs[1.0], runs[0.0])
+
+
+def test_proximal_term_keeps_weights_near_the_received_ones():
+    x, y = toy(classes=(0, 1))
+    start = build_adapters(8, SD, 16, 2, seed=0)
+    drift = {}
+    for mu in (0.0, 10.0):
+        adapters = build_adapters(8, SD, 16, 2, seed=0)
+        train_adapters(adapters, x, y, SD, TrainSpec(epochs=5, batch_size=8, lr=3e-3, proximal_mu=mu))
+        drift[mu] = sum((p - q).pow(2).sum() for p, q in zip(adapters.parameters(), start.parameters()))
+    assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_contrastive_kd_matches_the_teachers_softmax():
+    x, y = toy(n=8)
+    teacher = build_adapters(8, SD, 16, 2, seed=1)
+    train_adapters(teacher, x, y, SD, TrainSpec(epochs=20, batch_size=16, lr=3e-3, loss="contrastive"))
+    student = build_adapters(8, SD, 16, 2, seed=9)
+    p = contrastive_logits(predict(teacher, x), SD, 0.1).softmax(1)
+
+    def kl() -> float:
+        return F.kl_div(contrastive_logits(predict(student, x), SD, 0.1).log_softmax(1), p, reduction="batchmean")
+
+    before = kl()
+    distill(student, {0: teacher}, {c: [0] for c in range(5)}, x, y, SD,
+            TrainSpec(epochs=30, batch_size=16, lr=3e-3, loss="contrastive"))
+    assert kl() < 0.2 * before
