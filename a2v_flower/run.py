@@ -161,9 +161,9 @@ def reap_orphans(keep: set[int] = frozenset()) -> None:
                 os.waitpid(child.pid, os.WNOHANG)
 
 
-def start_superlink(home: Path, log_file) -> int:
+def start_superlink(home: Path, log_file) -> subprocess.Popen:
     """A simulation SuperLink of this launch only (own FLWR_HOME, a free loopback port), the CLI's default
-    connection pointing at it; return its port."""
+    connection pointing at it; return its process."""
     port = free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "a2v"\n\n[superlink.a2v]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
@@ -177,7 +177,7 @@ def start_superlink(home: Path, log_file) -> int:
     while link.poll() is None and time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return port
+                return link
         time.sleep(0.3)
     raise RuntimeError(f"flower-superlink did not start on 127.0.0.1:{port} (exit code {link.poll()}); "
                        f"see {log_file.name}")
@@ -198,17 +198,28 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
     home = Path(tempfile.mkdtemp(prefix="a2v-flwr-"))
     with open(run_log, "a", buffering=1) as out:
         try:
-            start_superlink(home, out)
+            link = start_superlink(home, out)
             flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id), env=flwr_env(home), cwd=APP_DIR,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                     preexec_fn=die_with_parent)
             for line in flwr.stdout:
                 sys.stdout.write(line)
                 out.write(line)
-            return flwr.wait()
+            code = flwr.wait()
+            settle(link.pid)
+            return code
         finally:
             log.info("stopped %d Flower/Ray processes of this run", stop_processes())
             shutil.rmtree(home, ignore_errors=True)
+
+
+def settle(superlink: int, timeout: float = 15.0) -> None:
+    """After a finished stream, give Flower up to `timeout` s to end the run's process (SuperLink ->
+    superexec -> flwr-simulation, which shuts Ray down) by itself before the rest is stopped."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(psutil.Error):
+        while time.monotonic() < deadline and any(c.children() for c in psutil.Process(superlink).children()):
+            time.sleep(0.5)
 
 
 def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
