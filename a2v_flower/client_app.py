@@ -167,7 +167,7 @@ def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:
 def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, site: SiteData, site_id: int,
                      x, y, targets, rnd: int, train: bool) -> tuple[dict, dict, dict]:
     """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained
-    when `train`; checkpointed; returns their full states, the loss components
+    when `train`; checkpointed (generator_checkpoint.save); returns their full states, the loss components
     per key trained and the resets made (see `train_site_generators`)."""
     classes = site.classes
     states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
@@ -178,7 +178,7 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
                  replay.sharing)
         states.update(shared)
     if replay.pretrained and not states:
-        states, seen = SG.load_site_generators(replay, site_id, classes, y)
+        states, seen = SG.load_site_generators(replay, site_id, classes, y, tuple(x.shape[1:]))
     losses, resets = {}, {}
     if train:
         new = set(y.unique().tolist()) - seen
@@ -195,8 +195,9 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
         context.state["class_moments"] = to_record(kept | SG.class_moments(x, y))
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
-        SG.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
-                               round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
+        if replay.checkpoint_save:
+            SG.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
+                                   round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
     if not replay.shared:  # shared states come from the server every round
         for key, state in states.items():
             context.state[f"gen/{key}"] = to_record(state)

@@ -223,15 +223,21 @@ def save_site_generators(replay: ReplaySpec, site: int, states: dict, classes: l
                                     states, meta, rnd, round_copy)
 
 
-def load_site_generators(replay: ReplaySpec, site: int, classes: list[str], y: torch.Tensor
-                         ) -> tuple[dict[str, dict[str, torch.Tensor]], set[int]]:
-    """Load the generators of this site's classes: all or nothing; a mismatch names file and both sides."""
+def load_site_generators(replay: ReplaySpec, site: int, classes: list[str], y: torch.Tensor,
+                         token_shape: tuple[int, int]) -> tuple[dict[str, dict[str, torch.Tensor]], set[int]]:
+    """Load the generators of this site's classes: all or nothing. Metadata (type, classes, token shape,
+    config) and every tensor's name and shape are checked against the configured generator first; a
+    mismatch names the file and both sides."""
     keys = generator_keys(replay.granularity, classes, replay.groups)
     mine = sorted({key_for(replay.granularity, classes[c], replay.groups) for c in y.unique().tolist()})
+    fresh = build_generator(replay.generator, token_shape)
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_tensors().items() if k.startswith("model.")}
     loaded = ckpt.load_generator_checkpoints(replay.checkpoint_dir, replay.checkpoint_base, site, replay.granularity,
                                              mine, expect={"type": replay.generator.type,
                                                            "classes": {k: keys[k] for k in mine},
-                                                           "config_fingerprint": _fingerprint(replay)})
+                                                           "token_shape": list(token_shape),
+                                                           "config_fingerprint": _fingerprint(replay)},
+                                             shapes=shapes)
     seen = {classes.index(c) for _, meta in loaded.values() for c in meta.seen_classes if c in classes}
     log.info("site %s: loaded %d pretrained generators from %s", site, len(loaded), replay.checkpoint_dir)
     return {k: tensors for k, (tensors, _) in loaded.items()}, seen
