@@ -100,7 +100,8 @@ def log_generators(site: int, replay: ReplaySpec, per_key: dict[str, dict[str, f
     label = {"unified": "Generator", "per_class": "Class", "per_group": "Group"}[replay.granularity]
     for key, f in sorted(per_key.items()):
         parts = [k for k in f if k not in ("loss", "diversity") and not k.startswith("sample_")]
-        loss = (f"Loss={f['loss']:.4f} (" + ", ".join(f"{k}={f[k]:.4f}" for k in parts) + ")") if "loss" in f else ""
+        comps = f" ({', '.join(f'{k}={f[k]:.4f}' for k in parts)})" if parts else ""
+        loss = f"Loss={f['loss']:.4f}{comps}" if "loss" in f else ""
         samples = (f"samples mean={f['sample_mean']:.3f} std={f['sample_std']:.3f} range=[{f['sample_min']:.3f}, "
                    f"{f['sample_max']:.3f}], diversity={f['diversity']:.3f}") if "sample_mean" in f else ""
         log.info("[Client %s] %s %r: %s %s", site, label, key, replay.generator.type.upper(),

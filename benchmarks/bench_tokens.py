@@ -190,7 +190,7 @@ def write(rows: list[dict], out: Path, info: dict) -> None:
              f"{info['max_epochs']} epochs); adapter width {info['adapter_width']}, {info['diffusion']} targets.", "",
              f"| representation | tokens | bytes / clip (D={info['token_dim']}) | bytes / clip (D={REAL_DIM}) "
              f"| adapter MFLOPs / sample (D={info['token_dim']}) | (D={REAL_DIM}) | best epoch per seed "
-             "| train s / seed | top-1 [95 % CI] | vs 8 tokens [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| train s / seed | top-1 [95 % CI] | vs 8 tokens [95 % CI] |", "|---" * 10 + "|"]
     for r in rows:
         lo, hi = r["top1_ci95"]
         dlo, dhi = r["diff_vs_8_ci95"]

@@ -178,7 +178,7 @@ def test_loading_refuses_another_kind_or_changed_shapes_before_anything_changes(
         return t | {"model.enc.0.weight": torch.zeros(want[0], want[1] + 1)}
 
     _rewrite(path, widen)
-    with pytest.raises(ValueError, match=rf"g_node0.safetensors: model.enc.0.weight has shape "
-                                         rf"\[{want[0]}, {want[1] + 1}\] in the file but \[{want[0]}, {want[1]}\] was asked"):
+    with pytest.raises(ValueError, match=rf"g_node0.safetensors: model.enc.0.weight has shape \[{want[0]}, "
+                                         rf"{want[1] + 1}\] in the file but \[{want[0]}, {want[1]}\] was asked"):
         client_app.train(message(cfg2, adapters, targets), ctx)
     assert not gen_state(ctx)

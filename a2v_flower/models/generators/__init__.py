@@ -14,5 +14,5 @@ from a2v_flower.models.generators.training import (GENERATOR_TYPES, build_genera
                                                    sample_classes, train_generator)
 
 __all__ = ["CONDITION_DIM", "BaseGenerator", "class_condition", "GRANULARITIES", "generator_keys", "key_for",
-           "frechet_distance", "moment_quality", "sample_quality", "TYPES", "GeneratorSpec", "ReplaySpec", "GENERATOR_TYPES",
-           "build_generator", "condition_for", "kl_beta", "sample_classes", "train_generator"]
+           "frechet_distance", "moment_quality", "sample_quality", "TYPES", "GeneratorSpec", "ReplaySpec",
+           "GENERATOR_TYPES", "build_generator", "condition_for", "kl_beta", "sample_classes", "train_generator"]
