@@ -185,12 +185,34 @@ def _mismatches(meta: GeneratorMeta, wanted: Mapping, key: str) -> list[str]:
     return out
 
 
+def _shape_mismatches(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """How a file's "model." tensors differ from the configured generator's `shapes` (a 0 there matches any
+    size: buffers that grow, such as the gaussian's per-class slots); AdamW moments must match their weights."""
+    have = {k: list(v.shape) for k, v in tensors.items() if k.startswith("model.")}
+    out = []
+    if missing := sorted(set(shapes) - set(have)):
+        out.append(f"tensors {missing[:3]} of the configured generator are not in the file")
+    if extra := sorted(set(have) - set(shapes)):
+        out.append(f"tensors {extra[:3]} in the file are not in the configured generator")
+    for name, want in shapes.items():
+        got = have.get(name)
+        if got is not None and (len(got) != len(want) or any(w and g != w for g, w in zip(got, want))):
+            out.append(f"{name} has shape {got} in the file but {list(want)} was asked")
+    for name, t in tensors.items():  # optim.<optimizer>.<parameter>.<exp_avg | exp_avg_sq | step>
+        param = "model." + name.split(".", 2)[-1].rsplit(".", 1)[0] if name.startswith("optim.") else None
+        if param and t.dim() and param in shapes and list(t.shape) != list(shapes[param]):
+            out.append(f"{name} has shape {list(t.shape)} in the file but {list(shapes[param])} was asked")
+    return out
+
+
 def load_generator_checkpoints(directory: str | Path, base: str, node: int | str, granularity: str,
-                               keys: list[str], expect: Mapping | None = None,
-                               round_: int | None = None) -> dict[str, tuple[dict[str, torch.Tensor], GeneratorMeta]]:
+                               keys: list[str], expect: Mapping | None = None, round_: int | None = None,
+                               shapes: Mapping[str, tuple[int, ...]] | None = None
+                               ) -> dict[str, tuple[dict[str, torch.Tensor], GeneratorMeta]]:
     """All or nothing: {key: (tensors, meta)}, or one ValueError naming every missing, corrupt or mismatched file."""
     # expect: any GeneratorMeta fields but key (classes as a list or a mapping key -> classes);
     # granularity and each file's key are always checked. round_ reads the `_round_{R}` copies.
+    # shapes: name -> shape of the configured generator's "model." tensors (another kind or size is refused).
     expect, allowed = dict(expect or {}), [k for k in GEN_META_KEYS if k != GEN_KEY]
     if unknown := sorted(set(expect) - set(allowed)):
         raise ValueError(f"expect has unknown fields {unknown}; allowed: {allowed}")
@@ -211,6 +233,8 @@ def load_generator_checkpoints(directory: str | Path, base: str, node: int | str
             problems.append(f"{name}: {err}")
             continue
         problems += [f"{name}: {m}" for m in _mismatches(meta, {**expect, GEN_KEY: key}, key)]
+        if shapes:
+            problems += [f"{name}: {m}" for m in _shape_mismatches(tensors, shapes)]
         loaded[key] = (tensors, meta)
     if problems:
         raise ValueError(f"generator checkpoints in {directory} not loaded (nothing changed): " + "; ".join(problems))

@@ -101,16 +101,24 @@ def train(msg: Message, context: Context) -> Message:
     x, y = round_data(cfg, site, site_id, rnd)
     trained = _trained(context, site, y)
     replay = C.replay_spec(cfg, site.classes)
-    extra, losses, quality, resets = {}, {}, {}, {}
+    extra, figures = {}, {}
     if replay is not None:
-        # sequential sharing: the generators were trained in this round's "train.generators" pass
-        states, losses = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
-                                          train=replay.train and replay.sharing != "sequential", resets=resets)
+        sequential = replay.sharing == "sequential"
+        states, losses, resets = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
+                                                  train=replay.train and not sequential)
+        figures = SG.generator_report(losses, resets)
+        done = context.state.pop("gen_pass", None)  # sequential: this round's "train.generators" pass trained them
+        if sequential and done is not None and done["round"] == rnd:
+            figures = {k: v for k, v in done.items() if k != "round"}
         if replay.sharing == "none":
             extra["generators"] = to_record(flatten({k: SG.weights_only(v) for k, v in states.items()}))
         elif replay.sharing == "averaged":
             extra["generators"] = to_record(flatten(states))
-        quality = SG.generator_quality(states, x, y, adapters, site.classes, replay, targets)
+        figures |= SG.generator_quality(states, x, y, adapters, site.classes, replay, targets)
+        per_key = {k[4:]: v for k, v in figures.items() if k.startswith("gen/")}  # "<key>/<figure>"
+        figures = {k: v for k, v in figures.items() if not k.startswith("gen/")}
+        extra["generator_report"] = ConfigRecord(per_key)  # keys differ between sites: not a MetricRecord
+        SG.log_generators(site_id, replay, unflatten(per_key))
     n_real = len(y)  # the site's own clips come first; synthetic samples follow
     if "synthetic" in msg.content:  # augmentation / replay: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
@@ -125,17 +133,11 @@ def train(msg: Message, context: Context) -> Message:
         context.state["adapters"] = ArrayRecord(adapters.state_dict())
     if (folder := site_state_dir(cfg, context.node_config)) is not None:
         save_site_state(folder, site_id, rnd, context.state)
-    reset_q = [r for r in resets.values() if r["before"] and r["after"]]
     return Message(content=RecordDict({
         "arrays": ArrayRecord(adapters.state_dict()),
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
                                  "encoder_calls": calls, "skipped": len(site.skipped),
-                                 "synthetic": len(y) - n_real,
-                                 "generator_loss": _mean(list(losses.values())),
-                                 "resets": len(resets),
-                                 "reset_frechet_before": _mean([r["before"]["frechet"] for r in reset_q]),
-                                 "reset_frechet_after": _mean([r["after"]["frechet"] for r in reset_q]),
-                                 **quality}),
+                                 "synthetic": len(y) - n_real, **figures}),
         "class_stats": class_stats(adapters, x[:n_real], y[:n_real], len(site.classes), trained,
                                    outputs=cfg.server_generator.epochs > 0),
         **extra,
@@ -144,17 +146,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("generators")
 def train_shared_generators(msg: Message, context: Context) -> Message:
-    """sharing=sequential: train the shared generator states this site is handed, and hand them back."""
+    """sharing=sequential: train the shared generator states this site is handed, and hand them back; the
+    pass's losses and resets are kept for this round's train reply, which reports them."""
     cfg, site_id, site, targets, _ = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
     x, y = round_data(cfg, site, site_id, rnd)
     _trained(context, site, y)
     replay = C.replay_spec(cfg, site.classes)
-    states, losses = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd, train=True)
+    states, losses, resets = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
+                                              train=True)
+    figures = SG.generator_report(losses, resets)
+    context.state["gen_pass"] = MetricRecord(figures | {"round": rnd})
     mine = {key: states[key] for key in losses}  # the keys this site trained (it may hold only some classes)
     return Message(content=RecordDict({
         "generators": to_record(flatten(mine)),
-        "metrics": MetricRecord({"site": site_id, "generator_loss": _mean(list(losses.values()))}),
+        "metrics": MetricRecord({"site": site_id, "generator_loss": figures["generator_loss"],
+                                 "resets": figures["resets"]}),
     }), reply_to=msg)
 
 
@@ -167,10 +174,6 @@ def which_site(msg: Message, context: Context) -> Message:
                                                                 "num-partitions": size})}), reply_to=msg)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
 def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:
     """Classes this site has trained on in any round so far (kept in context.state), this round's included."""
     before = list(context.state["trained"]["classes"]) if "trained" in context.state else []
@@ -180,9 +183,10 @@ def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:
 
 
 def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, site: SiteData, site_id: int,
-                     x, y, targets, rnd: int, train: bool, resets: dict | None = None) -> tuple[dict, dict]:
+                     x, y, targets, rnd: int, train: bool) -> tuple[dict, dict, dict]:
     """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained
-    when `train`; checkpointed; returns their full states and the last training losses."""
+    when `train`; checkpointed (generator_checkpoint.save); returns their full states, the loss components
+    per key trained and the resets made (see `train_site_generators`)."""
     classes = site.classes
     states = {name[4:]: from_record(rec) for name, rec in context.state.items() if name.startswith("gen/")}
     seen = {classes.index(c) for c in context.state["gen_seen"]["classes"]} if "gen_seen" in context.state else set()
@@ -192,27 +196,31 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
                  replay.sharing)
         states.update(shared)
     if replay.pretrained and not states:
-        states, seen = SG.load_site_generators(replay, site_id, classes, y)
-    losses = {}
+        states, seen = SG.load_site_generators(replay, site_id, classes, y, tuple(x.shape[1:]))
+    losses, resets = {}, {}
     if train:
         new = set(y.unique().tolist()) - seen
         if seen and new:
             log.info("[Client %s] Detected new classes: %s", site_id, sorted(classes[c] for c in new))
         scheduled = bool(replay.reset_every) and rnd > 1 and (rnd - 1) % replay.reset_every == 0
         val = site.splits["val"] if replay.generator.early_stopping_patience else None
+        # mean/variance of every class this site has trained on: a reset's "quality before" needs them
+        kept = from_record(context.state["class_moments"]) if "class_moments" in context.state else {}
         states, losses = SG.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
                                                  replay.generator, targets, replay.reset_on_new_classes,
                                                  scheduled_reset=scheduled, layers=replay.reset_layers,
-                                                 val=val, resets=resets)
+                                                 val=val, resets=resets, moments=kept, site=site_id)
+        context.state["class_moments"] = to_record(kept | SG.class_moments(x, y))
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
-        SG.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
-                               round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
+        if replay.checkpoint_save:
+            SG.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
+                                   round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
     if not replay.shared:  # shared states come from the server every round
         for key, state in states.items():
             context.state[f"gen/{key}"] = to_record(state)
     context.state["gen_seen"] = ConfigRecord({"classes": sorted(classes[c] for c in seen)})
-    return states, losses
+    return states, losses, resets
 
 
 @app.evaluate()

@@ -216,4 +216,4 @@ def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
     return ReplaySpec(spec, gran, groups, r.samples_per_class, r.refine_epochs, r.synthetic_samples_per_class,
                       r.kd_epochs, cfg.reset.reset_generator_on_class_change, m.generator_training_mode,
                       m.generator_only_mode, m.use_pretrained_generators, cfg.sharing.mode, ck.dir, ck.base_name,
-                      ck.frequency, cfg.reset.every_rounds, layers)
+                      ck.frequency, cfg.reset.every_rounds, layers, ck.save)

@@ -301,6 +301,7 @@ class GeneratorCheckpoint:
     dir: str = MISSING
     base_name: str = MISSING
     frequency: int = MISSING
+    save: bool = True                 # the seed's generator_save_checkpoint
 
     def __post_init__(self):
         _non_negative("generator_checkpoint.", self, "frequency")

@@ -41,13 +41,16 @@ class ServerGenerators:
         """Server training needs the sites' own adapters of this round (kd or the server generator)."""
         return self.kd or self.server_gen is not None
 
-    def receive(self, site: int, content: RecordDict) -> None:
-        """Keep a site's class statistics and generators aside (removed from the reply FedAvg averages)."""
+    def receive(self, site: int, content: RecordDict) -> dict:
+        """Keep a site's class statistics and generators aside (removed from the reply FedAvg averages); returns
+        its generators' figures per key (loss components, sample statistics) for its metrics row."""
         self.class_stats[site] = from_record(content["class_stats"])
         del content["class_stats"]
         if "generators" in content:
             self.generators[site] = unflatten(from_record(content["generators"]))
             del content["generators"]
+        report = content.pop("generator_report", None)
+        return {"generators": unflatten(dict(report))} if report is not None else {}
 
     def owners(self, seen: bool = False) -> dict[int, list[int]]:
         """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
@@ -127,8 +130,15 @@ class ServerGenerators:
         else:
             x, y = torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)
         if sg:
+            per_class: dict = {}
             out["server/generator_loss"] = SG.train_server_generator(
-                self.stats_generator, models, self.class_stats, self.class_targets, sg, self.seed + server_round)
+                self.stats_generator, models, self.class_stats, self.class_targets, sg, self.seed + server_round,
+                report=per_class)
+            for c, f in per_class.items():
+                log.info("Class %r: server generator Loss=%.4f (agree=%.4f, moment=%.4f)", self.classes[c],
+                         f["loss"], f["agree"], f["moment"])
+            log.info("Generator training completed. Average loss: %.4f", out["server/generator_loss"])
+            out["server/generator_per_class"] = {self.classes[c]: f for c, f in per_class.items()}
             sx, sy = SG.sample_server_generator(self.stats_generator, self.class_stats, self.class_targets,
                                                 sg.samples_per_class, self.seed + 7 * server_round)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
@@ -136,11 +146,13 @@ class ServerGenerators:
         if self.kd and len(y):
             spec = replace(self.train_spec, epochs=opts.kd_epochs)
             out["server/kd_loss"] = distill(glob, models, self.owners(), x, y, self.class_targets, spec, self.seed)
+            log.info("Distillation completed. Average loss: %.4f", out["server/kd_loss"])
         if opts.refine_epochs:
             present, means = class_audio_means(self.class_stats, len(self.classes))
             xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
             spec = replace(self.train_spec, epochs=opts.refine_epochs)
             out["server/adapter_finetuning_loss"] = refine(glob, xs, ys, self.class_targets, spec, self.seed)
+            log.info("Adapter fine-tuning completed. Average loss: %.4f", out["server/adapter_finetuning_loss"])
         log.info("round %s: server training %s", server_round,
                  {k: round(v, 4) for k, v in out.items() if isinstance(v, float)})
         return ArrayRecord(glob.state_dict()), out

@@ -128,11 +128,11 @@ class A2VStrategy(FedAvg):
             metrics, node = msg.content["metrics"], msg.metadata.src_node_id
             site = self.site_of_node[node] = int(metrics["site"])
             up = payload_bytes(msg.content)
-            self.generators.receive(site, msg.content)
+            report = self.generators.receive(site, msg.content)
             if self.generators.wants_teachers:
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
-            sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)}
+            sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)} | report
         arrays, metrics = super().aggregate_train(server_round, replies)
         arrays, server = self.generators.after_aggregation(server_round, arrays, teachers)
         self.tracker.log(server_round, "train", server | summarise_training(sites, len(replies) - len(sites)))

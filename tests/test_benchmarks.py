@@ -109,3 +109,28 @@ def test_predecessor_vae_params_counts_linear_layers():
               nn.Linear(latent, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, seq * dim)]
     assert predecessor_vae_params(seq, dim, hidden, latent) == sum(p.numel() for m in layers for p in m.parameters())
     assert 1.9e9 < predecessor_vae_params() < 1.92e9
+
+
+@pytest.mark.slow
+def test_token_benchmark_quick(tmp_path, cache_dir):
+    import json
+
+    out = tmp_path / "tokens"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tokens.py"), "--quick", "--out", str(out),
+                           f"paths.cache_dir={cache_dir}"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "tokens.json").read_text())
+    rows = {r["representation"].split(" (")[0]: r for r in result["rows"]}
+    assert list(rows) == ["8 tokens", "32 tokens", "mean of patch tokens", "all tokens"]
+    assert result["info"]["test_clips"] == 20 and result["info"]["val_clips"] > 0  # the same clips for every row
+    assert rows["32 tokens"]["bytes_per_clip"] == 4 * rows["8 tokens"]["bytes_per_clip"]
+    assert rows["all tokens"]["bytes_per_clip_real_ast"] == rows["all tokens"]["tokens"] * 768 * 4
+    flops = [r["adapter_flops"] for r in (rows["mean of patch tokens"], rows["8 tokens"], rows["32 tokens"],
+                                          rows["all tokens"])]
+    assert flops == sorted(flops) and len(set(flops)) == 4  # more tokens, more adapter work
+    for r in rows.values():
+        lo, hi = r["top1_ci95"]
+        assert 0 <= lo <= r["top1"] <= hi <= 1 and 1 <= min(r["best_epochs"]) <= max(r["best_epochs"]) <= 3
+    assert rows["8 tokens"]["diff_vs_8"] == 0 and rows["8 tokens"]["diff_vs_8_ci95"] == [0.0, 0.0]
+    assert (out / "tokens.md").read_text().count("\n|") == 6  # header, separator, four rows

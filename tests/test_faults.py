@@ -156,7 +156,7 @@ def test_refused_config_is_one_line_exit_2_and_writes_nothing(overrides, match, 
 PRETRAINED_REFUSED = [  # how the generator folder is broken, what the line must say
     ("empty", r"file does not exist"),
     ("truncated", r"corrupt or not a safetensors file"),
-    ("tokens", r"tensor shapes differ from a gaussian generator of 4x64 tokens"),
+    ("tokens", r"token_shape is \[8, 64\] in the file but \[4, 64\] was asked"),
     ("type", r"type is 'gaussian' in the file but 'cvae' was asked"),
 ]
 

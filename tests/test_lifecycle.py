@@ -111,3 +111,74 @@ def test_early_stopping_uses_the_site_validation_split(make_cfg, task_identity, 
         gen_log.removeHandler(caplog.handler)
     assert "generator early stop at epoch" in caplog.text  # val loss stopped improving well before 200 epochs
     assert "without validation data" not in caplog.text
+
+
+def test_checkpoint_save_false_trains_without_writing_files(make_cfg, task_identity, tmp_path):
+    cfg = make_cfg(*GEN, "mode=generator_training", f"generator_checkpoint.dir={tmp_path}/gens",
+                   "generator_checkpoint.save=false")
+    _, targets, adapters = setup(cfg)
+    ctx = context(0)
+    reply = client_app.train(message(cfg, adapters, targets), ctx)
+    assert gen_state(ctx) and len(reply.content["generators"]) > 0  # trained and sent
+    assert not (tmp_path / "gens").exists()
+
+
+def _steps(ctx) -> int:
+    return max(int(v) for rec in gen_state(ctx).values() for k, v in rec.to_torch_state_dict().items()
+               if k.endswith(".step"))
+
+
+def test_pretrained_generators_keep_training_when_training_mode_is_on(make_cfg, task_identity, tmp_path, caplog):
+    ck = [f"generator_checkpoint.dir={tmp_path}/gens", "generator.epochs=1"]
+    cfg1 = make_cfg("generator=cvae", "mode=generator_training", *ck)
+    _, targets, adapters = setup(cfg1)
+    ctx1 = context(0)
+    client_app.train(message(cfg1, adapters, targets), ctx1)
+    cfg2 = make_cfg("generator=cvae", "mode.use_pretrained_generators=true", *ck)  # load, then train on
+    ctx2 = context(0)
+    with caplog.at_level("INFO"):
+        client_app.train(message(cfg2, adapters, targets, rnd=2), ctx2)
+    assert "loaded 1 pretrained generators" in caplog.text
+    assert _steps(ctx2) == 2 * _steps(ctx1)  # the loaded AdamW state continued: one more round of the same steps
+
+
+def _rewrite(path, tensors_of):
+    """Replace a checkpoint's tensors (keeping its metadata) by `tensors_of(old tensors)`."""
+    from a2v_flower.checkpoints import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(path)
+    save_tensors(path, tensors_of(tensors, meta), meta)
+
+
+def test_loading_refuses_another_kind_or_changed_shapes_before_anything_changes(make_cfg, task_identity, tmp_path):
+    from a2v_flower.models.generators import GeneratorSpec, build_generator
+
+    ck = [f"generator_checkpoint.dir={tmp_path}/gens", "generator_checkpoint.base_name=g", "generator.epochs=1"]
+    cfg1 = make_cfg("generator=cvae", "mode=generator_training", *ck)
+    _, targets, adapters = setup(cfg1)
+    client_app.train(message(cfg1, adapters, targets), context(0))
+    path = tmp_path / "gens" / "g_node0.safetensors"
+    cfg2 = make_cfg("generator=cvae", "mode=use_pretrained", *ck)
+    # a gan's tensors under the cvae file's metadata
+    _rewrite(path, lambda t, meta: build_generator(GeneratorSpec("gan"), tuple(meta["token_shape"])).state_tensors())
+    ctx = context(0)
+    with pytest.raises(ValueError) as err:
+        client_app.train(message(cfg2, adapters, targets), ctx)
+    assert "g_node0.safetensors: tensors ['model.d_net.0.bias'" in str(err.value)
+    assert "in the file are not in the configured generator" in str(err.value)
+    assert "of the configured generator are not in the file" in str(err.value)
+    assert not gen_state(ctx)  # nothing loaded
+    # the cvae's own tensors with one weight widened (as if the condition or token width had changed)
+    client_app.train(message(cfg1, adapters, targets), context(0))
+    want = None
+
+    def widen(t, meta):
+        nonlocal want
+        want = list(t["model.enc.0.weight"].shape)
+        return t | {"model.enc.0.weight": torch.zeros(want[0], want[1] + 1)}
+
+    _rewrite(path, widen)
+    with pytest.raises(ValueError, match=rf"g_node0.safetensors: model.enc.0.weight has shape \[{want[0]}, "
+                                         rf"{want[1] + 1}\] in the file but \[{want[0]}, {want[1]}\] was asked"):
+        client_app.train(message(cfg2, adapters, targets), ctx)
+    assert not gen_state(ctx)

@@ -10,7 +10,8 @@ import torch
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.generators import GeneratorSpec, build_generator
 from a2v_flower.server_generators import distill, refine, synthesize
-from a2v_flower.site_generators import check_reset_layers, partial_reset, train_site_generators, weights_only
+from a2v_flower.site_generators import (_quality, check_reset_layers, class_moments, partial_reset,
+                                        train_site_generators, weights_only)
 from a2v_flower.training import TrainSpec, predict
 
 CLASSES = ["dog", "rain", "siren"]
@@ -36,7 +37,7 @@ def test_site_generators_per_class_and_reset(caplog):
     with caplog.at_level("INFO"):
         train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
                               TARGETS, True, resets=resets)
-    assert "Resetting generator 'unified' (new classes ['siren'], all layers): quality before" in caplog.text
+    assert "Resetting the unified generator (new classes ['siren'], all layers): quality before" in caplog.text
     assert set(resets) == {"unified"} and resets["unified"]["why"] == "new classes ['siren']"
     assert set(resets["unified"]["before"]) == {"mean_l2", "frechet"} and resets["unified"]["after"]["frechet"] >= 0
 
@@ -147,3 +148,32 @@ def test_reset_of_a_gaussian_measures_quality_on_the_classes_it_knows():
     out, _ = train_site_generators(st, {0}, x2, y2, CLASSES, "unified", None, spec, TARGETS, True, resets=resets)
     assert resets["unified"]["why"] == "new classes ['rain']" and resets["unified"]["before"]["frechet"] >= 0
     assert out["unified"]["seen"].tolist() == [0, 1]
+
+
+def test_quality_before_a_reset_uses_the_kept_statistics_of_classes_that_left_the_stage():
+    spec = GeneratorSpec("cvae", epochs=3)
+    x, y = toy((0, 1))
+    st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, spec, TARGETS, True)
+    x2, y2 = toy((2,), seed=6)  # the next stage: only siren; dog and rain clips are gone
+    without, kept = {}, {}
+    train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, spec, TARGETS, True, resets=without)
+    train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, spec, TARGETS, True, resets=kept,
+                          moments=class_moments(x, y))
+    assert without["unified"]["before"] == {}  # nothing to compare the old state's dog and rain samples with
+    before = kept["unified"]["before"]
+    assert before["frechet"] > 0 and before["mean_l2"] > 0 and kept["unified"]["after"]["frechet"] > 0
+    # it is the old state's quality on dog and rain: a state that never saw them scores far worse there
+    never, _ = train_site_generators({}, set(), x2, y2, CLASSES, "unified", None, spec, TARGETS, True)
+    assert _quality(never["unified"], spec, class_moments(x, y), [0, 1], TARGETS)["frechet"] > 2 * before["frechet"]
+
+
+def test_loss_components_per_generator_type():
+    x, y = toy((0, 1))
+    for kind, parts in (("cvae", {"loss", "recon", "kl", "kl_beta"}), ("gan", {"loss", "adv_g", "adv_d"}),
+                        ("gaussian", {"loss"})):
+        _, losses = train_site_generators({}, set(), x, y, CLASSES, "unified", None, GeneratorSpec(kind, epochs=2),
+                                          TARGETS, True)
+        comps = losses["unified"]
+        assert set(comps) == parts, kind
+        if kind == "gan":
+            assert comps["loss"] == pytest.approx(comps["adv_g"] + comps["adv_d"])

@@ -149,3 +149,50 @@ def test_groups_noniid_experiment_runs_its_recipe(make_cfg, tmp_path, task_ident
     assert {int(r.content["metrics"]["site"]) for r in grid.replies} == set(range(5))
     assert all(r["server/kd_loss"] > 0 and r["server/synthetic_samples"] > 0 for r in trains)
     assert len(rows(tmp_path / "run", "eval")) == 2
+
+
+def _site_log(caplog, *names):
+    """Route these package loggers (which feed Flower's handlers only) to caplog too."""
+    for name in names:
+        logging.getLogger(name).addHandler(caplog.handler)
+    caplog.set_level("INFO")
+
+
+def test_sequential_sharing_reports_the_resets_of_a_class_incremental_run(make_cfg, tmp_path, task_identity,
+                                                                         caplog):
+    cfg = make_cfg("+experiment=class_incremental", "generator=cvae", "granularity=unified", "generator.epochs=2",
+                   "sharing=sequential", "num_rounds=2", "replay.synthetic_samples_per_class=4", *FAST)
+    cfg.schedule = {0: [{"from_round": 1, "classes": ["dog"]}, {"from_round": 2, "classes": ["rooster"]}]}
+    _site_log(caplog, "a2v_flower.client_app", "a2v_flower.site_generators")
+    try:
+        run_server(cfg, tmp_path / "run")
+    finally:
+        for name in ("a2v_flower.client_app", "a2v_flower.site_generators"):
+            logging.getLogger(name).removeHandler(caplog.handler)
+    first, second = (r["sites"] for r in rows(tmp_path / "run", "train"))
+    assert all(s["resets"] == 0 and s["generator_loss"] > 0 for s in first.values())  # the pass's losses arrive
+    assert all(s["generator_loss"] > 0 for s in second.values())
+    # round 2: site 0 meets rooster, so the shared unified generator is reset; dog has left site 0's stage,
+    # and "quality before" is measured against the statistics site 0 kept of dog
+    assert second["0"]["resets"] == 1 and second["1"]["resets"] == second["2"]["resets"] == 0
+    assert second["0"]["reset_frechet_before"] > 0 and second["0"]["reset_frechet_after"] > 0
+    assert "[Client 0] Resetting the unified generator (new classes ['rooster'], all layers): quality before " \
+           "mean_l2=" in caplog.text
+    assert "[Client 0] Generator reset complete: the unified generator retrained, quality after mean_l2=" in caplog.text
+    assert "n/a" not in caplog.text
+
+
+def test_scheduled_reset_through_the_apps_reports_resets_and_loss_components(make_cfg, tmp_path, task_identity):
+    cfg = make_cfg("generator=cvae", "generator.epochs=2", "reset=off", "reset.every_rounds=1", *FAST)
+    run_server(cfg, tmp_path / "run")
+    first, second = rows(tmp_path / "run", "train")
+    assert [s["resets"] for s in first["sites"].values()] == [0, 0, 0]
+    assert [s["resets"] for s in second["sites"].values()] == [1, 1, 1]  # every_rounds=1: every key at round 2
+    for row in (first, second):
+        for s in row["sites"].values():
+            g = s["generators"]["unified"]  # loss components and sample statistics per key, per round
+            assert g["loss"] == pytest.approx(g["recon"] + g["kl_beta"] * g["kl"], rel=1e-5)
+            assert s["generator_loss"] == pytest.approx(g["loss"])
+            assert g["sample_min"] < g["sample_mean"] < g["sample_max"] and g["sample_std"] > 0
+            assert g["diversity"] > 0 and s["gen_diversity_fake"] == pytest.approx(g["diversity"])
+    assert all(s["reset_frechet_before"] > 0 and s["reset_frechet_after"] > 0 for s in second["sites"].values())

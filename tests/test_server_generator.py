@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import pytest
 import torch
 
 from a2v_flower.models.adapters import build_adapters
@@ -63,11 +65,23 @@ def test_server_generator_learns_the_class_spread_and_agrees_with_teachers():
     assert torch.equal(torch.cdist(x.flatten(1), centres.flatten(1)).argmin(1), y)
 
 
-def test_server_generator_in_a_run_logs_its_loss(make_cfg, tmp_path, task_identity):
+def test_server_generator_in_a_run_logs_its_loss(make_cfg, tmp_path, task_identity, caplog):
     cfg = make_cfg("server_generator.epochs=5", "server_generator.hidden=32", "strategy=kd", "replay.kd_epochs=1",
                    "replay.refine_epochs=1", "diffusion.render_every=0", "train.local_epochs=1")
-    run_server(cfg, tmp_path / "run")
+    server_log = logging.getLogger("a2v_flower.server_generators")  # the package logger feeds Flower's handlers only
+    server_log.addHandler(caplog.handler)
+    caplog.set_level("INFO")
+    try:
+        run_server(cfg, tmp_path / "run")
+    finally:
+        server_log.removeHandler(caplog.handler)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in rows if r["kind"] == "train"]
     assert all(r["server/generator_loss"] >= 0 and r["server/adapter_finetuning_loss"] >= 0 for r in trains)
     assert all(r["server/synthetic_samples"] == 10 * 32 for r in trains)  # 10 classes x replay.samples_per_class
+    per_class = trains[-1]["server/generator_per_class"]
+    assert len(per_class) == 10
+    assert all(f["loss"] == pytest.approx(f["agree"] + f["moment"]) and f["agree"] > 0 for f in per_class.values())
+    for line in ("Class 'dog': server generator Loss=", "Generator training completed. Average loss: ",
+                 "Distillation completed. Average loss: ", "Adapter fine-tuning completed. Average loss: "):
+        assert caplog.text.count(line) == cfg.num_rounds, line

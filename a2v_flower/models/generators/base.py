@@ -87,10 +87,10 @@ def _params(opt: torch.optim.Optimizer) -> list[nn.Parameter]:
 class BaseGenerator(nn.Module):
     """Standardisation, seeded noise, conditions, clipped steps and state flattening for every type.
 
-    Every type has the same surface: `fit_batch(x, cond)` (one step on a mini-batch, named loss components
-    back), `sample(n, cond)`, `val_loss(x, cond)` and `state_tensors()` / `load_state_tensors()` (weights,
-    AdamW state, standardisation buffers and noise RNG as named tensors, for safetensors files or a Flower
-    ArrayRecord).
+    Every type has the same surface: `fit_batch(x, cond)` (one step on a mini-batch; back come "loss",
+    the total, and its named components), `sample(n, cond)`, `val_loss(x, cond)` and `state_tensors()` /
+    `load_state_tensors()` (weights, AdamW state, standardisation buffers and noise RNG as named tensors,
+    for safetensors files or a Flower ArrayRecord).
     """
 
     conditional = True    # takes class_condition vectors

@@ -42,7 +42,7 @@ class GANGenerator(BaseGenerator):
         g_logits = self.d_net(torch.cat([fake, c], 1))
         adv_g = F.binary_cross_entropy_with_logits(g_logits, torch.ones_like(g_logits))
         self._step(self.optimizers["g"], adv_g)
-        return {"adv_g": adv_g.item(), "adv_d": adv_d.item()}
+        return {"loss": adv_g.item() + adv_d.item(), "adv_g": adv_g.item(), "adv_d": adv_d.item()}
 
     @torch.no_grad()
     def val_loss(self, x: Tensor, cond: Cond = None) -> float:

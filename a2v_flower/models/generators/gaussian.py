@@ -48,7 +48,7 @@ class GaussianGenerator(BaseGenerator):
 
     @torch.no_grad()
     def fit_batch(self, x: Tensor, cond: Cond = None, kl_beta: float | None = None) -> dict[str, float]:
-        """Add the batch to its classes' running sums; returns the batch's Gaussian NLL afterwards."""
+        """Add the batch to its classes' running sums; "loss" is the batch's Gaussian NLL afterwards."""
         z = self.norm(x).flatten(1).double()                            # (B, K*D)
         keys, inverse = torch.unique(self._cond(cond, len(x)), dim=0, return_inverse=True)
         for u, key in enumerate(keys):
@@ -56,7 +56,7 @@ class GaussianGenerator(BaseGenerator):
             self.count[s] += len(zb)
             self.total[s] += zb.sum(0)
             self.total_sq[s] += zb.pow(2).sum(0)
-        return {"nll": self.val_loss(x, cond)}
+        return {"loss": self.val_loss(x, cond)}
 
     @torch.no_grad()
     def val_loss(self, x: Tensor, cond: Cond = None) -> float:

@@ -24,6 +24,16 @@ def frechet_distance(a: Tensor, b: Tensor, full: bool) -> float:
     return (mean_term + sa.trace() + sb.trace() - 2 * cross).item()
 
 
+@torch.no_grad()
+def moment_quality(mean: Tensor, var: Tensor, fake: Tensor) -> dict:
+    """mean_l2 and diagonal Fréchet distance between samples (M, K, D) and a class known only by its
+    mean and variance (K, D): what a site kept of a class whose clips have left its stage."""
+    f = fake.double().flatten(1)
+    gap = f.mean(0) - mean.double().flatten()
+    spread = f.std(0) - var.double().flatten().clamp_min(0).sqrt()
+    return {"mean_l2": gap.norm().item(), "frechet": (gap.pow(2).sum() + spread.pow(2).sum()).item()}
+
+
 def _dist(a: Tensor, b: Tensor) -> Tensor:
     """Exact pairwise L2 distances (no matmul shortcut, so identical rows give exactly 0)."""
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")

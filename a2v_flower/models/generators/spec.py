@@ -59,6 +59,7 @@ class ReplaySpec:
     checkpoint_frequency: int = 0
     reset_every: int = 0             # reset.every_rounds
     reset_layers: tuple[str, ...] = ()  # reset.layers: parameter-name prefixes (empty = whole generator)
+    checkpoint_save: bool = True     # generator_checkpoint.save: write the site's files after training
 
     @property
     def shared(self) -> bool:

@@ -69,8 +69,9 @@ class StatsGenerator(nn.Module):
 
 def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
                            class_stats: dict[int, dict[str, torch.Tensor]], class_targets: dict[str, torch.Tensor],
-                           spec: ServerGeneratorSpec, seed: int) -> float:
-    """`spec.epochs` AdamW steps on teacher agreement + moment matching; returns the last step's loss."""
+                           spec: ServerGeneratorSpec, seed: int, report: dict | None = None) -> float:
+    """`spec.epochs` AdamW steps on teacher agreement + moment matching; returns the last step's loss and fills
+    `report` (if given) with the last step's components per class: {class: {"loss", "agree", "moment"}}."""
     num_classes = len(next(iter(class_targets.values())))
     present, mean, var = class_moments(class_stats, num_classes)
     if not present:
@@ -86,25 +87,27 @@ def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
     for _ in range(spec.epochs):
         x = gen(ids, cond, mean[slot], var[slot].sqrt(), rng)                  # (B, K, D)
         xs = x.view(len(present), spec.batch_per_class, *x.shape[1:])
-        moment = (F.mse_loss(xs.mean(1), mean, reduction="none") / var).mean() \
-            + (F.mse_loss(xs.var(1), var, reduction="none") / var.pow(2)).mean()
-        agree, terms = 0.0, 0
+        moment = ((xs.mean(1) - mean).pow(2) / var).flatten(1).mean(1) \
+            + ((xs.var(1) - var).pow(2) / var.pow(2)).flatten(1).mean(1)        # (C',) per class
+        agree: list[list[torch.Tensor]] = [[] for _ in present]               # per class: one term per site, head
         for site, teacher in teachers.items():
             stats = class_stats.get(site, {})
             out = teacher(x)
             for head, o in out.items():
+                scale = class_targets[head].float().var(0).mean().clamp_min(1e-8)
                 for j, c in enumerate(present):
-                    want = stats.get(f"out/{head}/{c}")
-                    if want is None:
-                        continue
-                    scale = class_targets[head].float().var(0).mean().clamp_min(1e-8)
-                    agree = agree + F.mse_loss(o[slot == j].mean(0), want) / scale
-                    terms += 1
-        loss = agree / max(1, terms) + spec.moment_weight * moment
+                    if (want := stats.get(f"out/{head}/{c}")) is not None:
+                        agree[j].append(F.mse_loss(o[slot == j].mean(0), want) / scale)
+        terms = sum(len(a) for a in agree)
+        loss = sum(sum(a) for a in agree) / max(1, terms) + spec.moment_weight * moment.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         opt.step()
+    if report is not None and spec.epochs:
+        for j, c in enumerate(present):
+            a = torch.stack(agree[j]).mean().item() if agree[j] else 0.0
+            report[c] = {"loss": a + spec.moment_weight * float(moment[j]), "agree": a, "moment": float(moment[j])}
     return float(loss.detach())
 
 
