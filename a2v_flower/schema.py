@@ -15,18 +15,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
-def _positive(node: str, obj, *names: str) -> None:
-    """ValueError naming `node.name` unless every named field is > 0."""
-    for n in names:
-        if not getattr(obj, n) > 0:
-            raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected a number > 0")
-
-
-def _non_negative(node: str, obj, *names: str) -> None:
-    """ValueError naming `node.name` unless every named field is >= 0."""
-    for n in names:
-        if getattr(obj, n) < 0:
-            raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected a number >= 0")
+def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """ValueError naming `node.name` unless every `positive` field is > 0 and every `non_negative` one >= 0."""
+    for names, want in ((positive, "> 0"), (non_negative, ">= 0")):
+        for n in names:
+            if not (getattr(obj, n) > 0 if want == "> 0" else getattr(obj, n) >= 0):
+                raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected a number {want}")
 
 
 def _one_of(key: str, value, allowed: tuple) -> None:
@@ -69,8 +63,8 @@ class Data:
 
     def __post_init__(self):
         _one_of("data.kind", self.kind, ("synthetic", "esc50"))
-        _positive("data.", self, "clip_seconds", "clips_per_class", "seconds", "sample_rate")
-        _non_negative("data.", self, "noise", "variation")
+        _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"),
+                 non_negative=("noise", "variation"))
         if not 0 <= self.overlap <= 1:
             raise ValueError(f"data.overlap={self.overlap!r} is not allowed; expected a value in [0, 1]")
         if self.kind == "esc50" and self.root in (None, "???"):
@@ -86,7 +80,7 @@ class Partition:
 
     def __post_init__(self):
         _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet"))
-        _positive("partition.", self, "alpha")
+        _numbers("partition.", self, positive=("alpha",))
 
 
 @dataclass
@@ -101,7 +95,7 @@ class Audio:
     def __post_init__(self):
         from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
 
-        _positive("model.audio.", self, "sampling_rate", "max_length", "batch_size")
+        _numbers("model.audio.", self, positive=("sampling_rate", "max_length", "batch_size"))
         most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length,
                                                  tiny=tuple((self.tiny or {}).items())))
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
@@ -149,8 +143,8 @@ class Diffusion:
     def __post_init__(self):
         _one_of("diffusion.type", self.type, ("sd", "flux"))
         _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
-        _positive("diffusion.", self, "steps", "height", "width", "t5_seq_len")
-        _non_negative("diffusion.", self, "render_every", "clip_images", "guidance_scale")
+        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"),
+                 non_negative=("render_every", "clip_images", "guidance_scale"))
 
 
 @dataclass
@@ -182,8 +176,8 @@ class Generator:
 
     def __post_init__(self):
         _one_of("generator.type", self.type, ("none", "gaussian", "vae", "cvae", "gan"))
-        _positive("generator.", self, "latent_dim", "hidden", "lr", "epochs", "batch_size")
-        _non_negative("generator.", self, "weight_decay", "grad_clip", "kl_weight", "early_stopping_patience")
+        _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size"),
+                 non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"))
         if not 0 <= self.kl_warmup <= 1:
             raise ValueError(f"generator.kl_warmup={self.kl_warmup!r} is not allowed; expected 0 <= value <= 1")
 
@@ -219,7 +213,7 @@ class Reset:
     layers: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        _non_negative("reset.", self, "every_rounds")
+        _numbers("reset.", self, non_negative=("every_rounds",))
 
 
 @dataclass
@@ -231,8 +225,7 @@ class Federation:
     min_sites: Optional[int] = None
 
     def __post_init__(self):
-        _positive("federation.", self, "num_sites", "num_cpus", "timeout")
-        _non_negative("federation.", self, "num_gpus")
+        _numbers("federation.", self, positive=("num_sites", "num_cpus", "timeout"), non_negative=("num_gpus",))
         if self.min_sites is not None and not 1 <= self.min_sites <= self.num_sites:
             raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) "
                              f"or a whole number in 1..federation.num_sites={self.num_sites}")
@@ -244,7 +237,7 @@ class Adapter:
     heads: int = MISSING
 
     def __post_init__(self):
-        _positive("adapter.", self, "width", "heads")
+        _numbers("adapter.", self, positive=("width", "heads"))
         if self.width % self.heads:
             raise ValueError(f"adapter.width={self.width} must be divisible by adapter.heads={self.heads}")
 
@@ -263,8 +256,8 @@ class Train:
     absent_scale: float = MISSING
 
     def __post_init__(self):
-        _positive("train.", self, "local_epochs", "batch_size", "lr", "temperature")
-        _non_negative("train.", self, "weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale")
+        _numbers("train.", self, positive=("local_epochs", "batch_size", "lr", "temperature"),
+                 non_negative=("weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale"))
         _one_of("train.loss", self.loss, ("mse", "contrastive", "mse+contrastive"))
         if self.absent_scale > 1 or (self.absent_scale != 1 and self.loss == "mse"):
             raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; "
@@ -279,7 +272,8 @@ class Replay:
     kd_epochs: int = MISSING
 
     def __post_init__(self):
-        _non_negative("replay.", self, "samples_per_class", "refine_epochs", "synthetic_samples_per_class", "kd_epochs")
+        _numbers("replay.", self,
+                 non_negative=("samples_per_class", "refine_epochs", "synthetic_samples_per_class", "kd_epochs"))
 
 
 @dataclass
@@ -292,8 +286,8 @@ class ServerGenerator:
     moment_weight: float = MISSING
 
     def __post_init__(self):
-        _non_negative("server_generator.", self, "epochs", "moment_weight")
-        _positive("server_generator.", self, "hidden", "latent_dim", "lr", "batch_per_class")
+        _numbers("server_generator.", self, positive=("hidden", "latent_dim", "lr", "batch_per_class"),
+                 non_negative=("epochs", "moment_weight"))
 
 
 @dataclass
@@ -304,7 +298,7 @@ class GeneratorCheckpoint:
     save: bool = True                 # the seed's generator_save_checkpoint
 
     def __post_init__(self):
-        _non_negative("generator_checkpoint.", self, "frequency")
+        _numbers("generator_checkpoint.", self, non_negative=("frequency",))
 
 
 @dataclass
@@ -366,7 +360,7 @@ class Config:
     def __post_init__(self):
         from a2v_flower.names import safe_name
 
-        _positive("", self, "num_rounds")
+        _numbers("", self, positive=("num_rounds",))
         for key, value in (("name", self.name), ("generator_checkpoint.base_name", self.generator_checkpoint.base_name)):
             safe_name(value, key)  # both become parts of file names
         if "{}" not in self.prompt_template:

@@ -118,11 +118,9 @@ class ServerGenerators:
         site_samples = r is not None and bool(self.generators)
         if opts is None or not (site_samples or sg) or not (self.kd or opts.refine_epochs):
             return arrays, {}
-        glob = self.make_adapters()
+        glob, models = self.make_adapters(), {site: self.make_adapters() for site in teachers}
         glob.load_state_dict(arrays.to_torch_state_dict())
-        models = {}
         for site, state in teachers.items():
-            models[site] = self.make_adapters()
             models[site].load_state_dict(state)
         out: dict = {}
         if site_samples:
@@ -130,17 +128,8 @@ class ServerGenerators:
         else:
             x, y = torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)
         if sg:
-            per_class: dict = {}
-            out["server/generator_loss"] = SG.train_server_generator(
-                self.stats_generator, models, self.class_stats, self.class_targets, sg, self.seed + server_round,
-                report=per_class)
-            for c, f in per_class.items():
-                log.info("Class %r: server generator Loss=%.4f (agree=%.4f, moment=%.4f)", self.classes[c],
-                         f["loss"], f["agree"], f["moment"])
-            log.info("Generator training completed. Average loss: %.4f", out["server/generator_loss"])
-            out["server/generator_per_class"] = {self.classes[c]: f for c, f in per_class.items()}
-            sx, sy = SG.sample_server_generator(self.stats_generator, self.class_stats, self.class_targets,
-                                                sg.samples_per_class, self.seed + 7 * server_round)
+            sx, sy, out = SG.train_and_sample(self.stats_generator, sg, models, self.class_stats, self.class_targets,
+                                              self.classes, self.seed + server_round, self.seed + 7 * server_round)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         out["server/synthetic_samples"] = len(y)
         if self.kd and len(y):

@@ -52,8 +52,10 @@ def test_from_run_renders_one_image_per_clip(sd_run, sounds):
     out = pipe(audio=[str(p) for p in sounds])
     assert [im.size for im in out.images] == [(64, 64)] * 2
     assert set(out.classes) <= set(pipe.classes) and all(-1 <= s <= 1 for s in out.scores)
-    again = pipe(audio=sounds[0])  # same clip, same seed: the same picture
-    assert np.array_equal(np.asarray(again.images[0]), np.asarray(out.images[0]))
+    one, again = (np.asarray(pipe(audio=sounds[0]).images[0], dtype=float) for _ in range(2))
+    assert np.array_equal(one, again)  # same clip, same seed: the same picture
+    # in a batch of two, the same picture up to float rounding of batched kernels
+    assert np.abs(one - np.asarray(out.images[0], dtype=float)).max() <= 2
     # the adapters hold the run's final global weights
     state, _ = load_tensors(sd_run / "adapters.safetensors")
     assert all(np.array_equal(pipe.adapters.state_dict()[k].numpy(), v.numpy()) for k, v in state.items())

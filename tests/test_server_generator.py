@@ -68,13 +68,16 @@ def test_server_generator_learns_the_class_spread_and_agrees_with_teachers():
 def test_server_generator_in_a_run_logs_its_loss(make_cfg, tmp_path, task_identity, caplog):
     cfg = make_cfg("server_generator.epochs=5", "server_generator.hidden=32", "strategy=kd", "replay.kd_epochs=1",
                    "replay.refine_epochs=1", "diffusion.render_every=0", "train.local_epochs=1")
-    server_log = logging.getLogger("a2v_flower.server_generators")  # the package logger feeds Flower's handlers only
-    server_log.addHandler(caplog.handler)
+    # the package loggers feed Flower's handlers only
+    loggers = [logging.getLogger(n) for n in ("a2v_flower.server_generators", "a2v_flower.models.generators.stats")]
+    for log in loggers:
+        log.addHandler(caplog.handler)
     caplog.set_level("INFO")
     try:
         run_server(cfg, tmp_path / "run")
     finally:
-        server_log.removeHandler(caplog.handler)
+        for log in loggers:
+            log.removeHandler(caplog.handler)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in rows if r["kind"] == "train"]
     assert all(r["server/generator_loss"] >= 0 and r["server/adapter_finetuning_loss"] >= 0 for r in trains)

@@ -6,6 +6,7 @@ pooled audio statistics. The samples then join kd and refinement like the site g
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators.base import CONDITION_DIM, class_condition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,3 +126,19 @@ def sample_server_generator(gen: StatsGenerator, class_stats: dict, class_target
     slot = torch.arange(len(present)).repeat_interleave(per_class)
     x = gen(y, class_condition(class_targets, y), mean[slot], var[slot].sqrt(), torch.Generator().manual_seed(seed))
     return x, y
+
+
+def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, teachers: dict[int, AdapterSet],
+                     class_stats: dict, class_targets: dict[str, torch.Tensor], classes: list[str], seed: int,
+                     sample_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Train the server generator (one log line per class, as the seed's server did), then sample it:
+    (x (N, K, D), y (N,), its figures for metrics.jsonl)."""
+    per_class: dict = {}
+    loss = train_server_generator(gen, teachers, class_stats, class_targets, spec, seed, report=per_class)
+    for c, f in per_class.items():
+        log.info("Class %r: server generator Loss=%.4f (agree=%.4f, moment=%.4f)", classes[c], f["loss"],
+                 f["agree"], f["moment"])
+    log.info("Generator training completed. Average loss: %.4f", loss)
+    x, y = sample_server_generator(gen, class_stats, class_targets, spec.samples_per_class, sample_seed)
+    return x, y, {"server/generator_loss": loss,
+                  "server/generator_per_class": {classes[c]: f for c, f in per_class.items()}}
