@@ -108,8 +108,9 @@ def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
         opt.step()
     if report is not None and spec.epochs:
+        moment = moment.detach()
         for j, c in enumerate(present):
-            a = torch.stack(agree[j]).mean().item() if agree[j] else 0.0
+            a = torch.stack(agree[j]).detach().mean().item() if agree[j] else 0.0
             report[c] = {"loss": a + spec.moment_weight * float(moment[j]), "agree": a, "moment": float(moment[j])}
     return float(loss.detach())
 
