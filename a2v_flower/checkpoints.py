@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,37 +53,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_torch_weights_only(path: str | Path) -> Any:
-    """A legacy .pt file via torch.load(weights_only=True) on CPU; ValueError naming it if it needs pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path} is corrupt or needs pickled code to load (refused): {first_line}") from err
-
-
 # ---- generator checkpoints ----------------------------------------------------------------------
 
 GENERATOR_EXT = ".safetensors"
 _KEY_INFIX = {"per_class": "_class_", "per_group": "_group_"}  # the predecessor's file-name infixes
-
-# Metadata keys of a generator file: the fields of GeneratorMeta, JSON in the header under META_KEY.
-GEN_TYPE = "type"
-GEN_GRANULARITY = "granularity"
-GEN_KEY = "key"
-GEN_TOKEN_SHAPE = "token_shape"
-GEN_COND_DIM = "cond_dim"
-GEN_CLASSES = "classes"
-GEN_SITE = "site"
-GEN_ROUND = "round"
-GEN_SEEN_CLASSES = "seen_classes"
-GEN_CONFIG_FINGERPRINT = "config_fingerprint"
-GEN_META_KEYS = (GEN_TYPE, GEN_GRANULARITY, GEN_KEY, GEN_TOKEN_SHAPE, GEN_COND_DIM, GEN_CLASSES, GEN_SITE,
-                 GEN_ROUND, GEN_SEEN_CLASSES, GEN_CONFIG_FINGERPRINT)
-
 
 @dataclass
 class GeneratorMeta:
@@ -110,12 +82,15 @@ class GeneratorMeta:
     @classmethod
     def from_dict(cls, d: Mapping, strict: bool = True) -> GeneratorMeta:
         """Build from a dict; ValueError naming missing (and, if strict, unknown) fields or bad values."""
-        if (unknown := sorted(set(d) - set(GEN_META_KEYS))) and strict:
-            raise ValueError(f"generator metadata has unknown fields {unknown}; allowed: {list(GEN_META_KEYS)}")
+        if (unknown := sorted(set(d) - set(META_FIELDS))) and strict:
+            raise ValueError(f"generator metadata has unknown fields {unknown}; allowed: {list(META_FIELDS)}")
         try:
-            return cls(**{k: d[k] for k in GEN_META_KEYS if k in d})
+            return cls(**{k: d[k] for k in META_FIELDS if k in d})
         except (TypeError, ValueError) as err:                           # missing field or bad value
             raise ValueError(f"generator metadata is invalid: {err}") from err
+
+
+META_FIELDS = tuple(GeneratorMeta.__dataclass_fields__)  # the metadata keys of a generator file, in order
 
 
 def generator_checkpoint_name(base: str, node: int | str, granularity: str, key: str,
@@ -132,13 +107,13 @@ def generator_checkpoint_name(base: str, node: int | str, granularity: str, key:
 
 def _meta_for(key: str, granularity: str, meta: Mapping, round_: int | None) -> GeneratorMeta:
     """`key`'s GeneratorMeta: `meta` plus granularity/key/round; `classes` may map key -> classes."""
-    classes = meta.get(GEN_CLASSES)
+    classes = meta.get("classes")
     if isinstance(classes, Mapping):
         if key not in classes:
-            raise ValueError(f"meta {GEN_CLASSES} has no entry for generator key {key!r}; it has {list(classes)}")
+            raise ValueError(f"meta classes has no entry for generator key {key!r}; it has {list(classes)}")
         classes = classes[key]
-    return GeneratorMeta.from_dict({**meta, GEN_GRANULARITY: granularity, GEN_KEY: key, GEN_ROUND: round_,
-                                    **({} if classes is None else {GEN_CLASSES: classes})})
+    return GeneratorMeta.from_dict({**meta, "granularity": granularity, "key": key, "round": round_,
+                                    **({} if classes is None else {"classes": classes})})
 
 
 def save_generator_checkpoints(directory: str | Path, base: str, node: int | str, granularity: str,
@@ -169,16 +144,16 @@ def save_generator_checkpoints(directory: str | Path, base: str, node: int | str
 
 def _canon(name: str, value: Any) -> Any:
     """A metadata value in comparable form: class lists sorted, token_shape as a list of ints."""
-    if value is None or name not in (GEN_CLASSES, GEN_SEEN_CLASSES, GEN_TOKEN_SHAPE):
+    if value is None or name not in ("classes", "seen_classes", "token_shape"):
         return value
-    return [int(s) for s in value] if name == GEN_TOKEN_SHAPE else sorted(value)
+    return [int(s) for s in value] if name == "token_shape" else sorted(value)
 
 
 def _mismatches(meta: GeneratorMeta, wanted: Mapping, key: str) -> list[str]:
     """'<field> is <file value> in the file but <wanted> was asked' for each field that differs."""
     out = []
     for name, want in wanted.items():
-        want = want.get(key) if name == GEN_CLASSES and isinstance(want, Mapping) else want
+        want = want.get(key) if name == "classes" and isinstance(want, Mapping) else want
         have, want = _canon(name, getattr(meta, name)), _canon(name, want)
         if have != want:
             out.append(f"{name} is {have!r} in the file but {want!r} was asked")
@@ -213,11 +188,11 @@ def load_generator_checkpoints(directory: str | Path, base: str, node: int | str
     # expect: any GeneratorMeta fields but key (classes as a list or a mapping key -> classes);
     # granularity and each file's key are always checked. round_ reads the `_round_{R}` copies.
     # shapes: name -> shape of the configured generator's "model." tensors (another kind or size is refused).
-    expect, allowed = dict(expect or {}), [k for k in GEN_META_KEYS if k != GEN_KEY]
+    expect, allowed = dict(expect or {}), [k for k in META_FIELDS if k != "key"]
     if unknown := sorted(set(expect) - set(allowed)):
         raise ValueError(f"expect has unknown fields {unknown}; allowed: {allowed}")
-    if expect.setdefault(GEN_GRANULARITY, granularity) != granularity:
-        raise ValueError(f"expect granularity {expect[GEN_GRANULARITY]!r} contradicts granularity={granularity!r}")
+    if expect.setdefault("granularity", granularity) != granularity:
+        raise ValueError(f"expect granularity {expect['granularity']!r} contradicts granularity={granularity!r}")
     if not keys:
         raise ValueError(f"no generator keys to load from {directory}")
     loaded, problems = {}, []
@@ -232,7 +207,7 @@ def load_generator_checkpoints(directory: str | Path, base: str, node: int | str
         except ValueError as err:
             problems.append(f"{name}: {err}")
             continue
-        problems += [f"{name}: {m}" for m in _mismatches(meta, {**expect, GEN_KEY: key}, key)]
+        problems += [f"{name}: {m}" for m in _mismatches(meta, {**expect, "key": key}, key)]
         if shapes:
             problems += [f"{name}: {m}" for m in _shape_mismatches(tensors, shapes)]
         loaded[key] = (tensors, meta)

@@ -10,7 +10,7 @@ import torch
 
 from a2v_flower import checkpoints as ck
 from a2v_flower.checkpoints import (
-    GeneratorMeta, generator_checkpoint_name, load_generator_checkpoints, load_tensors, load_torch_weights_only,
+    GeneratorMeta, generator_checkpoint_name, load_generator_checkpoints, load_tensors,
     save_generator_checkpoints, save_tensors,
 )
 
@@ -56,7 +56,7 @@ def test_name_rejects_bad_granularity_and_path_keys():
 
 
 def test_meta_keys_agree_with_their_owner():
-    assert ck.GEN_META_KEYS == tuple(f.name for f in dataclasses.fields(GeneratorMeta))
+    assert ck.META_FIELDS == tuple(f.name for f in dataclasses.fields(GeneratorMeta))
 
 
 # ---- round trip ---------------------------------------------------------------------------------
@@ -140,21 +140,11 @@ def test_pickled_code_is_never_executed(tmp_path, fmt):
     obj = {"generator_state_dict": {"w": torch.ones(2)}, "x": _Payload(marker)}
     torch.save(obj, path) if fmt == "torch_zip" else path.write_bytes(pickle.dumps(obj, protocol=2))
     with pytest.raises(ValueError, match="legacy.pt"):
-        load_torch_weights_only(path)
-    with pytest.raises(ValueError, match="legacy.pt"):
         load_tensors(path)
     assert not marker.exists()
     _ = torch.load(path, weights_only=False) if fmt == "torch_zip" else pickle.loads(path.read_bytes())
     assert marker.exists()                                             # the file really is malicious
 
-
-def test_weights_only_loads_a_plain_legacy_file(tmp_path):
-    torch.save({"round": 5, "generator_state_dict": {"w": torch.arange(3.0)}}, tmp_path / "ok.pt")
-    loaded = load_torch_weights_only(tmp_path / "ok.pt")
-    assert loaded["round"] == 5 and torch.equal(loaded["generator_state_dict"]["w"], torch.arange(3.0))
-
-
-# ---- interrupted writes -------------------------------------------------------------------------
 
 def test_an_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     save(tmp_path, seed=0, round_=1)
