@@ -9,10 +9,10 @@ sampling time alike.
 from a2v_flower.models.generators.base import CONDITION_DIM, BaseGenerator, class_condition
 from a2v_flower.models.generators.keys import GRANULARITIES, generator_keys, key_for
 from a2v_flower.models.generators.quality import frechet_distance, moment_quality, sample_quality
-from a2v_flower.models.generators.spec import TYPES, GeneratorSpec, ReplaySpec
+from a2v_flower.models.generators.spec import GeneratorSpec, ReplaySpec
 from a2v_flower.models.generators.training import (GENERATOR_TYPES, build_generator, condition_for, kl_beta,
                                                    sample_classes, train_generator)
 
 __all__ = ["CONDITION_DIM", "BaseGenerator", "class_condition", "GRANULARITIES", "generator_keys", "key_for",
-           "frechet_distance", "moment_quality", "sample_quality", "TYPES", "GeneratorSpec", "ReplaySpec",
+           "frechet_distance", "moment_quality", "sample_quality", "GeneratorSpec", "ReplaySpec",
            "GENERATOR_TYPES", "build_generator", "condition_for", "kl_beta", "sample_classes", "train_generator"]
