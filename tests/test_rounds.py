@@ -130,15 +130,17 @@ def test_proximal_term_reaches_the_sites(make_cfg, tmp_path, task_identity):
     drift, loss = {}, {}
     for mu in (0.0, 1000.0):
         cfg = make_cfg("train.loss=mse+contrastive", f"train.proximal_mu={mu}", "train.absent_scale=0.5",
-                       "num_rounds=1", *FAST)
+                       "num_rounds=1", "diffusion.render_every=0", "train.local_epochs=3")
         grid = run_server(cfg, tmp_path / f"mu{mu}")
-        i = next(i for i, m in enumerate(grid.sent) if m.metadata.message_type == "train")  # after the site query
+        # site 0's train message and reply (Flower samples the nodes in no fixed order)
+        i = next(i for i, m in enumerate(grid.sent) if m.metadata.message_type == "train"
+                 and grid.contexts[m.metadata.dst_node_id].node_config["partition-id"] == 0)
         sent, back = (from_record(m.content["arrays"]) for m in (grid.sent[i], grid.replies[i]))
         drift[mu] = sum(float((sent[k] - back[k]).pow(2).sum()) for k in sent)
         loss[mu] = float(grid.replies[i].content["metrics"]["train_loss"])
-    # the site trained, held nearer the global adapters (AdamW's steps are normalised, so not by much less)
-    assert 0 < drift[1000.0] < 0.7 * drift[0.0]
-    assert loss[1000.0] > loss[0.0]  # held back, and the reported loss includes the proximal term
+    # the site trained, held nearer the global adapters; its reported loss includes the proximal term
+    assert 0 < drift[1000.0] < 0.5 * drift[0.0]
+    assert loss[1000.0] > 10 * loss[0.0]
 
 
 def test_groups_noniid_experiment_runs_its_recipe(make_cfg, tmp_path, task_identity):
