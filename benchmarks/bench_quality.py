@@ -443,12 +443,12 @@ def markdown(summary: list[dict], scenarios: list[Scenario], header: str) -> str
         rows = [s for s in summary if s["scenario"] == sc.name]
         if not rows:
             continue
-        lines += ["", f"**{sc.name}**: {rows[0]['seeds']} seed(s), {rows[0]['units']} (test clip, seed) pairs per "
-                  "row; chance 0.100", "",
-                  f"| method | top-1 [95 % CI] | vs {ref}: diff [95 % CI], p | train fit | "
+        lines += ["", f"**{sc.name}**: chance 0.100; seeds = data splits scored (each: the same test clips for "
+                  "every row)", "",
+                  f"| method | seeds | top-1 [95 % CI] | vs {ref}: diff [95 % CI], p | train fit | "
                   + ("forgetting (val) [95 % CI] | " if incremental else "within site | ")
                   + "generator kB up | MB up / down per site-round | s / round |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in rows:
             vs = "reference" if s["method"] == ref else "-" if s["vs"] is None else \
                 f"{s['vs'][0]:+.3f} [{s['vs'][1]:+.3f}, {s['vs'][2]:+.3f}], p={s['vs'][3]:.3f}"
@@ -458,7 +458,8 @@ def markdown(summary: list[dict], scenarios: list[Scenario], header: str) -> str
             size = f" ({s['generator_size']})" if s["generator_size"] else ""
             cost = "- | - | -" if s["method"].startswith("linear probe") else \
                 f"{s['gen_kb']:,.1f} | {s['mb_up']:.2f} / {s['mb_down']:.2f} | {s['s_per_round']:.1f}"
-            lines.append(f"| {s['method']}{size} | {s['top1']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | {vs} | "
+            lines.append(f"| {s['method']}{size} | {s['seeds']} ({s['units']} clips) | {s['top1']:.3f} "
+                         f"[{s['ci'][0]:.3f}, {s['ci'][1]:.3f}] | {vs} | "
                          f"{s['train_fit']:.3f} | {extra} | {cost} |")
     return "\n".join(lines) + "\n"
 

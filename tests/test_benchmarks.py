@@ -54,7 +54,7 @@ def test_quality_benchmark_quick_scores_every_method_on_the_same_clips_and_resum
     gaussian, cvae = gen["+ replay (gaussian, unified, reset=off)"], "+ replay (cvae, unified, reset=off)"
     assert gen["FedAvg"] == 0 and 0.5 * gaussian <= gen[f"{cvae} at gaussian bytes"] <= 1.5 * gaussian < gen[cvae] / 10
     table = (out / "quality.md").read_text()
-    assert table.count("| method | top-1 [95 % CI] |") == 3 and "vs centralised: diff [95 % CI], p" in table
+    assert table.count("| method | seeds | top-1 [95 % CI] |") == 3 and "vs centralised: diff [95 % CI], p" in table
     assert "| centralised |" in table and "reference" in table and "at gaussian bytes (hidden " in table
     # a stopped run loses nothing: drop the last row, rerun, and only that row is computed again
     lines = (out / "quality.csv").read_text().splitlines(keepends=True)
