@@ -242,9 +242,14 @@ class Federation:
 class Adapter:
     width: int = MISSING
     heads: int = MISSING
+    kind: str = MISSING
+    rank: int = MISSING
+    wire: str = MISSING
 
     def __post_init__(self):
-        _positive("adapter.", self, "width", "heads")
+        _positive("adapter.", self, "width", "heads", "rank")
+        _one_of("adapter.kind", self.kind, ("attention", "lowrank"))
+        _one_of("adapter.wire", self.wire, ("float32", "float16"))  # numpy, which Flower's arrays use, has no bfloat16
         if self.width % self.heads:
             raise ValueError(f"adapter.width={self.width} must be divisible by adapter.heads={self.heads}")
 

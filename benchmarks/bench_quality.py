@@ -512,7 +512,8 @@ def main() -> None:
                                         C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
                 gspec = generator_spec(m, cfg, sites, targets)
                 dim = encoder_dim(C.audio_spec(cfg))
-                make = lambda s: build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, s)  # noqa: E731
+                make = lambda s: build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, s,  # noqa: E731
+                                                cfg.adapter.kind, cfg.adapter.rank)
                 r = run(m, sc, sites, targets, make, spec, gspec, rounds, seed,
                         (rspec.samples_per_class, rspec.synthetic_samples_per_class), rspec.kd_epochs, REFINE_EPOCHS)
                 row = {"setup": setup, "scenario": sc.name, "method": m.name, "seed": seed,
