@@ -229,6 +229,7 @@ class Federation:
     num_gpus: float = MISSING
     timeout: float = MISSING
     min_sites: Optional[int] = None
+    even_load: bool = MISSING
 
     def __post_init__(self):
         _positive("federation.", self, "num_sites", "num_cpus", "timeout")
