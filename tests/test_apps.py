@@ -34,7 +34,8 @@ def setup(cfg):
     _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
                             TensorCache(f"{cfg.paths.cache_dir}/targets"))
-    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0)
+    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0,
+                              cfg.adapter.kind, cfg.adapter.rank)
     return classes, targets, adapters
 
 
@@ -63,7 +64,7 @@ def test_train_reply_carries_only_adapter_weights(make_cfg, task_identity, diffu
     assert sorted(reply.content.keys()) == ["arrays", "class_stats", "metrics"]
     assert reply.content["metrics"]["num-examples"] > 0
     new = sent.to_torch_state_dict()
-    assert any(not torch.equal(new[k], v) for k, v in adapters.state_dict().items())  # it trained
+    assert any(not torch.equal(new[k], v.to(new[k].dtype)) for k, v in adapters.state_dict().items())  # trained
     encoder = next(iter(client_app._ENCODERS.values()))
     if encoder.model is not None:
         assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen
@@ -103,9 +104,10 @@ def test_aggregation_none_keeps_site_adapters(make_cfg, task_identity):
     _, targets, adapters = setup(cfg)
     ctx = context()
     first = client_app.train(message(cfg, adapters, targets), ctx).content["arrays"].to_torch_state_dict()
-    fresh = build_adapters(adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads, 99)
+    shape = (adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads)
+    fresh = build_adapters(*shape, 99, cfg.adapter.kind, cfg.adapter.rank)
     reply = client_app.evaluate(message(cfg, fresh, targets, "evaluate"), ctx)  # server's arrays are ignored
-    own = build_adapters(adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads, 0)
+    own = build_adapters(*shape, 0, cfg.adapter.kind, cfg.adapter.rank)
     own.load_state_dict(first)
     assert reply.content["metrics"]["top1"] == pytest.approx(
         client_app.evaluate(message(cfg, own, targets, "evaluate"), context()).content["metrics"]["top1"])
