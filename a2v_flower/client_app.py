@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -12,12 +14,12 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import site_generators as SG
-from a2v_flower.cache import sha1_of
+from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.data.schedule import stage_classes
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
+from a2v_flower.models.audio_encoder import AudioEncoder
 from a2v_flower.models.generators import ReplaySpec
 from a2v_flower.names import safe_name
 from a2v_flower.records import flatten, from_record, to_record, unflatten
@@ -27,12 +29,17 @@ from a2v_flower.training import class_means, predict, train_adapters
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+# A process's first torch optimizer imports torch._dynamo (seconds): start that now, while the server prepares
+# round 1, instead of inside the first training round.
+threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
 
 # Per-process memo: in simulation one Ray actor serves many rounds (and sites), so the encoder and
 # the embedded site data are built once; in deployment each message is a new process and the disk
 # cache does the same job.
 _ENCODERS: dict = {}
-_SITES: dict = {}
+_SITES: dict = {}    # at most MEMO_SITES sites per process; the disk cache holds every site's embeddings
+_TARGETS: dict = {}  # run config sha1 -> class targets (on disk too: a node's next message may reach another actor)
+MEMO_SITES = 64
 
 
 def _setup(msg: Message, context: Context):
@@ -51,13 +58,13 @@ def _setup(msg: Message, context: Context):
     encoder = _ENCODERS.setdefault(aspec, AudioEncoder(aspec))
     key = (data, part, aspec, site_id)
     if key not in _SITES:
+        if len(_SITES) >= MEMO_SITES:  # a simulated actor serves many of 1000 sites: keep the latest only
+            del _SITES[next(iter(_SITES))]
         _SITES[key] = load_site(data, part, encoder, site_id)
-    if "targets" in msg.content:  # sent once per node; kept for later rounds
-        context.state["targets"] = msg.content["targets"]
-    if "targets" not in context.state:
-        raise RuntimeError(f"site {site_id}: no class targets received from the server")
-    targets = from_record(context.state["targets"])
-    adapters = build_adapters(encoder_dim(aspec), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+    targets = class_targets_of(msg, cfg, site_id)
+    dim = _SITES[key].splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
+    adapters = build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
+                              cfg.adapter.rank)
     resumed = int(msg.content["config"].get("resume-round", 0))
     if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
         restore_site_state(site_state_dir(cfg, context.node_config), site_id, resumed, context.state)
@@ -67,6 +74,22 @@ def _setup(msg: Message, context: Context):
         adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
     adapters.to("cuda" if torch.cuda.is_available() else "cpu")  # each process picks CUDA when present
     return cfg, site_id, _SITES[key], targets, adapters
+
+
+def class_targets_of(msg: Message, cfg, site_id: int) -> dict[str, torch.Tensor]:
+    """The class targets: sent once per node, then kept once per process and on disk, keyed by the run config,
+    not in every node's context.state (in simulation those live in the ServerApp's process, one per site)."""
+    key = sha1_of(OmegaConf.to_yaml(cfg))
+    cache = TensorCache(Path(cfg.paths.cache_dir) / "received")
+    if "targets" in msg.content:
+        _TARGETS[key] = from_record(msg.content["targets"])
+        if not cache.path(key).is_file():
+            cache.put(key, _TARGETS[key])
+    if key not in _TARGETS and (found := cache.get(key)) is not None:
+        _TARGETS[key] = found
+    if key not in _TARGETS:
+        raise RuntimeError(f"site {site_id}: no class targets received from the server")
+    return _TARGETS[key]
 
 
 def run_config(msg: Message, context: Context, site_id: int):
@@ -134,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     if (folder := site_state_dir(cfg, context.node_config)) is not None:
         save_site_state(folder, site_id, rnd, context.state)
     return Message(content=RecordDict({
-        "arrays": ArrayRecord(adapters.state_dict()),
+        "arrays": to_record(adapters.state_dict(), cfg.adapter.wire),  # the server averages in float32
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
                                  "encoder_calls": calls, "skipped": len(site.skipped),
                                  "synthetic": len(y) - n_real, **figures}),

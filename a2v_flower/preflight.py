@@ -62,7 +62,8 @@ def check_resume(cfg: DictConfig) -> None:
     rnd, adapters, _, _ = load_server_checkpoint(run_dir, cfg)
     k, d = token_shape(cfg)
     want = {n: tuple(v.shape) for n, v in AdapterSet(d, head_shapes(cfg.diffusion.type, C.t5_seq_len(cfg)),
-                                                     cfg.adapter.width, cfg.adapter.heads).state_dict().items()}
+                                                     cfg.adapter.width, cfg.adapter.heads, cfg.adapter.kind,
+                                                     cfg.adapter.rank).state_dict().items()}
     have = {n: tuple(v.shape) for n, v in adapters.items()}
     if have != want:
         bad = sorted(n for n in have.keys() | want.keys() if have.get(n) != want.get(n))[:3]

@@ -7,9 +7,10 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors -> ArrayRecord (numpy-backed, as Flower sends them)."""
-    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
+def to_record(tensors: dict[str, torch.Tensor], dtype: str | None = None) -> ArrayRecord:
+    """Tensors (cast to `dtype`, e.g. "float16", if given) -> ArrayRecord (numpy-backed, as Flower sends them)."""
+    cast = getattr(torch, dtype) if dtype else None
+    return ArrayRecord({k: Array(v.detach().cpu().to(cast or v.dtype).numpy()) for k, v in tensors.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:

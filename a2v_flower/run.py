@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -183,13 +184,27 @@ def start_superlink(home: Path, log_file) -> subprocess.Popen:
                        f"see {log_file.name}")
 
 
+def ray_cpus(sites: int, per_site: int, cores: int) -> int:
+    """CPUs Ray is told the machine has, so that its actors (one per `per_site` CPUs) finish a round of `sites`
+    equal sites soonest: 3 sites on 2 cores get 3 actors sharing them, not one actor running two sites back to
+    back while the other idles. The fewest actors that do (each holds its own torch); at least the cores."""
+    slots = max(1, cores // per_site)
+
+    def makespan(actors: int) -> float:  # in site-times: full waves of `actors` sites sharing the cores, the rest
+        full, rest = divmod(sites, actors)
+        return (full * max(actors, slots) + (max(rest, slots) if rest else 0)) / slots
+    return per_site * min(range(slots, max(slots, sites) + 1), key=lambda a: (makespan(a), a))
+
+
 def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str) -> list[str]:
     """The `flwr run` call that simulates `federation.num_sites` sites on the Ray engine."""
     fed = cfg.federation
+    per_round = math.ceil(max(cfg.strategy.fraction_train, cfg.strategy.fraction_evaluate) * fed.num_sites)
+    cpus = ray_cpus(per_round, fed.num_cpus, os.cpu_count() or 1) if fed.even_load else os.cpu_count() or 1
     return ["flwr", "run", str(APP_DIR), "--stream",
             "--run-config", f"config-file='{config_file}' launch-id='{launch_id}'",
             "--federation-config", f"num-supernodes={fed.num_sites} client-resources-num-cpus={fed.num_cpus} "
-                                   f"client-resources-num-gpus={fed.num_gpus}"]
+                                   f"client-resources-num-gpus={fed.num_gpus} init-args-num-cpus={cpus}"]
 
 
 def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) -> int:

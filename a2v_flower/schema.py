@@ -223,6 +223,7 @@ class Federation:
     num_gpus: float = MISSING
     timeout: float = MISSING
     min_sites: Optional[int] = None
+    even_load: bool = MISSING
 
     def __post_init__(self):
         _numbers("federation.", self, positive=("num_sites", "num_cpus", "timeout"), non_negative=("num_gpus",))
@@ -235,9 +236,14 @@ class Federation:
 class Adapter:
     width: int = MISSING
     heads: int = MISSING
+    kind: str = MISSING
+    rank: int = MISSING
+    wire: str = MISSING
 
     def __post_init__(self):
-        _numbers("adapter.", self, positive=("width", "heads"))
+        _numbers("adapter.", self, positive=("width", "heads", "rank"))
+        _one_of("adapter.kind", self.kind, ("attention", "lowrank"))
+        _one_of("adapter.wire", self.wire, ("float32", "float16"))  # numpy, which Flower's arrays use, has no bfloat16
         if self.width % self.heads:
             raise ValueError(f"adapter.width={self.width} must be divisible by adapter.heads={self.heads}")
 

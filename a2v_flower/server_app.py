@@ -16,7 +16,7 @@ from a2v_flower import preflight
 from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.checkpoints import save_tensors
 from a2v_flower.data.schedule import held_classes, seen_classes
-from a2v_flower.data.site import federation
+from a2v_flower.data.site import federation, split_site
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
@@ -81,13 +81,21 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
     log.info("run folder: %s", run_dir)
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
     held, schedule = held_classes(clips, sites), C.schedule_of(cfg)  # both checked by preflight.check_run
-    log.info("%d clips, %d classes, sites hold %s clips", len(clips), len(classes), [len(s) for s in sites])
+    sizes = [len(s) for s in sites]
+    log.info("%d clips, %d classes, sites hold %s clips", len(clips), len(classes),
+             sizes if len(sites) <= 20 else f"{min(sizes)}-{max(sizes)}")
+    no_eval = [s for s, idx in enumerate(sites) if not split_site([classes.index(clips[i].category) for i in idx],
+                                                                  C.data_spec(cfg), s)[cfg.evaluate.split]]
+    if no_eval:  # they still train; their evaluation replies count zero examples
+        log.warning("%d of %d sites hold too few clips for a %s split (first: %s)", len(no_eval), len(sites),
+                    cfg.evaluate.split, no_eval[:5])
+    summary["sites_without_eval_clips"] = len(no_eval)
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
                             C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     dim = encoder_dim(C.audio_spec(cfg))
 
     def make_adapters():
-        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed)
+        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind, cfg.adapter.rank)
 
     adapters = make_adapters()
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
@@ -103,7 +111,8 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                            min_evaluate_nodes=max(1, round(low * cfg.strategy.fraction_evaluate)),
                            min_available_nodes=low,  # rounds go on with >= min_sites of the n sites
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
-                           timeout=cfg.federation.timeout, run_config=run_yaml, num_sites=n, min_sites=low)
+                           timeout=cfg.federation.timeout, run_config=run_yaml, num_sites=n, min_sites=low,
+                           wire=cfg.adapter.wire)
     strategy.site_of_node.update(node_sites)
     done = 0
     if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round

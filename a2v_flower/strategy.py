@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from a2v_flower.metrics import aggregate_metrics, pool_evaluations, summarise_training
 from a2v_flower.nodes import FailureLog, RoundFailed, query_sites, wait_for_sites
-from a2v_flower.records import payload_bytes, to_record
+from a2v_flower.records import from_record, payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.tracking import RunTracker
 
@@ -33,7 +33,7 @@ class A2VStrategy(FedAvg):
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
                  classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
-                 num_sites: int = 1, min_sites: int = 1, **kwargs):
+                 num_sites: int = 1, min_sites: int = 1, wire: str = "float32", **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
                          evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
@@ -52,6 +52,7 @@ class A2VStrategy(FedAvg):
         self.num_sites, self.min_sites = num_sites, min_sites  # a round may lose num_sites - min_sites sites
         self.failures = FailureLog(num_sites, min_sites)
         self.sent: list[Message] = []                # messages of the current train/evaluate step
+        self.wire = wire                             # dtype adapters travel in; averaged in float32
 
     def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
         """Give every message its own RecordDict and `extra` config; add the class targets and the run config
@@ -75,7 +76,8 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         self.round_started = time.time()
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
-        messages = self.sent = self._with_targets(super().configure_train(server_round, arrays, config, grid))
+        down = to_record(from_record(arrays), self.wire) if self.wire != "float32" else arrays
+        messages = self.sent = self._with_targets(super().configure_train(server_round, down, config, grid))
         self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
         replay = self.generators.replay
         if replay is not None and replay.sharing == "sequential" and replay.train:
@@ -95,7 +97,8 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         n = self.clip_images(server_round) if self.clip_images else 0
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
-        messages = self.sent = self._with_targets(super().configure_evaluate(server_round, arrays, config, grid),
+        down = to_record(from_record(arrays), self.wire) if self.wire != "float32" else arrays
+        messages = self.sent = self._with_targets(super().configure_evaluate(server_round, down, config, grid),
                                                   {"render-clips": n} if n else None)
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
@@ -128,6 +131,8 @@ class A2VStrategy(FedAvg):
             metrics, node = msg.content["metrics"], msg.metadata.src_node_id
             site = self.site_of_node[node] = int(metrics["site"])
             up = payload_bytes(msg.content)
+            if self.wire != "float32":  # average in float32 whatever travelled
+                msg.content["arrays"] = to_record(from_record(msg.content["arrays"]), "float32")
             report = self.generators.receive(site, msg.content)
             if self.generators.wants_teachers:
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()

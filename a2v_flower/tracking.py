@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,24 @@ class RunTracker:
         self.run_dir, self.name = Path(run_dir), name
         self.path = self.run_dir / "metrics.jsonl"
         self.history: list[dict] = []
-        self.wandb = None
-        if wandb_mode != "disabled":
+        self._wandb: Future | None = None
+        if wandb_mode != "disabled":  # wandb.init takes seconds (it starts a service): it overlaps round 1
             os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
+            self._wandb = ThreadPoolExecutor(1).submit(self._start_wandb, wandb_mode, project, name, group, config)
 
-            self.wandb = wandb.init(mode=wandb_mode, project=project, name=name, group=group, config=config,
-                                    dir=str(self.run_dir), reinit="finish_previous")
-            self.wandb.define_metric("*", step_metric="round")  # charts by federated round
+    def _start_wandb(self, mode: str, project: str, name: str, group: str | None, config: dict):
+        """The wandb run, its charts keyed by federated round."""
+        import wandb
+
+        run = wandb.init(mode=mode, project=project, name=name, group=group, config=config, dir=str(self.run_dir),
+                         reinit="finish_previous")
+        run.define_metric("*", step_metric="round")
+        return run
+
+    @property
+    def wandb(self):
+        """The wandb run (waits for wandb.init), or None when wandb is disabled."""
+        return self._wandb.result() if self._wandb is not None else None
 
     def keep_rounds(self, last: int) -> None:
         """Resume: reload metrics.jsonl up to round `last` (a crashed round's partial rows are dropped)."""

@@ -1,9 +1,15 @@
-"""Generator cost benchmark: batched vs per-sample training throughput, and size vs the predecessor's VAE.
+"""Generator cost benchmark: batched vs per-sample training at equal work, and size vs the predecessor's VAE.
 
-    python benchmarks/bench_generators.py [--n 512] [--epochs 3] [--out outputs/bench]
+    python benchmarks/bench_generators.py [--n 512] [--epochs 3] [--repeats 3] [--out outputs/bench]
 
-Both throughputs are measured in the same run on the same data and epochs, so their ratio holds on a
-noisy machine. Writes <out>/generators.json and generators.md and prints them.
+cvae training on the same data, timed in CPU seconds of this process (one torch thread), median of
+`--repeats` (interleaved, so that a busy machine slows every variant alike):
+
+  batched                mini-batches of 32 (generator.batch_size), `--epochs` over n samples
+  per-sample, equal samples seen   batch 1, the same epochs over the same n samples: 32x the optimizer steps
+  per-sample, equal steps          batch 1, as many optimizer steps as `batched` (n / 32 samples per epoch)
+
+Writes <out>/generators.json and generators.md and prints them.
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from a2v_flower.models.generators import GENERATOR_TYPES, GeneratorSpec, build_generator, train_generator
+
+SPEC = GeneratorSpec("cvae")  # the app's default sizes (hidden 256, latent 16)
 
 
 def predecessor_vae_params(seq: int = 1214, dim: int = 768, hidden: int = 1024, latent: int = 256) -> int:
@@ -30,12 +39,34 @@ def predecessor_vae_params(seq: int = 1214, dim: int = 768, hidden: int = 1024, 
     return encoder + decoder
 
 
-def throughput(spec: GeneratorSpec, x: torch.Tensor, y: torch.Tensor, targets: dict) -> float:
-    """Training samples per second of `spec` (epochs x N / wall time)."""
+def cpu_seconds(spec: GeneratorSpec, x: torch.Tensor, y: torch.Tensor, targets: dict) -> float:
+    """CPU seconds of this process for one `train_generator` call on fresh weights."""
     gen = build_generator(spec, tuple(x.shape[1:]))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     train_generator(gen, x, y, targets, spec)
-    return spec.epochs * len(x) / (time.perf_counter() - t0)
+    return time.process_time() - t0
+
+
+def equal_work(x: torch.Tensor, y: torch.Tensor, targets: dict, epochs: int, repeats: int, batch: int = 32) -> dict:
+    """Median CPU seconds, samples seen and optimizer steps of batched and per-sample training (see module doc)."""
+    few = max(1, len(x) // batch)  # per-sample at equal steps: epochs x few steps, as batched's epochs x n / batch
+    runs = {"batched": (replace(SPEC, epochs=epochs, batch_size=batch), x, y),
+            "per_sample_equal_samples": (replace(SPEC, epochs=epochs, batch_size=1), x, y),
+            "per_sample_equal_steps": (replace(SPEC, epochs=epochs, batch_size=1), x[:few], y[:few])}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, (spec, xs, ys) in runs.items():
+            times[name].append(cpu_seconds(spec, xs, ys, targets))
+    out = {}
+    for name, (spec, xs, _) in runs.items():
+        cpu = statistics.median(times[name])
+        out[name] = {"cpu_s": cpu, "cpu_s_all": times[name], "samples": epochs * len(xs),
+                     "steps": epochs * -(-len(xs) // spec.batch_size), "samples_per_cpu_s": epochs * len(xs) / cpu}
+    b, s, t = out["batched"], out["per_sample_equal_samples"], out["per_sample_equal_steps"]
+    out["speedup_equal_samples"] = s["cpu_s"] / b["cpu_s"]          # same samples seen: time ratio
+    out["step_cost_ratio"] = b["cpu_s"] / t["cpu_s"]                  # same steps: a 32-sample step vs a 1-sample one
+    out["throughput_ratio_equal_steps"] = b["samples_per_cpu_s"] / t["samples_per_cpu_s"]
+    return out
 
 
 def size(kind: str, token_shape: tuple[int, int]) -> tuple[int, int]:
@@ -52,17 +83,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=512, help="training samples (tiny AST shape 8 x 64)")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timings per variant; the median is reported")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the work done)")
     ap.add_argument("--out", default="outputs/bench")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = torch.randn(args.n, 8, 64), torch.randint(0, 10, (args.n,))
     targets = {"clip": torch.randn(10, 77, 768)}
-    spec = GeneratorSpec("cvae", epochs=args.epochs, batch_size=32)
-    batched = throughput(spec, x, y, targets)
-    per_sample = throughput(replace(spec, batch_size=1), x, y, targets)
+    work = equal_work(x, y, targets, args.epochs, args.repeats)
     old = predecessor_vae_params()
-    rows = {"throughput_batched_samples_per_s": batched, "throughput_per_sample_samples_per_s": per_sample,
-            "batched_speedup": batched / per_sample, "predecessor_vae_params": old,
+    rows = {"equal_work": work, "threads": args.threads, "predecessor_vae_params": old,
             "predecessor_vae_fp32_bytes": old * 4, "sizes": {}}
     for kind in GENERATOR_TYPES:
         for shape in ((8, 64), (8, 768)):
@@ -72,8 +103,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generators.json").write_text(json.dumps(rows, indent=2))
-    lines = [f"cvae training, {args.n} samples x {args.epochs} epochs: batched (32) {batched:.0f} samples/s, "
-             f"per-sample {per_sample:.0f} samples/s -> **{batched / per_sample:.1f}x**", "",
+    b, s, t = (work[k] for k in ("batched", "per_sample_equal_samples", "per_sample_equal_steps"))
+    lines = [f"cvae training ({args.n} samples of 8 x 64, {args.epochs} epochs), CPU seconds, median of {args.repeats}, "
+             f"{args.threads} torch thread(s):", "",
+             "| variant | samples seen | optimizer steps | CPU s | samples / CPU s |", "|---|---|---|---|---|",
+             *(f"| {name} | {v['samples']:,} | {v['steps']:,} | {v['cpu_s']:.2f} | {v['samples_per_cpu_s']:,.0f} |"
+               for name, v in (("batched (32)", b), ("per-sample, equal samples seen", s),
+                               ("per-sample, equal optimizer steps", t))), "",
+             f"Equal samples seen: batched takes **{work['speedup_equal_samples']:.1f}x** less CPU time. "
+             f"Equal optimizer steps: a 32-sample step costs {work['step_cost_ratio']:.2f}x a 1-sample step, "
+             f"so batched sees {work['throughput_ratio_equal_steps']:.1f}x more samples per CPU second.", "",
              f"Predecessor's flattened 1214x768 VAE: {old / 1e9:.2f} G parameters ({old * 4 / 1e9:.1f} GB fp32).", "",
              "| generator (tokens x dim) | parameters | saved state (weights + AdamW) | predecessor / ours |",
              "|---|---|---|---|"]

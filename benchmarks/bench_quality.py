@@ -179,6 +179,12 @@ def equal_bytes_spec(spec: GeneratorSpec, budget: float, token_shape: tuple[int,
 
 # ---- one run: a method, a scenario, a seed --------------------------------------------------------
 
+def on_wire(state: dict, wire: str, back: bool = True) -> dict:
+    """A state dict cast to the adapter.wire dtype (and back to float32 with `back`)."""
+    out = {k: v.to(getattr(torch, wire)) for k, v in state.items()}
+    return {k: v.float() for k, v in out.items()} if back else out
+
+
 def average(states: list[dict], weights: list[float]) -> dict:
     """Weighted mean of state dicts (what FedAvg's aggregate_arrayrecords computes)."""
     w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
@@ -246,7 +252,8 @@ def linear_probe(sites: list[SiteData], seed: int) -> dict:
 
 
 def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: TrainSpec, gspec: GeneratorSpec | None,
-        rounds: int, seed: int, samples: tuple[int, int], kd_epochs: int, refine_epochs: int) -> dict:
+        rounds: int, seed: int, samples: tuple[int, int], kd_epochs: int, refine_epochs: int,
+        wire: str = "float32") -> dict:
     """Rounds of one method; the final adapters scored on the pooled test clips, forgetting from val.
 
     `samples` = (server samples per class for kd/refinement, samples per lacking class sent to a site).
@@ -296,9 +303,11 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
                 xa, ya = torch.cat([x, pool[0][take]]), torch.cat([y, pool[1][take]])
                 down += nbytes([pool[0][take], pool[1][take]])
             model = locals_[i] if m.kind == "local" else copy.deepcopy(global_ad)
+            if m.kind != "local":  # adapter.wire: what the site receives, as it travels
+                model.load_state_dict(on_wire(global_ad.state_dict(), wire))
             train_adapters(model, xa, ya, targets, spec, seed=seed + 7919 * rnd + i)
             locals_[i] = model
-            states.append(model.state_dict())
+            states.append(on_wire(model.state_dict(), wire, back=False))
             weights.append(len(ya))
             stats[i] = {"counts": torch.bincount(y, minlength=len(classes)).float(),
                         "seen": torch.isin(torch.arange(len(classes)), torch.tensor(sorted(seen[i]))).float(),
@@ -308,10 +317,10 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
                 stats[i] |= {f"out/{k}": v for k, v in class_means(predict(model, x), y).items()}
             sent = [v for g in gens[i].values() for v in SR.weights_only(g).values()]
             gen_up += nbytes(sent)
-            up += nbytes(model.state_dict().values()) + nbytes(stats[i].values()) + nbytes(sent)
-            down += nbytes(global_ad.state_dict().values())
+            up += nbytes(states[-1].values()) + nbytes(stats[i].values()) + nbytes(sent)
+            down += nbytes(on_wire(global_ad.state_dict(), wire, back=False).values())
         if m.kind != "local":
-            global_ad.load_state_dict(average(states, weights))
+            global_ad.load_state_dict(average(states, weights))  # in float64, as the server's float32 mean
         server_training(m, global_ad, locals_, stats, gens, server_gen, sg_spec, classes, gspec, token_shape, targets,
                         spec, samples[0], kd_epochs, refine_epochs, seed, rnd)
         val_models = locals_ if m.kind == "local" else [global_ad]
@@ -513,9 +522,11 @@ def main() -> None:
                                         C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
                 gspec = generator_spec(m, cfg, sites, targets)
                 dim = encoder_dim(C.audio_spec(cfg))
-                make = lambda s: build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, s)  # noqa: E731
+                make = lambda s: build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, s,  # noqa: E731
+                                                cfg.adapter.kind, cfg.adapter.rank)
                 r = run(m, sc, sites, targets, make, spec, gspec, rounds, seed,
-                        (rspec.samples_per_class, rspec.synthetic_samples_per_class), rspec.kd_epochs, REFINE_EPOCHS)
+                        (rspec.samples_per_class, rspec.synthetic_samples_per_class), rspec.kd_epochs, REFINE_EPOCHS,
+                        cfg.adapter.wire)
                 row = {"setup": setup, "scenario": sc.name, "method": m.name, "seed": seed,
                        "top1": f"{r['correct'].mean().item():.4f}",
                        "generator_size": "" if gspec is None or gspec.type == "gaussian" or not m.equal_bytes

@@ -77,6 +77,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 DATA = ["data.seconds=1.0", "data.clip_seconds=1.0", "model.audio.max_length=128"]
 BASE = ["diffusion.render_every=0", "wandb.mode=disabled"]
 SWEEP = ["partition=iid", "num_rounds=1", "train.local_epochs=1", "data.splits={train:0.5,val:0.0,test:0.5}"]
+# --scale: the default app (Dirichlet partition) with a tenth of the sites sampled per round, 4 clips per site on average
+SCALE = ["num_rounds=3", "strategy.fraction_train=0.1", "strategy.fraction_evaluate=0.1"]
+SERVER = "flwr-simulation (ServerApp + engine)"
 STRATEGY_RE = re.compile(r"Strategy execution finished in ([0-9.]+)s")
 
 
@@ -118,6 +121,7 @@ class MemorySampler(threading.Thread):
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
         self.at_peak: dict[str, int] = {}
+        self.peak_by_kind: Counter = Counter()  # kind -> its own largest RSS sum over the run
         self.samples = self.pss_samples = 0
         self.last_pss = 0.0
 
@@ -171,6 +175,7 @@ class MemorySampler(threading.Thread):
         for pid, kind in procs.items():
             by_kind[kind] += self.rss(pid)
         rss = sum(by_kind.values())
+        self.peak_by_kind |= by_kind  # Counter union keeps the larger count per kind
         self.samples += 1
         self.peak_procs = max(self.peak_procs, len(procs))
         if rss > self.peak_rss:
@@ -189,7 +194,8 @@ class MemorySampler(threading.Thread):
         self.done.set()
         self.join()
         return {"peak_rss_bytes": self.peak_rss, "peak_pss_bytes": self.peak_pss, "peak_processes": self.peak_procs,
-                "rss_by_kind_at_peak": self.at_peak, "samples": self.samples, "pss_samples": self.pss_samples}
+                "rss_by_kind_at_peak": self.at_peak, "peak_rss_by_kind": dict(self.peak_by_kind),
+                "samples": self.samples, "pss_samples": self.pss_samples}
 
 
 def cleanup(tag: str, grace: float = 15.0) -> int:
@@ -516,6 +522,52 @@ def markdown(f: dict, runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scale_overrides(n: int) -> list[str]:
+    """A --scale run of n sites: 10 classes x max(32, 0.4 n) clips of 1 s."""
+    return [*DATA, *BASE, *SCALE, f"federation.num_sites={n}", f"data.clips_per_class={max(32, math.ceil(0.4 * n))}"]
+
+
+def scale_table(runs: list[dict]) -> tuple[list[dict], str]:
+    """Rows and markdown of the scaling curve: peak RSS of the run tree and of the ServerApp process, per site."""
+    rows, base = [], runs[0]
+    for run in runs:
+        server = run["memory"]["peak_rss_by_kind"].get(SERVER, 0)
+        row = {"sites": run["sites"], "peak_rss_bytes": run["memory"]["peak_rss_bytes"], "server_rss_bytes": server,
+               "server_rss_per_site": server / run["sites"], "round1_s": first(run), "later_s": later(run),
+               "sites_per_round": run["sites_per_round"], "wall_s": run["wall_s"], "server_marginal_per_site": None}
+        if run["sites"] > base["sites"]:
+            row["server_marginal_per_site"] = ((server - base["memory"]["peak_rss_by_kind"].get(SERVER, 0))
+                                               / (run["sites"] - base["sites"]))
+        rows.append(row)
+    head = ["sites", "sampled / round", "peak RSS, all processes", "ServerApp process peak RSS", "ServerApp RSS / site",
+            f"ServerApp RSS / site added beyond {base['sites']}", "round 1", "later rounds (mean)", "run wall"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        extra = "n/a" if r["server_marginal_per_site"] is None else f"{r['server_marginal_per_site'] / 2**10:,.0f} KiB"
+        lines.append(f"| {r['sites']} | {r['sites_per_round']} | {mib(r['peak_rss_bytes'])} | {mib(r['server_rss_bytes'])}"
+                     f" | {r['server_rss_per_site'] / 2**10:,.0f} KiB | {extra} | {fmt_s(r['round1_s'])} | "
+                     f"{fmt_s(r['later_s'])} | {r['wall_s']:.0f} s |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def run_scale(counts: list[int], out: Path, args, user: list[str]) -> None:
+    """--scale: the scaling curve (one run per site count, 3 rounds, fraction 0.1); writes scale.json/scale.md."""
+    t0, runs = time.time(), []
+    for n in counts:
+        run = a2v_run(f"scale_{n}", [*scale_overrides(n), *user], out, args)
+        rows = [json.loads(line) for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        run["sites_per_round"] = max(len(r.get("sites", {})) for r in rows if r["kind"] == "train")
+        runs.append(run)
+    rows, table = scale_table(runs)
+    info = machine()
+    cmd = " ".join(["python benchmarks/bench_system.py", *sys.argv[1:]])
+    header = (f"`{cmd}` on {info['cpus']} CPUs ({info['cpu']}), flwr {info['flwr']}, torch {info['torch']}, "
+              f"{info['date']}; total {time.time() - t0:.0f} s.\n\n")
+    (out / "scale.md").write_text(header + table)
+    (out / "scale.json").write_text(json.dumps({"command": cmd, "machine": info, "rows": rows, "runs": runs}, indent=2))
+    print("\n" + header + table)
+
+
 def machine() -> dict:
     """Where the figures came from."""
     import flwr
@@ -546,6 +598,8 @@ def main() -> None:
                     help="also run the bare app at every sweep size (default: on; --quick: off)")
     ap.add_argument("--payload-run", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the bare app with one array as large as our adapters (default: on; --quick: off)")
+    ap.add_argument("--scale", default=None, help="only the scaling curve at these site counts, comma-separated "
+                    "(e.g. 10,100,1000): %s, 0.4 n clips per class" % " ".join(SCALE))
     ap.add_argument("--interval", type=float, default=0.2, help="RSS sampling period in s (default 0.2)")
     ap.add_argument("--pss-interval", type=float, default=2.0, help="PSS sampling period in s (default 2; 0 = off; "
                     "reading PSS costs about 20 ms of CPU per 600 MB process)")
@@ -562,6 +616,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "cache", ignore_errors=True)  # cold means cold
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.scale:
+        counts = sorted({int(s) for s in args.scale.split(",") if s.strip()})
+        for n in counts:  # bad overrides fail here, before anything starts
+            C.validate(C.compose_config([*scale_overrides(n), *args.overrides]))
+        return run_scale(counts, out, args, list(args.overrides))
 
     user = list(args.overrides)
     base = [*DATA, *BASE, f"num_rounds={rounds}", f"federation.num_sites={args.num_sites}",

@@ -34,7 +34,8 @@ def setup(cfg):
     _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
                             TensorCache(f"{cfg.paths.cache_dir}/targets"))
-    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0)
+    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0,
+                              cfg.adapter.kind, cfg.adapter.rank)
     return classes, targets, adapters
 
 
@@ -63,7 +64,7 @@ def test_train_reply_carries_only_adapter_weights(make_cfg, task_identity, diffu
     assert sorted(reply.content.keys()) == ["arrays", "class_stats", "metrics"]
     assert reply.content["metrics"]["num-examples"] > 0
     new = sent.to_torch_state_dict()
-    assert any(not torch.equal(new[k], v) for k, v in adapters.state_dict().items())  # it trained
+    assert any(not torch.equal(new[k], v.to(new[k].dtype)) for k, v in adapters.state_dict().items())  # trained
     encoder = next(iter(client_app._ENCODERS.values()))
     if encoder.model is not None:
         assert not any(p.requires_grad for p in encoder.model.parameters())  # frozen
@@ -76,14 +77,21 @@ def test_train_reply_carries_only_adapter_weights(make_cfg, task_identity, diffu
                                                                                   "counts", "seen"}
 
 
-def test_targets_are_kept_in_state_for_later_rounds(make_cfg, task_identity):
+def test_targets_are_kept_for_later_rounds_but_not_per_node(make_cfg, task_identity, monkeypatch):
     cfg = make_cfg()
     _, targets, adapters = setup(cfg)
     ctx = context()
     client_app.train(message(cfg, adapters, targets), ctx)
+    assert "targets" not in ctx.state  # in simulation every node's state sits in the ServerApp's process
+    monkeypatch.setattr(client_app, "_TARGETS", {})  # another actor: the targets come from this node's disk
     reply = client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), ctx)
     m = reply.content["metrics"]
     assert 0 <= m["top1"] <= m["top5"] <= 1 and sum(m["count_per_class"]) == m["num-examples"]
+    other = make_cfg("train.lr=0.5")  # a run whose targets never came
+    ctx2 = context()
+    ctx2.state["run-config"] = ConfigRecord({"yaml": OmegaConf.to_yaml(other)})
+    with pytest.raises(RuntimeError, match="site 0: no class targets received from the server"):
+        client_app.evaluate(message(other, adapters, targets, "evaluate", 2, with_targets=False), ctx2)
     with pytest.raises(RuntimeError, match="site 0: no run config received"):
         client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), context())
     other = message(make_cfg("train.lr=0.5"), adapters, targets, "evaluate", 3, with_targets=False)
@@ -96,9 +104,10 @@ def test_aggregation_none_keeps_site_adapters(make_cfg, task_identity):
     _, targets, adapters = setup(cfg)
     ctx = context()
     first = client_app.train(message(cfg, adapters, targets), ctx).content["arrays"].to_torch_state_dict()
-    fresh = build_adapters(adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads, 99)
+    shape = (adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads)
+    fresh = build_adapters(*shape, 99, cfg.adapter.kind, cfg.adapter.rank)
     reply = client_app.evaluate(message(cfg, fresh, targets, "evaluate"), ctx)  # server's arrays are ignored
-    own = build_adapters(adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads, 0)
+    own = build_adapters(*shape, 0, cfg.adapter.kind, cfg.adapter.rank)
     own.load_state_dict(first)
     assert reply.content["metrics"]["top1"] == pytest.approx(
         client_app.evaluate(message(cfg, own, targets, "evaluate"), context()).content["metrics"]["top1"])
@@ -139,6 +148,18 @@ def test_aggregation_matches_hand_computed_mean(task_identity, aggregation):
     expected = (1 * 10 + 2 * 30 + 4 * 60) / 100 if aggregation == "avg" else (1 + 2 + 4) / 3
     assert torch.allclose(got, torch.full((2, 3), expected))
     assert len(strategy.generators.class_stats) == 3  # statistics kept aside, not averaged into the adapters
+
+
+def test_float16_on_the_wire_is_averaged_in_float32(make_cfg, task_identity):
+    cfg = make_cfg("adapter.wire=float16")
+    _, targets, adapters = setup(cfg)
+    sent = client_app.train(message(cfg, adapters, targets), context()).content["arrays"]
+    assert {a.dtype for a in sent.values()} == {"float16"}
+    strategy = make_strategy("avg", wire="float16")
+    msg = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+    ws = [{"w": torch.full((2,), v, dtype=torch.float16)} for v in (1.0, 2.0)]
+    arrays, _ = strategy.aggregate_train(1, replies(ws, [1, 2], msg))
+    assert arrays["w"].dtype == "float32" and torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 5 / 3))
 
 
 def test_evaluate_pools_all_sites(task_identity):

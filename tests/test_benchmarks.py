@@ -68,14 +68,19 @@ def test_quality_benchmark_quick_scores_every_method_on_the_same_clips_and_resum
 def test_generator_benchmark_writes_ratios(tmp_path):
     out = tmp_path / "gb"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generators.py"), "--n", "64", "--epochs", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
     figures = json.loads((out / "generators.json").read_text())
-    assert figures["batched_speedup"] > 1  # batching must beat one sample at a time
+    work = figures["equal_work"]
+    batched, samples, steps = work["batched"], work["per_sample_equal_samples"], work["per_sample_equal_steps"]
+    assert batched["samples"] == samples["samples"] == 64 and samples["steps"] == 32 * batched["steps"] == 64
+    assert steps["steps"] == batched["steps"] == 2 and steps["samples"] == 2
+    assert work["speedup_equal_samples"] == pytest.approx(samples["cpu_s"] / batched["cpu_s"])
+    assert work["speedup_equal_samples"] > 1  # batching must beat one sample at a time
     assert figures["sizes"]["cvae 8x768"]["predecessor_over_ours_params"] > 100
-    assert "samples/s" in (out / "generators.md").read_text()
+    assert "| per-sample, equal samples seen | 64 | 64 |" in (out / "generators.md").read_text()
 
 
 def test_sweep_report_compares_runs(tmp_path, make_cfg):

@@ -69,8 +69,24 @@ def test_validation_errors_name_the_problem(mode, sites, match):
 
 
 def test_empty_site_is_an_error():
-    with pytest.raises(ValueError, match=r"sites \[.*\] got no clips"):
+    with pytest.raises(ValueError, match=r"4 sites got no clips \(first: \[6, 7, 8, 9\]"):
         partition(clips(per_class=1), "iid", 10, 0)
+
+
+@pytest.mark.parametrize("mode", ["iid", "dirichlet"])
+def test_a_thousand_sites_each_get_clips(mode):
+    cs = clips(per_class=500)  # 3000 clips: Dirichlet(0.5) over 1000 sites leaves most draws empty
+    parts = partition(cs, mode, 1000, seed=0)
+    check_disjoint(parts, len(cs))
+    assert sum(map(len, parts)) == len(cs) and min(map(len, parts)) >= 1
+
+
+def test_small_site_gets_a_test_clip_when_its_share_rounds_to_one():
+    fractions = {"train": 0.7, "val": 0.1, "test": 0.2}
+    three = split([0, 1, 2], fractions, seed=0)  # one clip per class: all would round down to train
+    assert [len(three[k]) for k in ("train", "val", "test")] == [2, 0, 1]
+    two = split([0, 1], fractions, seed=0)       # 0.2 x 2 clips rounds to none
+    assert [len(two[k]) for k in ("train", "val", "test")] == [2, 0, 0]
 
 
 def test_split_is_stratified_and_disjoint():

@@ -76,6 +76,28 @@ def test_simulation_end_to_end_and_cache(tmp_path):
     assert str(tmp_path / "flwr") not in ps
 
 
+@pytest.mark.slow
+def test_eighty_sites_a_tenth_sampled_per_round(tmp_path):
+    """Issue 15 at CI size (BENCHMARKS.md has 1,000 sites): 80 Dirichlet sites of about 4 clips, 8 per round."""
+    from omegaconf import OmegaConf
+
+    from a2v_flower import config as C
+    from a2v_flower.data.site import federation, split_site
+
+    run = a2v_run(tmp_path, tmp_path / "cache", "federation.num_sites=80", "++data.clips_per_class=32",
+                  "strategy.fraction_train=0.1", "strategy.fraction_evaluate=0.1")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in rows if r["kind"] == "train"]
+    assert [len(r["sites"]) for r in trains] == [8, 8] and set(trains[0]["sites"]) != set(trains[1]["sites"])
+    cfg = OmegaConf.load(run / "config.yaml")
+    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    assert len(sites) == 80 and min(map(len, sites)) >= 1  # Dirichlet(0.5) alone leaves sites empty
+    no_test = [s for s, idx in enumerate(sites)
+               if not split_site([classes.index(clips[i].category) for i in idx], C.data_spec(cfg), s)["test"]]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["sites_without_eval_clips"] == len(no_test) < 80
+
+
 def test_bad_partition_fails_before_anything_starts(tmp_path):
     proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={tmp_path}/c",
                            f"paths.output_root={tmp_path}/o", "partition=classes",
@@ -110,3 +132,10 @@ def test_multirun_sweep_writes_one_comparison(tmp_path):
     assert len(runs) == 2 and {r.run_group for r in runs} == {f"{sweep.parent.name}/{sweep.name}"}
     assert sorted("reset=off" in r.display_name for r in runs) == [False, True]
     assert all("generator=gaussian" in r.display_name for r in runs)
+
+
+def test_even_load_gives_a_round_of_sites_as_many_actors_as_finish_it_soonest():
+    from a2v_flower.run import ray_cpus
+
+    assert [ray_cpus(sites, 1, 2) for sites in (1, 2, 3, 4, 5, 100)] == [2, 2, 3, 2, 3, 2]
+    assert ray_cpus(3, 2, 4) == 6 and ray_cpus(100, 1, 16) == 20  # 5 waves of 20 on 16 cores beat 7 of 16

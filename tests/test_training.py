@@ -40,11 +40,12 @@ def test_contrastive_gradient_moves_toward_own_target_and_away_from_the_others(t
     assert after[hardest] < before[hardest]                       # and from the nearest wrong class
 
 
+@pytest.mark.parametrize("kind", ["attention", "lowrank"])
 @pytest.mark.parametrize("targets", [SD, FLUX], ids=["sd", "flux"])
 @pytest.mark.parametrize("loss", ["contrastive", "mse+contrastive"])
-def test_contrastive_training_retrieves_every_class(targets, loss):
+def test_contrastive_training_retrieves_every_class(targets, loss, kind):
     x, y = toy()
-    adapters = build_adapters(8, targets, 16, 2, seed=0)
+    adapters = build_adapters(8, targets, 16, 2, seed=0, kind=kind, rank=4)
     train_adapters(adapters, x, y, targets, TrainSpec(epochs=30, batch_size=16, lr=3e-3, loss=loss, temperature=0.1))
     assert retrieval(predict(adapters, x), y, targets)["top1"] == 1.0
 
@@ -102,3 +103,20 @@ def test_contrastive_kd_matches_the_teachers_softmax():
     distill(student, {0: teacher}, {c: [0] for c in range(5)}, x, y, SD,
             TrainSpec(epochs=30, batch_size=16, lr=3e-3, loss="contrastive"))
     assert kl() < 0.2 * before
+
+
+def test_attention_adapter_projects_its_queries_once_and_matches_multihead_attention():
+    head = build_adapters(8, SD, 16, 2, seed=0)["clip"].train()
+    x = toy()[0][:5]
+    kv, q = head.inp(x), head.queries.unsqueeze(0).expand(5, -1, -1)  # the per-sample form it replaced
+    h = q + head.attn(q, kv, kv, need_weights=False)[0]
+    want = head.shift + head.scale * head.out(h + head.mlp(h))
+    assert torch.allclose(head(x), want, atol=1e-6)
+
+
+def test_lowrank_adapter_has_fewer_parameters_and_refuses_an_unknown_kind():
+    count = {k: sum(p.numel() for p in build_adapters(64, {"clip": torch.randn(3, 77, 768)}, 256, 4, 0, kind=k)
+                    .parameters()) for k in ("attention", "lowrank")}
+    assert count == {"attention": 760_448, "lowrank": 371_392}
+    with pytest.raises(ValueError, match=r"adapter.kind='mlp' is not allowed; expected one of \['attention'"):
+        build_adapters(8, SD, 16, 2, seed=0, kind="mlp")

@@ -74,10 +74,15 @@ def partition(clips: list[Clip], mode: str, num_sites: int, seed: int,
             cuts = (np.cumsum(rng.dirichlet([alpha] * num_sites)) * len(idx)).astype(int)[:-1]
             for s, part in enumerate(np.split(idx, cuts)):
                 out[s].extend(int(i) for i in part)
+        for s in [s for s in range(num_sites) if not out[s]]:  # with many sites most draws are empty:
+            donor = max(range(num_sites), key=lambda d: len(out[d]))  # the largest site gives one clip
+            if len(out[donor]) > 1:
+                out[s].append(out[donor].pop())
     empty = [s for s, idx in enumerate(out) if not idx]
     if empty:
-        raise ValueError(f"partition: sites {empty} got no clips (mode={mode!r}, {len(clips)} clips, "
-                         f"{num_sites} sites); use fewer sites, more data or a larger partition.alpha")
+        raise ValueError(f"partition: {len(empty)} sites got no clips (first: {empty[:5]}; mode={mode!r}, "
+                         f"{len(clips)} clips, {num_sites} sites); use fewer sites or more data "
+                         "(e.g. data.clips_per_class)")
     return [sorted(s) for s in out]
 
 
@@ -101,4 +106,8 @@ def split(labels: list[int], fractions: dict[str, float], seed: int) -> dict[str
         for name, n in zip(names, counts):
             parts[name].extend(int(i) for i in idx[start:start + n])
             start += n
+    big = max(names, key=lambda k: len(parts[k]))
+    for name in sorted(names, key=lambda k: -fractions[k]):  # a small site's classes all round down to `big`:
+        if not parts[name] and fractions[name] * len(labels) >= 0.5 and len(parts[big]) > 1:  # a share that
+            parts[name].append(parts[big].pop())                # rounds to one clip gets one from `big`
     return {k: sorted(v) for k, v in parts.items()}

@@ -4,12 +4,25 @@ Each head is a small attention-pooling resampler (as the predecessor's MAPBlock,
 hundreds of millions of parameters): one learned query per output token cross-attends to the
 audio tokens, so a 77-token CLIP sequence or an L-token T5 sequence costs `width * out_dim`
 parameters in the output projection, not `K * D * L * out_dim` as a flat linear map would.
+Two forms (`adapter.kind`): `attention` runs an MLP and a full output projection on every output
+token; `lowrank` runs its MLP on the K audio tokens and maps the pooled values through a rank-r
+projection, so an output token costs only its attention weights (see BENCHMARKS.md for both).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+KINDS = ("attention", "lowrank")
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., T, W) -> (..., H, T, W / H)."""
+    return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
 
 class TokenAdapter(nn.Module):
@@ -33,20 +46,61 @@ class TokenAdapter(nn.Module):
         self.register_buffer("scale", torch.ones(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kv = self.inp(x)                                                # (B, K, W)
-        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)        # (B, Q, W)
-        h = q + self.attn(q, kv, kv, need_weights=False)[0]
+        kv, a, w = self.inp(x), self.attn, self.queries.shape[1]        # (B, K, W)
+        q = F.linear(self.queries, a.in_proj_weight[:w], a.in_proj_bias[:w])   # (Q, W): once per batch
+        k, v = F.linear(kv, a.in_proj_weight[w:], a.in_proj_bias[w:]).chunk(2, -1)
+        heads = [_heads(t, a.num_heads) for t in (q, k, v)]               # (H, Q, W/H), (B, H, K, W/H) x 2
+        o = F.scaled_dot_product_attention(heads[0].expand(len(x), -1, -1, -1), heads[1], heads[2])
+        h = self.queries + a.out_proj(o.transpose(1, 2).flatten(2))    # (B, Q, W), as nn.MultiheadAttention
         h = h + self.mlp(h)
         y = self.out(h)                                                 # (B, Q, out_dim)
         y = y[:, 0] if self.pooled else y
         return self.shift + self.scale * y
 
 
-class AdapterSet(nn.ModuleDict):
-    """One TokenAdapter per conditioning head ("clip" for SD; "t5" and "pooled" for FLUX)."""
+class LowRankAdapter(nn.Module):
+    """`lowrank`: MLP on the K audio tokens, learned queries (already in key space) pool them, and the pooled
+    values reach the output through a rank-r map applied to the K values of each head, not to the Q outputs."""
 
-    def __init__(self, in_dim: int, shapes: dict[str, tuple[int, ...]], width: int = 256, heads: int = 4):
-        super().__init__({name: TokenAdapter(in_dim, shape, width, heads) for name, shape in shapes.items()})
+    def __init__(self, in_dim: int, out_shape: tuple[int, ...], width: int = 256, heads: int = 4, rank: int = 64):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"adapter.width={width} must be divisible by adapter.heads={heads}")
+        self.pooled, self.heads = len(out_shape) == 1, heads
+        num_queries, out_dim = (1, out_shape[0]) if self.pooled else out_shape
+        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, width))
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.kv = nn.Linear(width, 2 * width)
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
+        self.base = nn.Parameter(torch.zeros(num_queries, rank))        # each output token's own offset
+        self.down = nn.Linear(width, rank, bias=False)
+        self.up = nn.Linear(rank, out_dim)
+        self.register_buffer("shift", torch.zeros(out_shape), persistent=False)
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.inp(x)
+        kv = kv + self.mlp(kv)                                          # (B, K, W)
+        k, v = (_heads(t, self.heads) for t in self.kv(kv).chunk(2, -1))  # (B, H, K, W/H)
+        q = _heads(self.queries, self.heads)                            # (H, Q, W/H)
+        att = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, H, Q, K)
+        down = self.down.weight.t().unflatten(0, (self.heads, -1))      # (H, W/H, r)
+        z = self.base + (att @ (v @ down)).sum(1)                       # (B, Q, r)
+        y = self.up(z)                                                  # (B, Q, out_dim)
+        y = y[:, 0] if self.pooled else y
+        return self.shift + self.scale * y
+
+
+class AdapterSet(nn.ModuleDict):
+    """One adapter of `kind` per conditioning head ("clip" for SD; "t5" and "pooled" for FLUX)."""
+
+    def __init__(self, in_dim: int, shapes: dict[str, tuple[int, ...]], width: int = 256, heads: int = 4,
+                 kind: str = "attention", rank: int = 64):
+        if kind not in KINDS:
+            raise ValueError(f"adapter.kind={kind!r} is not allowed; expected one of {list(KINDS)}")
+        make = (lambda s: TokenAdapter(in_dim, s, width, heads)) if kind == "attention" else (
+            lambda s: LowRankAdapter(in_dim, s, width, heads, rank))
+        super().__init__({name: make(shape) for name, shape in shapes.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(x) for name, head in self.items()}
@@ -62,8 +116,8 @@ class AdapterSet(nn.ModuleDict):
 
 
 def build_adapters(in_dim: int, class_targets: dict[str, torch.Tensor], width: int, heads: int,
-                   seed: int) -> AdapterSet:
+                   seed: int, kind: str = "attention", rank: int = 64) -> AdapterSet:
     """Adapters for the heads of `class_targets`, seeded, mapped into the targets' space."""
     torch.manual_seed(seed)
     shapes = {name: tuple(t.shape[1:]) for name, t in class_targets.items()}
-    return AdapterSet(in_dim, shapes, width, heads).set_target_space(class_targets)
+    return AdapterSet(in_dim, shapes, width, heads, kind, rank).set_target_space(class_targets)
