@@ -1,10 +1,7 @@
 """The config's schema: one dataclass per node of conf/config.yaml, registered with Hydra's ConfigStore.
-
-Values live in the YAML files (`???` here means "the YAML sets it"); types live here, so Hydra refuses an
-unknown key or a wrong type when the config is composed; the range and cross-field rules live in each
-dataclass's `__post_init__`, which runs when `validate` turns the config into objects. Every message names
-the key, the bad value and what is allowed.
-"""
+Values live in the YAML (`???` here: "the YAML sets it"); types live here, so an unknown key or a wrong type
+fails at compose time; range and cross-field rules live in each `__post_init__`, run by `validate`. Every
+message names the key, the bad value and what is allowed."""
 
 from __future__ import annotations
 
@@ -15,12 +12,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
-def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = ()) -> None:
-    """ValueError naming `node.name` unless every `positive` field is > 0 and every `non_negative` one >= 0."""
-    for names, want in ((positive, "> 0"), (non_negative, ">= 0")):
+def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
+    """ValueError naming `node.name` unless each `positive` field is > 0, `non_negative` >= 0, `fraction` in [0, 1]."""
+    rules = ((positive, "a number > 0", lambda v: v > 0), (non_negative, "a number >= 0", lambda v: v >= 0),
+             (fraction, "a fraction in [0, 1]", lambda v: 0 <= v <= 1))
+    for names, want, ok in rules:
         for n in names:
-            if not (getattr(obj, n) > 0 if want == "> 0" else getattr(obj, n) >= 0):
-                raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected a number {want}")
+            if not ok(getattr(obj, n)):
+                raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected {want}")
 
 
 def _one_of(key: str, value, allowed: tuple) -> None:
@@ -37,9 +36,7 @@ class Splits:
 
     def __post_init__(self):
         parts = {"train": self.train, "val": self.val, "test": self.test}
-        for name, value in parts.items():
-            if not 0 <= value <= 1:
-                raise ValueError(f"data.splits.{name}={value!r} is not allowed; expected a fraction in [0, 1]")
+        _numbers("data.splits.", self, fraction=tuple(parts))
         if abs(sum(parts.values()) - 1) > 1e-6:
             raise ValueError(f"data.splits={parts} is not allowed; expected fractions summing to 1")
         if self.train == 0:
@@ -64,9 +61,7 @@ class Data:
     def __post_init__(self):
         _one_of("data.kind", self.kind, ("synthetic", "esc50"))
         _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"),
-                 non_negative=("noise", "variation"))
-        if not 0 <= self.overlap <= 1:
-            raise ValueError(f"data.overlap={self.overlap!r} is not allowed; expected a value in [0, 1]")
+                 non_negative=("noise", "variation"), fraction=("overlap",))
         if self.kind == "esc50" and self.root in (None, "???"):
             raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 "
                              "(the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
@@ -177,9 +172,8 @@ class Generator:
     def __post_init__(self):
         _one_of("generator.type", self.type, ("none", "gaussian", "vae", "cvae", "gan"))
         _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size"),
-                 non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"))
-        if not 0 <= self.kl_warmup <= 1:
-            raise ValueError(f"generator.kl_warmup={self.kl_warmup!r} is not allowed; expected 0 <= value <= 1")
+                 non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"),
+                 fraction=("kl_warmup",))
 
 
 @dataclass
