@@ -86,13 +86,13 @@ def fit(adapters: AdapterSet, train, val, targets, spec: TrainSpec, patience: in
         order = torch.randperm(len(x), generator=order_rng)
         for i in range(0, len(x), spec.batch_size):
             idx = order[i:i + spec.batch_size]
-            loss = adapter_loss(adapters(x[idx]), {h: t[y[idx]] for h, t in targets.items()}, spec.cosine_weight)
+            loss = adapter_loss(adapters(x[idx]), y[idx], targets, spec)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(adapters.parameters(), spec.grad_clip)
             opt.step()
         with torch.no_grad():
-            val_loss = adapter_loss(predict(adapters, xv), {h: t[yv] for h, t in targets.items()}).item()
+            val_loss = adapter_loss(predict(adapters, xv), yv, targets, spec).item()
         if val_loss < best:
             best, best_state, best_epoch = val_loss, copy.deepcopy(adapters.state_dict()), epoch
         elif epoch - best_epoch >= patience:
