@@ -323,7 +323,7 @@ def a2v_run(label: str, overrides: list[str], out: Path, args) -> dict:
                 "encoder_calls_by_round": [r["encoder_calls"] for r in trains],
                 "final_top1": summary.get("final_top1"),
                 "rounds": rounds_from_stamps(start, train_end, round_end), "bytes": bytes_by_round(trains),
-                "eval_message_bytes": adapter_bytes(run_dir / "adapters.safetensors")})
+                "eval_message_bytes": eval_bytes(rows)})
     return res
 
 
@@ -358,14 +358,11 @@ def bytes_by_round(trains: list[dict]) -> list[dict]:
     return out
 
 
-def adapter_bytes(path: Path) -> int | None:
-    """Bytes of the adapter tensors (what every evaluation message carries)."""
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+def eval_bytes(rows: list[dict]) -> int | None:
+    """Bytes of the last round's evaluate message per site, as the strategy measured them (adapters in
+    `adapter.wire`'s dtype; a node's first message, which also carries the class targets, is a train message)."""
+    evals = [r for r in rows if r["kind"] == "eval" and "bytes_down" in r]
+    return int(evals[-1]["bytes_down"]) if evals else None
 
 
 # --------------------------------------------------------------------------------------------------
