@@ -76,8 +76,8 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         self.round_started = time.time()
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
-        down = to_record(from_record(arrays), self.wire) if self.wire != "float32" else arrays
-        messages = self.sent = self._with_targets(super().configure_train(server_round, down, config, grid))
+        train = super().configure_train(server_round, self.on_wire(arrays), config, grid)
+        messages = self.sent = self._with_targets(train)
         self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
         replay = self.generators.replay
         if replay is not None and replay.sharing == "sequential" and replay.train:
@@ -97,11 +97,14 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         n = self.clip_images(server_round) if self.clip_images else 0
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
-        down = to_record(from_record(arrays), self.wire) if self.wire != "float32" else arrays
-        messages = self.sent = self._with_targets(super().configure_evaluate(server_round, down, config, grid),
-                                                  {"render-clips": n} if n else None)
+        evaluate = super().configure_evaluate(server_round, self.on_wire(arrays), config, grid)
+        messages = self.sent = self._with_targets(evaluate, {"render-clips": n} if n else None)
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
+
+    def on_wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global adapters in the dtype they travel in (`adapter.wire`); the server keeps float32."""
+        return arrays if self.wire == "float32" else to_record(from_record(arrays), self.wire)
 
     def learn_sites(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes whose site (partition id) is not known yet (a SuperNode that joined late or after a resume);
