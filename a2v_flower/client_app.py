@@ -55,7 +55,9 @@ def _setup(msg: Message, context: Context):
     if n is not None and int(n) != cfg.federation.num_sites:
         raise ValueError(f"SuperNode num-partitions={n} but federation.num_sites={cfg.federation.num_sites}")
     data, part, aspec = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
-    encoder = _ENCODERS.setdefault(aspec, AudioEncoder(aspec))
+    if aspec not in _ENCODERS:  # setdefault would build (and hash) a new encoder on every message
+        _ENCODERS[aspec] = AudioEncoder(aspec)
+    encoder = _ENCODERS[aspec]
     key = (data, part, aspec, site_id)
     if key not in _SITES:
         if len(_SITES) >= MEMO_SITES:  # a simulated actor serves many of 1000 sites: keep the latest only
