@@ -112,7 +112,10 @@ def methods(scenario: Scenario, quick: bool) -> list[Method]:
         if not quick:
             rows += [Method("+ kd (gaussian, per_class)", generator="gaussian", granularity="per_class", kd=True),
                      Method("+ refinement (gaussian, per_class)", generator="gaussian", granularity="per_class",
-                            refine=True),
+                            refine=True)]
+            rows += [Method(f"+ replay + refinement ({g}, per_class)", generator=g, granularity="per_class",
+                            augment=True, refine=True) for g in ("gaussian", "cvae")]
+            rows += [
                      Method("+ kd (server generator)", kd=True, server_gen=True)]
         return rows
     rows = [Method("linear probe (ceiling)", kind="probe"), Method("centralised", kind="central"),
