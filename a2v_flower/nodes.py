@@ -33,6 +33,17 @@ def query_sites(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple
             for r in grid.send_and_receive(msgs, timeout=timeout) if not r.has_error()}
 
 
+def learn_sites(grid: Grid, nodes: list[int], site_of_node: dict[int, int], num_sites: int, timeout: float) -> None:
+    """Ask nodes whose site (partition id) is not in `site_of_node` yet (a SuperNode that joined late or after a
+    resume) and add them; refuse one whose num-partitions disagrees with the federation's size."""
+    ask = [n for n in nodes if n not in site_of_node]
+    for node, (site, size) in (query_sites(grid, ask, timeout) if ask else {}).items():
+        if size and size != num_sites:
+            raise RoundFailed(f"SuperNode {node} (partition-id={site}) has num-partitions={size} but the "
+                              f"federation has {num_sites} sites; start it with num-partitions={num_sites}")
+        site_of_node[node] = site
+
+
 def federation_size(grid: Grid, asked: int, timeout: float, explicit: bool) -> tuple[int, dict[int, int]]:
     """The number of sites is the federation's: the num-partitions its SuperNodes report (`asked`, the
     config's, when none do); and node -> site. Refused, naming both numbers: SuperNodes that disagree, or

@@ -18,6 +18,11 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
 
 
+def cast(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """The record with its arrays in `dtype` (adapters travel in `adapter.wire`, the server averages float32)."""
+    return record if all(a.dtype == dtype for a in record.values()) else to_record(from_record(record), dtype)
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays in a message (serialised numpy, as they travel)."""
     return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())

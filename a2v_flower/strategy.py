@@ -17,8 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from a2v_flower.metrics import aggregate_metrics, pool_evaluations, summarise_training
-from a2v_flower.nodes import FailureLog, RoundFailed, query_sites, wait_for_sites
-from a2v_flower.records import from_record, payload_bytes, to_record
+from a2v_flower.nodes import FailureLog, learn_sites, wait_for_sites
+from a2v_flower.records import cast, payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.tracking import RunTracker
 
@@ -76,9 +76,9 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         self.round_started = time.time()
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
-        train = super().configure_train(server_round, self.on_wire(arrays), config, grid)
+        train = super().configure_train(server_round, cast(arrays, self.wire), config, grid)
         messages = self.sent = self._with_targets(train)
-        self.learn_sites(grid, [m.metadata.dst_node_id for m in messages])
+        learn_sites(grid, [m.metadata.dst_node_id for m in messages], self.site_of_node, self.num_sites, self.timeout)
         replay = self.generators.replay
         if replay is not None and replay.sharing == "sequential" and replay.train:
             self.generators.train_sequentially(
@@ -97,24 +97,10 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         n = self.clip_images(server_round) if self.clip_images else 0
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
-        evaluate = super().configure_evaluate(server_round, self.on_wire(arrays), config, grid)
+        evaluate = super().configure_evaluate(server_round, cast(arrays, self.wire), config, grid)
         messages = self.sent = self._with_targets(evaluate, {"render-clips": n} if n else None)
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
-
-    def on_wire(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The global adapters in the dtype they travel in (`adapter.wire`); the server keeps float32."""
-        return arrays if self.wire == "float32" else to_record(from_record(arrays), self.wire)
-
-    def learn_sites(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes whose site (partition id) is not known yet (a SuperNode that joined late or after a resume);
-        refuse one whose num-partitions disagrees with the federation's size."""
-        ask = [n for n in nodes if n not in self.site_of_node]
-        for node, (site, size) in (query_sites(grid, ask, self.timeout) if ask else {}).items():
-            if size and size != self.num_sites:
-                raise RoundFailed(f"SuperNode {node} (partition-id={site}) has num-partitions={size} but the "
-                                  f"federation has {self.num_sites} sites; start it with num-partitions={self.num_sites}")
-            self.site_of_node[node] = site
 
     def note_failures(self, server_round: int, step: str, replies: list[Message], sent: list[Message]) -> None:
         """Name the sites that failed `step` (FailureLog); a failed ClientApp kept nothing: resend its targets."""
@@ -134,8 +120,7 @@ class A2VStrategy(FedAvg):
             metrics, node = msg.content["metrics"], msg.metadata.src_node_id
             site = self.site_of_node[node] = int(metrics["site"])
             up = payload_bytes(msg.content)
-            if self.wire != "float32":  # average in float32 whatever travelled
-                msg.content["arrays"] = to_record(from_record(msg.content["arrays"]), "float32")
+            msg.content["arrays"] = cast(msg.content["arrays"], "float32")  # averaged in float32 as it travelled
             report = self.generators.receive(site, msg.content)
             if self.generators.wants_teachers:
                 teachers[site] = msg.content["arrays"].to_torch_state_dict()
