@@ -42,8 +42,8 @@ _TARGETS: dict = {}  # run config sha1 -> class targets (on disk too: a node's n
 MEMO_SITES = 64
 
 
-def _setup(msg: Message, context: Context):
-    """Config, site data, class targets and adapters (global, or this site's own when not aggregating)."""
+def _site(msg: Message, context: Context) -> tuple:
+    """The run config (with this node's data root and cache), the site id and its embedded clips (memoised)."""
     use_flower_logging()
     site_id = int(context.node_config["partition-id"])
     cfg = run_config(msg, context, site_id)
@@ -63,8 +63,14 @@ def _setup(msg: Message, context: Context):
         if len(_SITES) >= MEMO_SITES:  # a simulated actor serves many of 1000 sites: keep the latest only
             del _SITES[next(iter(_SITES))]
         _SITES[key] = load_site(data, part, encoder, site_id)
+    return cfg, site_id, _SITES[key]
+
+
+def _setup(msg: Message, context: Context):
+    """Config, site data, class targets and adapters (global, or this site's own when not aggregating)."""
+    cfg, site_id, site = _site(msg, context)
     targets = class_targets_of(msg, cfg, site_id)
-    dim = _SITES[key].splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
+    dim = site.splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
     adapters = build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
                               cfg.adapter.rank)
     resumed = int(msg.content["config"].get("resume-round", 0))
@@ -75,7 +81,7 @@ def _setup(msg: Message, context: Context):
     if own or "arrays" in msg.content:  # "train.generators" messages carry no adapters
         adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
     adapters.to("cuda" if torch.cuda.is_available() else "cpu")  # each process picks CUDA when present
-    return cfg, site_id, _SITES[key], targets, adapters
+    return cfg, site_id, site, targets, adapters
 
 
 def class_targets_of(msg: Message, cfg, site_id: int) -> dict[str, torch.Tensor]:
@@ -197,6 +203,17 @@ def which_site(msg: Message, context: Context) -> Message:
     size = int(context.node_config.get("num-partitions", 0))
     return Message(content=RecordDict({"metrics": MetricRecord({"site": int(context.node_config["partition-id"]),
                                                                 "num-partitions": size})}), reply_to=msg)
+
+
+@app.query("prepare")
+def prepare(msg: Message, context: Context) -> Message:
+    """Before round 1: read and embed this site's clips (kept on disk for every later message and run), so that
+    round 1 trains like any later round; reply with how many clips were embedded and skipped."""
+    _, site_id, site = _site(msg, context)
+    calls, site.encoder_calls = site.encoder_calls, 0  # each clip's encoding is reported once
+    return Message(content=RecordDict({"metrics": MetricRecord({
+        "site": site_id, "clips": sum(len(y) for _, y in site.splits.values()), "encoder_calls": calls,
+        "skipped": len(site.skipped)})}), reply_to=msg)
 
 
 def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
@@ -20,7 +20,7 @@ from a2v_flower.data.site import federation, split_site
 from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
-from a2v_flower.nodes import federation_size
+from a2v_flower.nodes import federation_size, short_reason
 from a2v_flower.resume import load_server_checkpoint, save_server_checkpoint
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
@@ -52,6 +52,27 @@ def prepare_run(run_config: dict, grid: Grid) -> tuple:
     cfg.paths.run_dir = str(run_dir)  # sites keep their per-round state under <run_dir>/state
     OmegaConf.save(cfg, run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml"))
     return cfg, run_dir, node_sites
+
+
+def prepare_sites(grid: Grid, run_yaml: str, tracker: RunTracker, timeout: float) -> None:
+    """Before round 1 every site reads and embeds its clips (a "query.prepare" message), one-time work that would
+    otherwise make round 1 several times longer than later rounds. A site that fails here is only warned about:
+    it fails round 1 with the same reason, where federation.min_sites decides."""
+    start = time.monotonic()
+    content = {"run-config": ConfigRecord({"yaml": run_yaml}),
+               "config": ConfigRecord({"config-sha1": sha1_of(run_yaml)[:12]})}
+    msgs = [Message(RecordDict(content), message_type="query.prepare", dst_node_id=n) for n in grid.get_node_ids()]
+    sites = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            log.warning("a site could not read its data before round 1: %s", short_reason(reply.error.reason))
+        else:
+            m = reply.content["metrics"]
+            sites[int(m["site"])] = {k: int(m[k]) for k in ("clips", "encoder_calls", "skipped")}
+    row = {k: sum(s[k] for s in sites.values()) for k in ("clips", "encoder_calls", "skipped")}
+    tracker.log(0, "prepare", row | {"seconds": round(time.monotonic() - start, 1), "sites": sites})
+    log.info("%d sites ready in %.1f s: %d clips, %d embedded now (the rest from the cache), %d unreadable files "
+             "skipped", len(sites), time.monotonic() - start, row["clips"], row["encoder_calls"], row["skipped"])
 
 
 @app.main()
@@ -149,6 +170,8 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         log.info("round %d/%d: %s | failures %d | %.1f s", server_round, cfg.num_rounds, scores, failed, seconds)
         return MetricRecord(metrics | {"failures": failed, "seconds": seconds})
 
+    if cfg.strategy.fraction_train >= 1:  # every site trains in round 1 (with sampling, each site when it is drawn)
+        prepare_sites(grid, run_yaml, tracker, cfg.federation.timeout)
     summary |= {"run_dir": str(run_dir), "rounds": cfg.num_rounds, "rounds_done": done, "num_sites": n,
                 "min_sites": low}
     # The config itself travels once per node (with the class targets); every message names it by hash.
@@ -172,6 +195,6 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                 "chance_top1": 1 / len(classes),
                 "final_top1": evals[-1]["top1"] if evals else None,
                 "final_top5": evals[-1]["top5"] if evals else None,
-                "encoder_calls": sum(r["encoder_calls"] for r in tracker.history if r["kind"] == "train")}
+                "encoder_calls": sum(r["encoder_calls"] for r in tracker.history if r["kind"] in ("prepare", "train"))}
     tracker.finish(summary)
     log.info("done: final top1=%s (chance %.3f); outputs in %s", summary["final_top1"], summary["chance_top1"], run_dir)

@@ -9,7 +9,8 @@ Runs, in this order, each a real `flwr run` on the Ray simulation engine with it
 SuperLink ports (stopped afterwards) and a fresh embedding cache under <out>/cache:
 
   a2v cold   `a2v-run num_rounds=R diffusion.render_every=0 wandb.mode=disabled` on 3 sites (default
-             partition, 1-s synthetic clips, `model.audio.max_length=128`), empty cache: round 1 embeds every clip
+             partition, 1-s synthetic clips, `model.audio.max_length=128`), empty cache: sites embed every clip
+             before round 1 (the "prepare" step)
   a2v warm   the same again: every embedding comes from the disk cache
   bare       benchmarks/bare_app: FedAvg on one 4-float array, ClientApps that return their input; same
              number of sites, rounds and client resources (`client-resources-num-cpus`)
@@ -24,7 +25,8 @@ Figures (printed, and written to <out>/system.json and <out>/system.md):
     metrics.jsonl (round r ends at its last row; round 1 starts at the last round's end minus Flower's
     "Strategy execution finished in X s"); the bare app writes its own stamps (run-config `times-file`).
     Framework overhead = bare round time vs a2v round time, later rounds (>= 2), warm cache.
-  * round 1 vs later rounds (cold and warm cache): round 1 also starts the Ray actors and, cold, embeds clips.
+  * round 1 vs later rounds (cold and warm cache): round 1 also starts the Ray actors; clips are embedded
+    before it (the prepare step, its seconds reported apart).
   * encoder calls per clip: summary.json `encoder_calls` / clips in the federation (cold ~1, warm 0).
   * bytes per site per round: `bytes_up`/`bytes_down` of the train rows (array payloads; mean, min, max over
     sites). Evaluation messages carry the global adapters again; that size is reported separately.
@@ -309,6 +311,8 @@ def a2v_run(label: str, overrides: list[str], out: Path, args) -> dict:
     summary = json.loads(summary_file.read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     round_end, train_end = {}, {}
+    prepared = [r for r in rows if r["kind"] == "prepare"]  # before round 1: sites embed their clips
+    rows = [r for r in rows if r["kind"] != "prepare"]
     for row in rows:
         round_end[row["round"]] = max(round_end.get(row["round"], 0.0), row["time"])
         if row["kind"] == "train":
@@ -320,7 +324,8 @@ def a2v_run(label: str, overrides: list[str], out: Path, args) -> dict:
     res.update({"run_dir": str(run_dir), "sites": int(cfg.federation.num_sites), "clips": len(clips),
                 "clips_per_site": [len(s) for s in sites], "encoder_calls": summary["encoder_calls"],
                 "encoder_calls_per_clip": summary["encoder_calls"] / len(clips),
-                "encoder_calls_by_round": [r["encoder_calls"] for r in trains],
+                "encoder_calls_by_round": [r["encoder_calls"] for r in prepared + trains],  # [before round 1, 1, ...]
+                "prepare_s": prepared[0]["seconds"] if prepared else None,
                 "final_top1": summary.get("final_top1"),
                 "rounds": rounds_from_stamps(start, train_end, round_end), "bytes": bytes_by_round(trains),
                 "eval_message_bytes": eval_bytes(rows)})
@@ -479,9 +484,11 @@ def markdown(f: dict, runs: dict) -> str:
         ("round times, a2v cold cache", per(cold, "round1_over_later_cold")),
         ("round times, a2v warm cache", per(warm, "round1_over_later_warm")),
         ("round times, bare Flower app (round 1 starts the Ray actors)", per(bare, "round1_over_later_bare")),
+        ("sites embed their clips before round 1 (prepare step), cold / warm cache",
+         f"{fmt_s(cold['prepare_s'])} / {fmt_s(warm['prepare_s'])}"),
         ("encoder calls per clip, cold / warm cache",
          f"{f['encoder_calls_per_clip_cold']:.2f} / {f['encoder_calls_per_clip_warm']:.2f} "
-         f"(by round: {cold['encoder_calls_by_round']} / {warm['encoder_calls_by_round']})"),
+         f"(before round 1, then by round: {cold['encoder_calls_by_round']} / {warm['encoder_calls_by_round']})"),
         ("bytes up per site per round (adapters + class statistics)",
          f"{mb(f['bytes_up_per_site_round'])} (sites {mb(f['bytes_up_min'])} to {mb(f['bytes_up_max'])})"),
         ("bytes down per site, train message: round 1 (adapters + class targets) / later rounds",

@@ -25,7 +25,8 @@ def test_system_benchmark_quick(tmp_path):
     # the embedding cache: every clip embedded exactly once in the cold run's round 1, never again
     assert f["clips"] == 320
     assert f["encoder_calls_per_clip_cold"] == 1 and f["encoder_calls_per_clip_warm"] == 0
-    assert runs["cold"]["encoder_calls_by_round"] == [320, 0] and runs["warm"]["encoder_calls_by_round"] == [0, 0]
+    # by step: before round 1 (sites prepare their data), round 1, round 2
+    assert runs["cold"]["encoder_calls_by_round"] == [320, 0, 0] and runs["warm"]["encoder_calls_by_round"] == [0] * 3
 
     # what travels: adapters + class statistics up; class targets only in round 1's train message
     assert f["bytes_up_per_site_round"] > f["eval_message_bytes"] > 0

@@ -84,6 +84,12 @@ def test_sequential_sharing_hands_one_state_from_site_to_site(make_cfg, tmp_path
     final = from_record(trains[-1].content["shared_generators"])
     assert all(torch.equal(last[k], final[k]) for k in last)  # the train messages carry the final state
     assert rows(tmp_path / "run", "train")[-1]["gen_frechet"] > 0
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count("query.prepare") == 3 and kinds.index("train") > max(  # every site embeds before round 1
+        i for i, k in enumerate(kinds) if k == "query.prepare")
+    (prepared,) = rows(tmp_path / "run", "prepare")
+    assert set(prepared["sites"]) == {"0", "1", "2"} and prepared["clips"] == sum(
+        s["clips"] for s in prepared["sites"].values()) > 0
     down = [m for m in grid.sent if m.metadata.message_type in ("train", "evaluate")]
     assert cfg.adapter.wire == "float16" and len(down) == 2 * 3 * cfg.num_rounds  # the default wire dtype
     assert all({a.dtype for a in m.content["arrays"].values()} == {"float16"} for m in down)  # adapters go down in it

@@ -48,7 +48,9 @@ def test_simulation_end_to_end_and_cache(tmp_path):
     evals = [r for r in rows if r["kind"] == "eval"]
     trains = [r for r in rows if r["kind"] == "train"]
     assert [r["round"] for r in evals] == [1, 2] and all(set(r["sites"]) == {"0", "1", "2"} for r in evals)
-    assert trains[0]["encoder_calls"] == 80 and trains[1]["encoder_calls"] == 0  # 10 classes x 8 clips, once
+    (prepared,) = [r for r in rows if r["kind"] == "prepare"]  # before round 1: 10 classes x 8 clips, once
+    assert prepared["encoder_calls"] == prepared["clips"] == 80 and set(prepared["sites"]) == {"0", "1", "2"}
+    assert trains[0]["encoder_calls"] == trains[1]["encoder_calls"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_top1"] <= 1 and summary["encoder_calls"] == 80
 
