@@ -17,9 +17,11 @@ from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
 from a2v_flower.cache import sha1_of
 from a2v_flower.metrics import aggregate_metrics
+from a2v_flower.nodes import RoundFailed, learn_sites
 from a2v_flower.records import payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
+from tests.inprocess import LocalGrid
 
 
 class NullTracker:
@@ -200,3 +202,15 @@ def test_metric_aggregates_sum_counts_and_drop_ids():
     assert aggregate_metrics(records, "unit-weight")["train_loss"] == pytest.approx(2.0)  # uniform: plain mean
     empty = [RecordDict({"metrics": MetricRecord({"num-examples": 0, "top1": v})}) for v in (0.2, 0.4)]
     assert aggregate_metrics(empty, "num-examples")["top1"] == pytest.approx(0.3)  # no weight: equal weights
+
+
+def test_a_late_node_with_another_federation_size_is_refused():
+    grid = LocalGrid(2)
+    grid.contexts[102].node_config["num-partitions"] = 3  # started with another --node-config num-partitions
+    known = {}
+    with pytest.raises(RoundFailed, match=r"SuperNode 102 \(partition-id=1\) has num-partitions=3 but the "
+                                          r"federation has 2 sites; start it with num-partitions=2"):
+        learn_sites(grid, [101, 102], known, num_sites=2, timeout=10)
+    assert known == {101: 0}  # the node that agrees is learnt
+    learn_sites(grid, [101], known, num_sites=2, timeout=10)
+    assert [m.metadata.dst_node_id for m in grid.sent] == [101, 102]  # a known node is not asked again
