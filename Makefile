@@ -15,5 +15,6 @@ setup: $(VENV)/.installed
 run: setup  ## the main job on the embedded default; pass Hydra overrides with ARGS="num_rounds=3 ..."
 	$(VENV)/bin/a2v-run $(ARGS)
 
+# Two xdist workers; tests/conftest.py hands out the slow tests first, so that the fast ones fill the gaps.
 test: setup  ## the whole suite, slow tests (real Flower processes) included
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -41,3 +41,9 @@ def task_identity():
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable order otherwise): with `pytest -n 2` the workers start on the long Flower runs
+    and the fast tests fill the gaps, instead of one long run starting last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -48,7 +48,8 @@ def test_every_readme_command_composes(overrides, make_cfg):
     for o in overrides:  # a sweep "k=a,b" composes as each of its values
         key, _, values = o.partition("=")
         expanded.append([f"{key}={v}" for v in values.split(",")] if "," in values and "[" not in values else [o])
-    for combo in zip(*[e if len(e) > 1 else e * 8 for e in expanded]):
+    sweep = max(map(len, expanded), default=1)  # a plain command composes once, a sweep once per value
+    for combo in zip(*[e if len(e) > 1 else e * sweep for e in expanded]):
         cfg = make_cfg(*combo, "data.root=/data/ESC-50")
         C.validate(cfg)
 

@@ -132,6 +132,7 @@ def auth_deployment(tmp_path_factory, cache_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("auth_deployment")  # one worker runs both tests: the deployment is started once
 def test_tls_deployment_with_supernode_auth(auth_deployment):
     code, out, run, work, _ = auth_deployment
     assert code == 0, out[-4000:]
@@ -145,6 +146,7 @@ def test_tls_deployment_with_supernode_auth(auth_deployment):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("auth_deployment")
 def test_unregistered_supernode_is_refused(auth_deployment):
     code, out, _, work, rogue = auth_deployment
     assert code == 0, out[-4000:]  # the run went on with the two registered SuperNodes

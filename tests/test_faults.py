@@ -352,9 +352,11 @@ def test_error_replies_are_cut_to_their_reason():
 # ---- real Flower processes ------------------------------------------------------------------------------------------
 
 def start_a2v_run(tmp_path: Path, *overrides: str) -> subprocess.Popen:
-    """`a2v-run` like a user in a terminal (its own process group, as a shell job has), output piped."""
+    """`a2v-run` like a user in a terminal (its own process group, as a shell job has, Ctrl-C not ignored even
+    when pytest was started in the background, which ignores SIGINT in what it starts), output piped."""
     return subprocess.Popen([str(BIN / "a2v-run"), *SMALL, *overrides], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def watch(proc: subprocess.Popen, until: str | None = None, timeout: float = 600) -> tuple[str, dict]:

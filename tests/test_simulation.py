@@ -54,9 +54,11 @@ def test_simulation_end_to_end_and_cache(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_top1"] <= 1 and summary["encoder_calls"] == 80
 
-    # a second run: warm cache, shared generators trained site after site (train.generators messages)
+    # a second run: warm cache, shared generators trained site after site (train.generators messages); the first
+    # run rendered, this one and its resume need neither images nor a second local epoch for what they show
+    quick = ["diffusion.render_every=0", "train.local_epochs=1"]
     second = a2v_run(tmp_path, cache, "federation.num_sites=3", "strategy=uniform", "generator=gaussian",
-                     "sharing=sequential", "name=second")
+                     "sharing=sequential", "name=second", *quick)
     assert json.loads((second / "summary.json").read_text())["encoder_calls"] == 0  # all from the disk cache
     assert "uniform" in (second / "config.yaml").read_text()
     assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["server_round_1.safetensors",
@@ -68,7 +70,7 @@ def test_simulation_end_to_end_and_cache(tmp_path):
     proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache}",
                            f"paths.output_root={tmp_path / 'outputs'}", "federation.num_sites=3", "strategy=uniform",
                            "generator=gaussian", "sharing=sequential", "name=second", f"resume={second}",
-                           "num_rounds=3"], env=env, capture_output=True, text=True, timeout=600)
+                           "num_rounds=3", *quick], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
@@ -87,7 +89,8 @@ def test_eighty_sites_a_tenth_sampled_per_round(tmp_path):
     from a2v_flower.data.site import federation, split_site
 
     run = a2v_run(tmp_path, tmp_path / "cache", "federation.num_sites=80", "++data.clips_per_class=32",
-                  "strategy.fraction_train=0.1", "strategy.fraction_evaluate=0.1")
+                  "strategy.fraction_train=0.1", "strategy.fraction_evaluate=0.1", "diffusion.render_every=0",
+                  "train.local_epochs=1")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in rows if r["kind"] == "train"]
     assert [len(r["sites"]) for r in trains] == [8, 8] and set(trains[0]["sites"]) != set(trains[1]["sites"])
