@@ -70,9 +70,10 @@ def prepare_sites(grid: Grid, run_yaml: str, tracker: RunTracker, timeout: float
             m = reply.content["metrics"]
             sites[int(m["site"])] = {k: int(m[k]) for k in ("clips", "encoder_calls", "skipped")}
     row = {k: sum(s[k] for s in sites.values()) for k in ("clips", "encoder_calls", "skipped")}
-    tracker.log(0, "prepare", row | {"seconds": round(time.monotonic() - start, 1), "sites": sites})
+    row["seconds"] = round(time.monotonic() - start, 1)
+    tracker.log(0, "prepare", row | {"sites": sites})
     log.info("%d sites ready in %.1f s: %d clips, %d embedded now (the rest from the cache), %d unreadable files "
-             "skipped", len(sites), time.monotonic() - start, row["clips"], row["encoder_calls"], row["skipped"])
+             "skipped", len(sites), row["seconds"], row["clips"], row["encoder_calls"], row["skipped"])
 
 
 @app.main()

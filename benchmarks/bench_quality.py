@@ -115,8 +115,7 @@ def methods(scenario: Scenario, quick: bool) -> list[Method]:
                             refine=True)]
             rows += [Method(f"+ replay + refinement ({g}, per_class)", generator=g, granularity="per_class",
                             augment=True, refine=True) for g in ("gaussian", "cvae")]
-            rows += [
-                     Method("+ kd (server generator)", kd=True, server_gen=True)]
+            rows += [Method("+ kd (server generator)", kd=True, server_gen=True)]
         return rows
     rows = [Method("linear probe (ceiling)", kind="probe"), Method("centralised", kind="central"),
             Method("local only", kind="local"), Method("FedAvg"), Method("FedAvg, MSE loss", train=(("loss", "mse"),)),
