@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("WANDB_MODE", "disabled")
+# One math thread per process (torch in the xdist workers, and every process a test starts: Flower's SuperLink,
+# ServerApp, ClientApps). `make test` runs 2 workers on 2 cores, each often with a Flower run below it: more
+# threads than cores only makes them wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from a2v_flower import config as C  # noqa: E402
 
