@@ -232,9 +232,20 @@ def settle(superlink: int, timeout: float = 15.0) -> None:
     """After a finished stream, give Flower up to `timeout` s to end the run's process (SuperLink ->
     superexec -> flwr-simulation, which shuts Ray down) by itself before the rest is stopped."""
     deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run_process_alive(superlink):
+        time.sleep(0.5)
+
+
+def run_process_alive(superlink: int) -> bool:
+    """Whether a process two levels below the SuperLink (flwr-simulation under superexec) still runs. An exited
+    one counts as gone: superexec never reaps it, so it stays a zombie until the SuperLink is stopped."""
     with contextlib.suppress(psutil.Error):
-        while time.monotonic() < deadline and any(c.children() for c in psutil.Process(superlink).children()):
-            time.sleep(0.5)
+        for child in psutil.Process(superlink).children():
+            for grandchild in child.children():
+                with contextlib.suppress(psutil.Error):
+                    if grandchild.status() != psutil.STATUS_ZOMBIE:
+                        return True
+    return False
 
 
 def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:

@@ -40,6 +40,14 @@ def our_processes(work: Path) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line, arguments separated by NUL (b'' once it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def kill(pids: list[int]) -> None:
     """SIGKILL the given PIDs (leftovers of a failed test), ignoring those already gone."""
     for pid in pids:
@@ -78,25 +86,38 @@ def run_folder(tmp_path: Path) -> Path:
     return summary.parent
 
 
-def check_run(run: Path, sites: set[str]) -> None:
-    """summary.json exists, metrics.jsonl has one eval row per round, each with exactly `sites`."""
+def check_run(run: Path, *sites: set[str]) -> None:
+    """summary.json exists, metrics.jsonl has one eval row per round, round r's with exactly `sites[r - 1]`."""
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2 and 0 <= summary["final_top1"] <= 1
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["round"] for r in evals] == [1, 2]
-    assert all(set(r["sites"]) == sites for r in evals), [r["sites"] for r in evals]
+    assert [set(r["sites"]) for r in evals] == list(sites), [r["sites"] for r in evals]
     assert run.name.endswith("_deploy") and "num_sites: 2" in (run / "config.yaml").read_text()
 
 
 @pytest.mark.slow
-def test_insecure_deployment(tmp_path, cache_dir):
-    work = tmp_path / "work"
+def test_insecure_deployment_goes_on_without_a_supernode_that_dies(tmp_path, cache_dir):
+    """Insecure (the default), `federation.min_sites=1`: SuperNode 1 is SIGKILLed as round 2 starts; deploy.py
+    reports the death, the round fails for site 1 only and the run completes, exit 0, naming the failure."""
+    work, killed = tmp_path / "work", []
+
+    def kill_site_1(line: str) -> None:
+        if "[ROUND 2/2]" in line and not killed:  # round 1 is over
+            (pid,) = [pid for pid in our_processes(work) if b"flower-supernode" in cmdline(pid)
+                      and b"partition-id=1 " in cmdline(pid)]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
     try:
-        code, out = run_deploy(tmp_path, cache_dir, "--insecure")
+        code, out = run_deploy(tmp_path, cache_dir, "federation.min_sites=1", on_line=kill_site_1)
         assert code == 0, out[-4000:]
-        assert "(insecure)" in out and "final top-1 retrieval" in out
-        check_run(run_folder(tmp_path), {"0", "1"})
+        assert "(insecure)" in out and killed
+        assert "SuperNode 1 (partition-id=1) died with exit code -9; last lines of" in out
+        final = next(line for line in reversed(out.splitlines()) if "final top-1 retrieval" in line)
+        assert "failed sites round 2: site 1 (first: site 1: train: Error: Node Unavailable" in final, final
+        check_run(run_folder(tmp_path), {"0", "1"}, {"0"})
         log = (work / "superlink.log").read_text()
         assert log.count("[Fleet.ActivateNode] Activated") == 2
         assert not our_processes(work), "deploy.py left Flower processes running"
@@ -104,14 +125,13 @@ def test_insecure_deployment(tmp_path, cache_dir):
         kill(our_processes(work))
 
 
-@pytest.fixture(scope="module")
-def auth_deployment(tmp_path_factory, cache_dir):
+@pytest.mark.slow
+def test_tls_deployment_with_supernode_auth_refuses_an_unregistered_supernode(tmp_path, cache_dir):
     """A TLS + auth deployment of 2 registered SuperNodes, plus a rogue SuperNode with an unregistered key.
 
-    The rogue is started by the test as soon as deploy.py reports the SuperLink's port, so it knocks while the
-    legitimate nodes are being registered and started. Yields (exit code, output, run folder, work, rogue).
+    The rogue is started as soon as deploy.py reports the SuperLink's port, so it knocks while the legitimate
+    nodes are being registered and started.
     """
-    tmp_path = tmp_path_factory.mktemp("auth")
     work, rogue = tmp_path / "work", []
 
     def start_rogue(line: str) -> None:
@@ -124,34 +144,19 @@ def auth_deployment(tmp_path_factory, cache_dir):
 
     try:
         code, out = run_deploy(tmp_path, cache_dir, "--tls", "--auth", on_line=start_rogue)
-        run = run_folder(tmp_path) if code == 0 else None
-        yield code, out, run, work, rogue
+        assert code == 0, out[-4000:]  # the run went on with the two registered SuperNodes
+        assert "(TLS, SuperNode auth)" in out and "final top-1 retrieval" in out
+        check_run(run_folder(tmp_path), {"0", "1"}, {"0", "1"})
+        assert len(list((work / "keys").glob("site-*.pub"))) == 2
+        link = (work / "superlink.log").read_text()
+        assert "Uvicorn running on https://" in link  # the SuperLink served TLS only
+        assert link.count("[ControlServicer.RegisterNode] Created node_id") == 2
+        assert not our_processes(work), "deploy.py left Flower processes running"
+        # the rogue SuperNode gave up: it was never activated
+        assert rogue and rogue[0].wait(60) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
+        assert "No SuperNode found with the given public key" in link
+        assert link.count("[Fleet.ActivateNode] Activated") == 2  # only the registered ones
     finally:
         deploy.stop(rogue)
         kill(our_processes(work))
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("auth_deployment")  # one worker runs both tests: the deployment is started once
-def test_tls_deployment_with_supernode_auth(auth_deployment):
-    code, out, run, work, _ = auth_deployment
-    assert code == 0, out[-4000:]
-    assert "(TLS, SuperNode auth)" in out and "final top-1 retrieval" in out
-    check_run(run, {"0", "1"})
-    assert len(list((work / "keys").glob("site-*.pub"))) == 2
-    link = (work / "superlink.log").read_text()
-    assert "Uvicorn running on https://" in link  # the SuperLink served TLS only
-    assert link.count("[ControlServicer.RegisterNode] Created node_id") == 2
-    assert not our_processes(work), "deploy.py left Flower processes running"
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("auth_deployment")
-def test_unregistered_supernode_is_refused(auth_deployment):
-    code, out, _, work, rogue = auth_deployment
-    assert code == 0, out[-4000:]  # the run went on with the two registered SuperNodes
-    assert rogue and rogue[0].wait(60) != 0  # the rogue SuperNode gave up: it was never activated
-    assert "Failed to activate SuperNode" in (work.parent / "rogue.log").read_text()
-    link = (work / "superlink.log").read_text()
-    assert "No SuperNode found with the given public key" in link
-    assert link.count("[Fleet.ActivateNode] Activated") == 2  # only the registered ones
