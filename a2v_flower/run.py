@@ -213,6 +213,8 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
     home = Path(tempfile.mkdtemp(prefix="a2v-flwr-"))
     with open(run_log, "a", buffering=1) as out:
         try:
+            # if this process is killed outright, the guard stops what it started (else they linger ~77 s)
+            subprocess.Popen([sys.executable, "-m", "a2v_flower.guard", str(os.getpid())], stdin=subprocess.DEVNULL)
             link = start_superlink(home, out)
             flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id), env=flwr_env(home), cwd=APP_DIR,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
