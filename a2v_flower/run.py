@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -219,6 +220,7 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
             flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id), env=flwr_env(home), cwd=APP_DIR,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                     preexec_fn=die_with_parent)
+            threading.Thread(target=end_stream_after_run, args=(link.pid, flwr), daemon=True).start()
             for line in flwr.stdout:
                 sys.stdout.write(line)
                 out.write(line)
@@ -235,6 +237,22 @@ def settle(superlink: int, timeout: float = 15.0) -> None:
     superexec -> flwr-simulation, which shuts Ray down) by itself before the rest is stopped."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run_process_alive(superlink):
+        time.sleep(0.5)
+
+
+def end_stream_after_run(superlink: int, flwr: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop `flwr run --stream` once the run's process (flwr-simulation: the ServerApp and Ray's driver) has been
+    gone for `grace` s: if it crashed, the stream would wait about a minute for Flower to notice. A run that
+    finished has written its summary, which is what decides the outcome, whatever the stream's exit."""
+    started, gone = False, None
+    while flwr.poll() is None:
+        if run_process_alive(superlink):
+            started, gone = True, None
+        elif started:
+            gone = gone or time.monotonic()
+            if time.monotonic() - gone > grace:
+                flwr.terminate()
+                return
         time.sleep(0.5)
 
 
