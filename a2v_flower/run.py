@@ -197,12 +197,26 @@ def ray_cpus(sites: int, per_site: int, cores: int) -> int:
     return per_site * min(range(slots, max(slots, sites) + 1), key=lambda a: (makespan(a), a))
 
 
-def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str) -> list[str]:
+def stage_app(folder: Path) -> Path:
+    """Copy what `flwr run` packs into the app (a2v_flower/, conf/, pyproject.toml and what it names) to
+    `folder`; return it.
+    Flower walks and resolves every file under the folder it is given, a checkout's .venv included: 3 s of CPU
+    per launch for 48k files, for a package of 100."""
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier launch's copy
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("a2v_flower", "conf"):
+        shutil.copytree(APP_DIR / name, folder / name, ignore=ignore)
+    for name in ("pyproject.toml", "LICENSE", "README.md"):  # the last two: declared in [project]
+        shutil.copy(APP_DIR / name, folder)
+    return folder
+
+
+def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str, app: Path = APP_DIR) -> list[str]:
     """The `flwr run` call that simulates `federation.num_sites` sites on the Ray engine."""
     fed = cfg.federation
     per_round = math.ceil(max(cfg.strategy.fraction_train, cfg.strategy.fraction_evaluate) * fed.num_sites)
     cpus = ray_cpus(per_round, fed.num_cpus, os.cpu_count() or 1) if fed.even_load else os.cpu_count() or 1
-    return ["flwr", "run", str(APP_DIR), "--stream",
+    return ["flwr", "run", str(app), "--stream",
             "--run-config", f"config-file='{config_file}' launch-id='{launch_id}'",
             "--federation-config", f"num-supernodes={fed.num_sites} client-resources-num-cpus={fed.num_cpus} "
                                    f"client-resources-num-gpus={fed.num_gpus} init-args-num-cpus={cpus}"]
@@ -217,7 +231,8 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
             # if this process is killed outright, the guard stops what it started (else they linger ~77 s)
             subprocess.Popen([sys.executable, "-m", "a2v_flower.guard", str(os.getpid())], stdin=subprocess.DEVNULL)
             link = start_superlink(home, out)
-            flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id), env=flwr_env(home), cwd=APP_DIR,
+            app = stage_app(home / "app")
+            flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id, app), env=flwr_env(home), cwd=APP_DIR,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                     preexec_fn=die_with_parent)
             threading.Thread(target=end_stream_after_run, args=(link.pid, flwr), daemon=True).start()

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import preflight
-from a2v_flower.run import (APP_DIR, REFUSALS, REFUSED, become_subreaper, flwr_env, outcome, reap_orphans,
+from a2v_flower.run import (REFUSALS, REFUSED, become_subreaper, flwr_env, outcome, reap_orphans, stage_app,
                             stop_processes)
 
 CONNECTION = "deploy"  # name of the SuperLink connection written to the CLI's config.toml
@@ -278,7 +278,7 @@ def deploy(args: argparse.Namespace, work: Path, config_file: Path, procs: list[
         procs.append(start(supernode_command(i, args.sites, port, ca, key), work / f"supernode-{i}", log))
         nodes.append(SuperNode(i, procs[-1], log, ca))
     wait_for_supernodes(cli_home, port, nodes, procs[0])
-    run = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream",
+    run = ["flwr", "run", str(stage_app(work / "app")), CONNECTION, "--stream",
            "--run-config", f"config-file='{config_file}' launch-id='{launch_id}'"]
     flwr = subprocess.Popen(run, env=flwr_env() | {"FLWR_HOME": str(cli_home)})
     deadline, reported = time.monotonic() + args.timeout, 0
