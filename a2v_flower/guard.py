@@ -29,14 +29,20 @@ def guard(pid: int, period: float = 0.5, grace: float = 5.0) -> int:
                     seen.setdefault(proc.pid, proc)
             time.sleep(period)
     left = [p for p in seen.values() if p.is_running()]  # is_running compares start times: no reused PID
-    for proc in left:
+    terminate(left, grace)
+    return len(left)
+
+
+def terminate(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM `procs`, SIGKILL those still running after `grace` s, and wait for them (up to `grace` s more)."""
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(left, timeout=grace)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    return len(left)
+    psutil.wait_procs(alive, timeout=grace)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import config as C
 from a2v_flower import preflight
+from a2v_flower.guard import terminate
 
 APP_DIR = C.CONF_DIR.parent
 REFUSED, FAILED = 2, 1  # exit statuses
@@ -130,14 +131,7 @@ def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
         if not procs:
             break
         seen |= {p.pid for p in procs}
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=grace)
+        terminate(procs, grace)
     if roots is None:
         reap_orphans()
     return len(seen)
