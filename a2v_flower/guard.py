@@ -1,4 +1,4 @@
-"""Stop a run's processes when `a2v-run` is killed outright (SIGKILL, the OOM killer), within a second.
+"""Stop a run's processes when `a2v-run` is killed outright (SIGKILL, the OOM killer), within seconds.
 
 `a2v-run` starts this beside each run: `python -m a2v_flower.guard PID`. It notes every process below PID
 while PID lives; once PID is gone it stops the ones still running (found by PID and start time, so never

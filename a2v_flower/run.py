@@ -205,8 +205,8 @@ def stage_app(folder: Path) -> Path:
     return folder
 
 
-def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str, app: Path = APP_DIR) -> list[str]:
-    """The `flwr run` call that simulates `federation.num_sites` sites on the Ray engine."""
+def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str, app: Path) -> list[str]:
+    """The `flwr run` call that simulates `federation.num_sites` sites of `app` (see `stage_app`) on Ray."""
     fed = cfg.federation
     per_round = math.ceil(max(cfg.strategy.fraction_train, cfg.strategy.fraction_evaluate) * fed.num_sites)
     cpus = ray_cpus(per_round, fed.num_cpus, os.cpu_count() or 1) if fed.even_load else os.cpu_count() or 1

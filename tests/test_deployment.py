@@ -99,7 +99,7 @@ def check_run(run: Path, *sites: set[str]) -> None:
 
 @pytest.mark.slow
 def test_insecure_deployment_goes_on_without_a_supernode_that_dies(tmp_path, cache_dir):
-    """Insecure (the default), `federation.min_sites=1`: SuperNode 1 is SIGKILLed as round 2 starts; deploy.py
+    """`--insecure` (also the default), `federation.min_sites=1`: SuperNode 1 is SIGKILLed as round 2 starts; deploy.py
     reports the death, the round fails for site 1 only and the run completes, exit 0, naming the failure."""
     work, killed = tmp_path / "work", []
 
@@ -111,7 +111,7 @@ def test_insecure_deployment_goes_on_without_a_supernode_that_dies(tmp_path, cac
             killed.append(pid)
 
     try:
-        code, out = run_deploy(tmp_path, cache_dir, "federation.min_sites=1", on_line=kill_site_1)
+        code, out = run_deploy(tmp_path, cache_dir, "--insecure", "federation.min_sites=1", on_line=kill_site_1)
         assert code == 0, out[-4000:]
         assert "(insecure)" in out and killed
         assert "SuperNode 1 (partition-id=1) died with exit code -9; last lines of" in out
