@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, key_for, sample_classes
 from a2v_flower.models.generators import stats as SG
+from a2v_flower.models.generators.gaussian import pool_states
 from a2v_flower.records import flatten, from_record, to_record, unflatten
 from a2v_flower.training import TrainSpec, predict, train_adapters
 
@@ -103,7 +104,8 @@ class ServerGenerators:
                           ) -> tuple[ArrayRecord | None, dict]:
         """End of a round's training: share generators, then train the global adapters on synthetic samples."""
         if self.replay and self.replay.sharing == "averaged" and self.generators:
-            self.shared = average_by_key(self.generators, self.class_stats, self.owners())
+            self.shared = average_by_key(self.generators, self.class_stats, self.owners(),
+                                         pooled=self.replay.generator.type == "gaussian")
         if self.replay and self.replay.shared:
             self.generators = {site: self.shared for site in self.class_stats}  # the same objects, not copies
         if arrays is None or (self.replay is not None and self.replay.only):
@@ -173,10 +175,11 @@ class ServerGenerators:
                            {int(s): unflatten(g) for s, g in unflatten(parts.get("gen", {})).items()})
 
 
-def average_by_key(generators: dict[int, dict[str, dict]], class_stats: dict, owners: dict[int, list[int]]
-                   ) -> dict[str, dict[str, torch.Tensor]]:
+def average_by_key(generators: dict[int, dict[str, dict]], class_stats: dict, owners: dict[int, list[int]],
+                   pooled: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """sharing=averaged: one state per key, the mean over the sites that trained it (weights and AdamW
-    moments), weighted by their clips of the key's classes this round. Memory: one state per key."""
+    moments), weighted by their clips of the key's classes this round; gaussian states are pooled instead
+    (`pooled`: sufficient statistics, see `pool_states`). Memory: one state per key."""
     keys: dict[str, list[int]] = {}
     for site, gens in generators.items():
         for key in gens:
@@ -184,7 +187,8 @@ def average_by_key(generators: dict[int, dict[str, dict]], class_stats: dict, ow
     shared = {}
     for key, sites in keys.items():
         weight = [float(sum(class_stats[s]["counts"][c] for c in owners if s in owners[c])) or 1.0 for s in sites]
-        shared[key] = average_states([generators[s][key] for s in sites], weight)
+        states = [generators[s][key] for s in sites]
+        shared[key] = pool_states(states) if pooled else average_states(states, weight)
     return shared
 
 

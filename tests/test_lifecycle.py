@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from a2v_flower import client_app, diffusion
-from a2v_flower.models.generators import GeneratorSpec, ReplaySpec
+from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, condition_for
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.site_generators import train_site_generators
 from tests.test_apps import context, message, setup
@@ -182,3 +182,30 @@ def test_loading_refuses_another_kind_or_changed_shapes_before_anything_changes(
                                          rf"{want[1] + 1}\] in the file but \[{want[0]}, {want[1]}\] was asked"):
         client_app.train(message(cfg2, adapters, targets), ctx)
     assert not gen_state(ctx)
+
+
+def test_averaged_gaussian_generators_pool_the_class_moments_of_all_sites(task_identity):
+    """Gaussian states hold per-class sums in the order a site met its classes and in its own standardised
+    space; sharing=averaged pools them, so the shared state's class moments are those of all the data."""
+    spec, classes = GeneratorSpec("gaussian"), ["dog", "rain", "cow"]
+    targets = {"pooled": torch.randn(3, 12, generator=torch.Generator().manual_seed(0))}
+    gens = ServerGenerators(classes, targets, (4, 8), lambda: None, None,
+                            replay=ReplaySpec(spec, "unified", sharing="averaged"))
+    g = torch.Generator().manual_seed(1)
+    data = {0: (torch.randn(30, 4, 8, generator=g), torch.tensor([1, 0] * 15)),              # dog, rain
+            1: (3 + 2 * torch.randn(45, 4, 8, generator=g), torch.tensor([2, 1, 2] * 15))}  # cow, rain: other scale
+    for site, (x, y) in data.items():
+        gens.generators[site], _ = train_site_generators({}, set(), x, y, classes, "unified", None, spec, targets,
+                                                         True)
+        gens.class_stats[site] = {"counts": torch.bincount(y, minlength=3).float()}
+    gens.after_aggregation(1, None, {})
+    gen = build_generator(spec, (4, 8))
+    gen.load_state_tensors(gens.shared["unified"])
+    x, y = torch.cat([x for x, _ in data.values()]), torch.cat([y for _, y in data.values()])
+    mean0, std0 = gen.norm.mean.flatten().double(), gen.norm.std.flatten().double()
+    for c in range(3):
+        mean, var = gen._moments(condition_for(gen, targets, torch.tensor([c])), 1)
+        rows = x[y == c].flatten(1).double()
+        assert torch.allclose(mean0 + std0 * mean[0], rows.mean(0), atol=1e-4)
+        assert torch.allclose(std0 ** 2 * var[0], rows.var(0, unbiased=False), atol=1e-4)
+    assert gens.shared["unified"]["seen"].tolist() == [0, 1, 2]

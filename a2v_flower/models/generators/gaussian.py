@@ -78,3 +78,38 @@ class GaussianGenerator(BaseGenerator):
         for name in ("keys", "count", "total", "total_sq"):
             setattr(self, name, torch.empty_like(tensors[f"model.{name}"]))
         super().load_state_tensors(tensors)
+
+
+@torch.no_grad()
+def pool_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """sharing=averaged for gaussian generators: one state holding the moments of all the states' data together.
+
+    Averaging the tensors would be wrong: each state keeps its classes in the order it met them, and its sums
+    in its own standardised space. Here the sums go back to embedding space, are added per class (matched by
+    condition key) and are standardised again by the pooled mean and std. "seen" is the union; the rest (RNG)
+    comes from the first state."""
+    fitted = [s for s in states if bool(s["model.norm.fitted"]) and len(s["model.count"])]
+    if not fitted:
+        return dict(states[0])
+    shape = fitted[0]["model.norm.mean"].shape
+    keys, n, sx, sxx = [], [], [], []  # per pooled class: condition key, count, sum and sum of squares (raw)
+    for s in fitted:
+        m, sd = s["model.norm.mean"].flatten().double(), s["model.norm.std"].flatten().double()
+        for key, c, tz, tq in zip(s["model.keys"], s["model.count"], s["model.total"], s["model.total_sq"]):
+            raw, raw_sq = sd * tz + c * m, sd ** 2 * tq + 2 * sd * m * tz + c * m ** 2
+            i = next((i for i, k in enumerate(keys) if (k - key).norm() < GaussianGenerator.MATCH_TOL), None)
+            if i is None:
+                keys.append(key), n.append(c), sx.append(raw), sxx.append(raw_sq)
+            else:
+                n[i], sx[i], sxx[i] = n[i] + c, sx[i] + raw, sxx[i] + raw_sq
+    count, sx, sxx = torch.stack(n), torch.stack(sx), torch.stack(sxx)
+    mean = sx.sum(0) / count.sum()
+    std = (sxx.sum(0) / count.sum() - mean ** 2).clamp_min(0).sqrt().clamp_min(1e-6)
+    out = dict(fitted[0])
+    out |= {"model.keys": torch.stack(keys), "model.count": count,
+            "model.total": (sx - count[:, None] * mean) / std,
+            "model.total_sq": (sxx - 2 * mean * sx + count[:, None] * mean ** 2) / std ** 2,
+            "model.norm.mean": mean.view(shape).float(), "model.norm.std": std.view(shape).float()}
+    if all("seen" in s for s in states):
+        out["seen"] = torch.unique(torch.cat([s["seen"] for s in states]))
+    return out
