@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,7 @@ from a2v_flower.guard import terminate
 APP_DIR = C.CONF_DIR.parent
 REFUSED, FAILED = 2, 1  # exit statuses
 REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "hydra.run.dir")
 OUTCOMES: list[tuple[Path, bool]] = []  # (run folder, completed) of each job of this process
 LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # prctl, loaded before any fork
 
@@ -67,6 +69,19 @@ def flwr_env(home: Path | None = None) -> dict:
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else gigabytes are installed per run
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's single-node mode: node IP 127.0.0.1
     return env
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """Folder overrides (PATH_KEYS) quoted for Hydra's grammar when their value needs it: a sweep job's folder is
+    named by its overrides (`3_sharing=averaged,strategy=kd`), and `resume=` of it would not parse unquoted."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and value[:1] not in ("'", '"') and re.search(r"[^\w./~@:-]", value):
+            quote = "'" if "'" not in value else '"'
+            arg = f"{key}={quote}{value}{quote}" if quote not in value else arg
+        out.append(arg)
+    return out
 
 
 def job_overrides(argv: list[str]) -> list[list[str]]:
@@ -328,14 +343,14 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: refuse a bad config in one line (exit 2) before anything is written, then run
     every job; exit 1 unless all of them completed."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = quote_paths(sys.argv[1:] if argv is None else list(argv))
     try:
         cfgs = check(argv)
     except REFUSALS as err:
         print(f"a2v-run: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(REFUSED) from None
     if len(cfgs) == 1 and cfgs[0].resume:  # continue in the run's own folder: its run.log, no new folder
-        argv += [f"hydra.run.dir={cfgs[0].resume}", "hydra.output_subdir=null"]
+        argv += quote_paths([f"hydra.run.dir={cfgs[0].resume}"]) + ["hydra.output_subdir=null"]
     become_subreaper()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: through `finally`
     sys.argv = [sys.argv[0], *argv]

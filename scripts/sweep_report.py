@@ -41,16 +41,19 @@ def wall_seconds(run: Path) -> int | None:
 
 
 def collect(root: Path) -> list[dict]:
-    """One row per run folder under `root`."""
+    """One row per run folder under `root`; a failed run's row says why (its summary's error) and has no scores."""
     rows = []
     for summary in sorted(root.rglob("summary.json")):
         run = summary.parent
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = run / "metrics.jsonl"
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         evals = [e for e in lines if e["kind"] == "eval"]
         s = json.loads(summary.read_text())
+        why = s.get("error") or f"{s.get('rounds_done')} of {s.get('rounds')} rounds done"
         rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in KEYS},
-                     "final_top1": s["final_top1"], "final_top5": s["final_top5"],
+                     "outcome": "completed" if s.get("completed") else f"FAILED: {why}",
+                     "final_top1": s.get("final_top1"), "final_top5": s.get("final_top5"),
                      "best_top1": max((e["top1"] for e in evals), default=None),
                      "seen_top1": evals[-1].get("seen_top1") if evals else None,
                      "forgetting": evals[-1].get("forgetting") if evals else None,
@@ -72,7 +75,7 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    head = ["run", *varying, "final top-1", "best top-1", "final top-5", "top-1 seen classes", "forgetting",
+    head = ["run", *varying, "outcome", "final top-1", "best top-1", "final top-5", "top-1 seen classes", "forgetting",
             "wall s (with start-up)"]
 
     def fmt(v):
@@ -80,7 +83,7 @@ def main() -> None:
 
     title = f"sweep over {', '.join(varying)}: {len(rows)} runs"
     lines = [f"# {title}", "", f"In `{root}`.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying],
+    lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying], r["outcome"],
                                  *[fmt(r[k]) for k in ("final_top1", "best_top1", "final_top5", "seen_top1",
                                                        "forgetting", "wall_s")]]) + " |" for r in rows]
     (root / "sweep.md").write_text("\n".join(lines) + "\n")

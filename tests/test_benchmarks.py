@@ -95,16 +95,22 @@ def test_sweep_report_compares_runs(tmp_path, make_cfg):
         OmegaConf.save(make_cfg(f"strategy={agg}"), run / ".hydra" / "config.yaml")  # Hydra's, at job start
         (run / "metrics.jsonl").write_text("".join(
             f'{{"round": {r + 1}, "kind": "eval", "top1": {t}, "top5": 1.0}}\n' for r, t in enumerate(tops)))
-        (run / "summary.json").write_text(f'{{"final_top1": {tops[-1]}, "final_top5": 1.0}}')
+        (run / "summary.json").write_text(f'{{"completed": true, "final_top1": {tops[-1]}, "final_top5": 1.0}}')
         os.utime(run / ".hydra" / "config.yaml", (1000.0, 1000.0))
         os.utime(run / "summary.json", (1000.0 + 190 + i, 1000.0 + 190 + i))  # start-up included
+    failed = tmp_path / "2_strategy=uniform"  # stopped before its first evaluation: no scores, and why
+    failed.mkdir()
+    OmegaConf.save(make_cfg("strategy=uniform"), failed / "config.yaml")
+    (failed / "summary.json").write_text('{"completed": false, "rounds_done": 0, "error": "round 1: 3 of 3 sites '
+                                         'failed"}')
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "sweep.md").read_text()
-    assert table.startswith("# sweep over strategy.aggregation: 2 runs")
-    assert "| 0_strategy=avg | avg | 0.500 | 0.500 | 1.000 | - | - | 190 |" in table
-    assert "| 1_strategy=none | none | 0.400 | 0.400 | 1.000 | - | - | 191 |" in table
+    assert table.startswith("# sweep over strategy.aggregation: 3 runs")
+    assert "| 0_strategy=avg | avg | completed | 0.500 | 0.500 | 1.000 | - | - | 190 |" in table
+    assert "| 1_strategy=none | none | completed | 0.400 | 0.400 | 1.000 | - | - | 191 |" in table
+    assert "| 2_strategy=uniform | uniform | FAILED: round 1: 3 of 3 sites failed | - | - | - | - | - | - |" in table
     assert (tmp_path / "sweep_rounds.png").is_file() and (tmp_path / "sweep.csv").is_file()
 
 

@@ -23,10 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flwr_home_env(tmp_path: Path) -> dict:
+    """A private FLWR_HOME and free ports, so that runs of parallel tests never meet."""
+    return dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+
+
 def a2v_run(tmp_path: Path, cache: Path, *overrides: str) -> Path:
     """Run the console script like a user; return the single new run folder."""
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    env = flwr_home_env(tmp_path)
     out = tmp_path / "outputs"
     before = set(out.rglob("summary.json")) if out.exists() else set()
     proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache}", f"paths.output_root={out}",
@@ -37,13 +42,38 @@ def a2v_run(tmp_path: Path, cache: Path, *overrides: str) -> Path:
     return new.parent
 
 
+# The sweep's jobs: 3 sites, shared gaussian generators (averaged in one job, handed site to site in the other)
+SWEEP = [*TINY, "federation.num_sites=3", "generator=gaussian", "train.local_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """One Hydra multirun on a fresh cache, read by the tests below: two 3-site jobs of 2 rounds that differ in
+    generator sharing (averaged, sequential), wandb offline, rendering in the last round. The first job embeds
+    every clip, the second reads them from the disk cache. Returns the sweep folder."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = subprocess.run([str(BIN / "a2v-run"), "-m", *SWEEP, f"paths.cache_dir={tmp / 'cache'}",
+                           f"paths.output_root={tmp / 'outputs'}", "wandb.mode=offline",
+                           "sharing=averaged,sequential"],
+                          env=flwr_home_env(tmp), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = (tmp / "outputs" / "multirun").glob("*/*")
+    return folder
+
+
+def sweep_job(sweep: Path, sharing: str) -> Path:
+    (run,) = [p.parent for p in sweep.rglob("summary.json") if f"sharing={sharing}" in str(p)]
+    return run
+
+
 @pytest.mark.slow
-def test_simulation_end_to_end_and_cache(tmp_path):
-    cache = tmp_path / "cache"
-    run = a2v_run(tmp_path, cache, "federation.num_sites=3", "wandb.mode=offline", "name=first")
+@pytest.mark.xdist_group("sweep")
+def test_simulation_end_to_end_and_cache(sweep):
+    run = sweep_job(sweep, "averaged")  # the first job
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapters.safetensors", "accuracy.png"):
         assert (run / name).is_file(), name
     assert list((run / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert len(list((run / "images" / "round_002").glob("*.png"))) >= 10  # the last round renders
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     trains = [r for r in rows if r["kind"] == "train"]
@@ -53,28 +83,50 @@ def test_simulation_end_to_end_and_cache(tmp_path):
     assert trains[0]["encoder_calls"] == trains[1]["encoder_calls"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_top1"] <= 1 and summary["encoder_calls"] == 80
-
-    # a second run: warm cache, shared generators trained site after site (train.generators messages); the first
-    # run rendered, this one and its resume need neither images nor a second local epoch for what they show
-    quick = ["diffusion.render_every=0", "train.local_epochs=1"]
-    second = a2v_run(tmp_path, cache, "federation.num_sites=3", "strategy=uniform", "generator=gaussian",
-                     "sharing=sequential", "name=second", *quick)
+    # the second job: warm cache, shared generators trained site after site (train.generators messages)
+    second = sweep_job(sweep, "sequential")
     assert json.loads((second / "summary.json").read_text())["encoder_calls"] == 0  # all from the disk cache
-    assert "uniform" in (second / "config.yaml").read_text()
+    assert "mode: sequential" in (second / "config.yaml").read_text()
     assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["server_round_1.safetensors",
                                                                           "server_round_2.safetensors"]
     assert len(list((second / "state").glob("site_*_round_2.safetensors"))) == 3
-    # ... resumed for a third round: new node ids (query.site), restored site and server state
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache}",
-                           f"paths.output_root={tmp_path / 'outputs'}", "federation.num_sites=3", "strategy=uniform",
-                           "generator=gaussian", "sharing=sequential", "name=second", f"resume={second}",
-                           "num_rounds=3", *quick], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("sweep")
+def test_multirun_sweep_writes_one_comparison(sweep):
+    runs = sorted(p.parent.name for p in sweep.rglob("summary.json"))
+    assert len(runs) == 2 and all("sharing=" in r for r in runs)  # one folder per combination
+    table = (sweep / "sweep.md").read_text().splitlines()
+    assert table[0] == "# sweep over sharing.mode: 2 runs"
+    assert "sharing.mode" in table[4] and len(table) == 8
+    assert all(float(row.split("|")[-2]) > 0 for row in table[6:])  # each job's wall time, start-up included
+    assert (sweep / "sweep.csv").is_file() and (sweep / "sweep_rounds.png").is_file()
+    # wandb: each run named by its overrides, the sweep's runs in one group named by the sweep folder
+    from tests.test_tracking import wandb_records
+
+    runs = [next(r.run for r in wandb_records(p) if r.WhichOneof("record_type") == "run")
+            for p in sorted(sweep.rglob("offline-run-*/run-*.wandb"))]
+    assert len(runs) == 2 and {r.run_group for r in runs} == {f"{sweep.parent.name}/{sweep.name}"}
+    assert sorted("sharing=averaged" in r.display_name for r in runs) == [False, True]
+    assert all("generator=gaussian" in r.display_name for r in runs)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("sweep")
+def test_a_run_resumes_with_new_node_ids_and_its_saved_state(sweep, tmp_path):
+    """The sequential job continues for a third round: new node ids (query.site), restored site and server
+    state. Last of the sweep's tests: it adds a round to that job's folder."""
+    second = sweep_job(sweep, "sequential")
+    proc = subprocess.run([str(BIN / "a2v-run"), *SWEEP, f"paths.cache_dir={sweep.parents[3] / 'cache'}",
+                           f"paths.output_root={tmp_path / 'outputs'}", "sharing=sequential", f"resume={second}",
+                           "num_rounds=3", "diffusion.render_every=0"],
+                          env=flwr_home_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
-    assert json.loads((second / "summary.json").read_text())["rounds"] == 3
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["encoder_calls"] == 0
     # no detached SuperLink left behind
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "flwr") not in ps
@@ -112,35 +164,18 @@ def test_bad_partition_fails_before_anything_starts(tmp_path):
     assert not (tmp_path / "flwr").exists() and not list((tmp_path / "o").rglob("metrics.jsonl"))
 
 
-@pytest.mark.slow
-def test_multirun_sweep_writes_one_comparison(tmp_path):
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-    proc = subprocess.run([str(BIN / "a2v-run"), "-m", *TINY, f"paths.cache_dir={tmp_path / 'cache'}",
-                           f"paths.output_root={tmp_path / 'outputs'}", "num_rounds=1", "diffusion.render_every=0",
-                           "generator=gaussian", "reset=off,on_class_change", "wandb.mode=offline"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
-    runs = sorted(p.parent.name for p in sweep.rglob("summary.json"))
-    assert len(runs) == 2 and all("reset=" in r for r in runs)  # one folder per combination
-    table = (sweep / "sweep.md").read_text().splitlines()
-    assert table[0] == "# sweep over reset.reset_generator_on_class_change: 2 runs"
-    assert "reset.reset_generator_on_class_change" in table[4] and len(table) == 8
-    assert all(float(row.split("|")[-2]) > 0 for row in table[6:])  # each job's wall time, start-up included
-    assert (sweep / "sweep.csv").is_file() and (sweep / "sweep_rounds.png").is_file()
-    # wandb: each run named by its overrides, the sweep's runs in one group named by the sweep folder
-    from tests.test_tracking import wandb_records
-
-    runs = [next(r.run for r in wandb_records(p) if r.WhichOneof("record_type") == "run")
-            for p in sorted(sweep.rglob("offline-run-*/run-*.wandb"))]
-    assert len(runs) == 2 and {r.run_group for r in runs} == {f"{sweep.parent.name}/{sweep.name}"}
-    assert sorted("reset=off" in r.display_name for r in runs) == [False, True]
-    assert all("generator=gaussian" in r.display_name for r in runs)
-
-
 def test_even_load_gives_a_round_of_sites_as_many_actors_as_finish_it_soonest():
     from a2v_flower.run import ray_cpus
 
     assert [ray_cpus(sites, 1, 2) for sites in (1, 2, 3, 4, 5, 100)] == [2, 2, 3, 2, 3, 2]
     assert ray_cpus(3, 2, 4) == 6 and ray_cpus(100, 1, 16) == 20  # 5 waves of 20 on 16 cores beat 7 of 16
+
+
+def test_a_folder_named_by_a_sweeps_overrides_passes_as_a_path():
+    """resume=<a sweep job's folder> (named by its overrides: '=', ',', '+', brackets) reaches the config intact."""
+    from a2v_flower import config as C
+    from a2v_flower.run import quote_paths
+
+    folder = "/runs/multirun/2026-12-01/10-00-00/1_++data.seconds=1.0,sharing=sequential,train.lr=[1e-3]"
+    cfg = C.compose_config(quote_paths([f"paths.cache_dir={folder}", "paths.output_root=/plain/folder"]))
+    assert cfg.paths.cache_dir == folder and cfg.paths.output_root == "/plain/folder"
