@@ -97,9 +97,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summary: dict) -> None:
     """Run `num_rounds` of adapter federation; save the global adapters and complete `summary`."""
-    from a2v_flower.diffusion import Renderer  # diffusers: imported by a run, not by resume pre-checks
-    from a2v_flower.rendering import RoundRenderer
-
     log.info("run folder: %s", run_dir)
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
     held, schedule = held_classes(clips, sites), C.schedule_of(cfg)  # both checked by preflight.check_run
@@ -146,9 +143,14 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         tracker.keep_rounds(done)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
     every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
-    render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
-                           classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
-    strategy.clip_images = lambda rnd: cfg.diffusion.clip_images if render.due(rnd, cfg.num_rounds) else 0
+    render = None
+    if every:  # diffusers (and torch._dynamo through it): 3 s of CPU to import, only for a run that renders
+        from a2v_flower.diffusion import Renderer
+        from a2v_flower.rendering import RoundRenderer
+
+        render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
+                               classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
+    strategy.clip_images = lambda rnd: cfg.diffusion.clip_images if render and render.due(rnd, cfg.num_rounds) else 0
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """End of a round: rendering (when due), the server checkpoint, and the round's one line on the console."""
@@ -160,7 +162,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors(),
                                {"best_acc": {str(c): a for c, a in strategy.best_acc.items()}}, cfg)
         metrics = {}
-        if render.due(server_round, cfg.num_rounds):
+        if render and render.due(server_round, cfg.num_rounds):
             metrics = render(server_round, adapters, generators.class_stats, cfg.num_rounds)
             tracker.log(server_round, "render", metrics,
                         image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
