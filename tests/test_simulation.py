@@ -10,36 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from a2v_flower.run import free_port
 from tests.conftest import TINY
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flwr_home_env(tmp_path: Path) -> dict:
     """A private FLWR_HOME and free ports, so that runs of parallel tests never meet."""
     return dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
                 FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-
-
-def a2v_run(tmp_path: Path, cache: Path, *overrides: str) -> Path:
-    """Run the console script like a user; return the single new run folder."""
-    env = flwr_home_env(tmp_path)
-    out = tmp_path / "outputs"
-    before = set(out.rglob("summary.json")) if out.exists() else set()
-    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache}", f"paths.output_root={out}",
-                           *overrides], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "final top-1 retrieval" in proc.stdout
-    (new,) = set(out.rglob("summary.json")) - before
-    return new.parent
 
 
 # The sweep's jobs: 3 sites, shared gaussian generators (averaged in one job, handed site to site in the other)
@@ -130,29 +110,6 @@ def test_a_run_resumes_with_new_node_ids_and_its_saved_state(sweep, tmp_path):
     # no detached SuperLink left behind
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "flwr") not in ps
-
-
-@pytest.mark.slow
-def test_eighty_sites_a_tenth_sampled_per_round(tmp_path):
-    """Issue 15 at CI size (BENCHMARKS.md has 1,000 sites): 80 Dirichlet sites of about 4 clips, 8 per round."""
-    from omegaconf import OmegaConf
-
-    from a2v_flower import config as C
-    from a2v_flower.data.site import federation, split_site
-
-    run = a2v_run(tmp_path, tmp_path / "cache", "federation.num_sites=80", "++data.clips_per_class=32",
-                  "strategy.fraction_train=0.1", "strategy.fraction_evaluate=0.1", "diffusion.render_every=0",
-                  "train.local_epochs=1")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trains = [r for r in rows if r["kind"] == "train"]
-    assert [len(r["sites"]) for r in trains] == [8, 8] and set(trains[0]["sites"]) != set(trains[1]["sites"])
-    cfg = OmegaConf.load(run / "config.yaml")
-    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
-    assert len(sites) == 80 and min(map(len, sites)) >= 1  # Dirichlet(0.5) alone leaves sites empty
-    no_test = [s for s, idx in enumerate(sites)
-               if not split_site([classes.index(clips[i].category) for i in idx], C.data_spec(cfg), s)["test"]]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["completed"] and summary["sites_without_eval_clips"] == len(no_test) < 80
 
 
 def test_bad_partition_fails_before_anything_starts(tmp_path):
