@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +30,34 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this session shares (each worker's basetemp is a folder inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once(shared: Path, name: str, make: Callable[[Path], dict]) -> dict:
+    """`make(folder)` once per session, by whichever worker asks first, for tests that read the same real run;
+    the others wait for it and read its JSON result. A failure is kept too, and fails every test that asks."""
+    from filelock import FileLock
+
+    folder, result = shared / name, shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not result.is_file():
+            folder.mkdir(exist_ok=True)
+            try:
+                out = make(folder)
+            except BaseException:
+                result.write_text(json.dumps({"error": traceback.format_exc()}))
+                raise
+            result.write_text(json.dumps(out))
+    out = json.loads(result.read_text())
+    if "error" in out:
+        pytest.fail(f"the shared run {name!r} failed:\n{out['error'][-3000:]}")
+    return out
+
+
 @pytest.fixture
 def make_cfg(cache_dir, tmp_path):
     """Compose the real config with TINY + `overrides`, paths inside pytest's temp folders."""
@@ -47,7 +79,18 @@ def task_identity():
     yield
 
 
+SHARED_RUNS = ("sweep", "two_runs")  # fixtures made once per session by `once`
+
+
 def pytest_collection_modifyitems(items):
-    """Slow tests first (stable order otherwise): with `pytest -n 2` the workers start on the long Flower runs
-    and the fast tests fill the gaps, instead of one long run starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The makers of shared runs, the other slow tests, the other readers of shared runs, then the fast tests
+    (stable order otherwise). With `pytest -n 2` the workers start on the long Flower runs and the fast tests
+    fill the gaps, instead of one long run starting last; a shared run is made first and read when it is long
+    done, instead of one worker waiting for the other."""
+    made, order = set(), {}
+    for item in items:
+        shared = {f for f in SHARED_RUNS if f in getattr(item, "fixturenames", ())}
+        slow = item.get_closest_marker("slow") is not None
+        order[item] = 0 if shared - made else 2 if shared else 1 if slow else 3
+        made |= shared
+    items.sort(key=order.__getitem__)

@@ -34,7 +34,7 @@ from a2v_flower.models.generators import build_generator
 from a2v_flower.names import safe_name
 from a2v_flower.preflight import token_shape
 from a2v_flower.nodes import RoundFailed, short_reason
-from tests.conftest import TINY
+from tests.conftest import TINY, once
 from tests.inprocess import LocalGrid, run_server
 
 BIN = Path(sys.executable).parent
@@ -442,24 +442,27 @@ EIGHTY = ["federation.num_sites=80", "++data.clips_per_class=32", "strategy.frac
           "strategy.fraction_evaluate=0.1", "num_rounds=2"]
 
 
-@pytest.fixture(scope="module")
-def two_runs(cache_dir, tmp_path_factory) -> dict:
-    """Two a2v-runs at once from one checkout, 5 s apart: a 2-site run and an 80-site run (issue 15 at CI size;
-    BENCHMARKS.md has 1,000 sites). Their outputs, exit codes, the processes seen below them and the TCP
-    addresses those listened on."""
-    tmp = tmp_path_factory.mktemp("two_runs")
-    out = tmp / "outputs"
-    first = start_a2v_run(tmp, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=first")
-    time.sleep(5)
-    second = start_a2v_run(tmp, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=second", *EIGHTY)
-    with ThreadPoolExecutor(2) as pool:  # read both at once: a full pipe would pause a run
-        (out1, seen1), (out2, seen2) = pool.map(watch, (first, second))
-    return {"out": out, "texts": (out1, out2), "codes": (first.wait(60), second.wait(60)),
-            "tree": seen1["tree"] | seen2["tree"], "listening": seen1["listening"] | seen2["listening"]}
+@pytest.fixture
+def two_runs(shared_dir) -> dict:
+    """Two a2v-runs at once from one checkout, 5 s apart, made once per session: a 2-site run and an 80-site run
+    (issue 15 at CI size; BENCHMARKS.md has 1,000 sites). Their outputs and exit codes, the processes of either
+    still running once both exited, and the TCP addresses those processes listened on."""
+
+    def make(tmp: Path) -> dict:
+        out, cache = tmp / "outputs", f"paths.cache_dir={tmp / 'cache'}"
+        first = start_a2v_run(tmp, cache, f"paths.output_root={out}", "name=first")
+        time.sleep(5)
+        second = start_a2v_run(tmp, cache, f"paths.output_root={out}", "name=second", *EIGHTY)
+        with ThreadPoolExecutor(2) as pool:  # read both at once: a full pipe would pause a run
+            (out1, seen1), (out2, seen2) = pool.map(watch, (first, second))
+        return {"out": str(out), "texts": [out1, out2], "codes": [first.wait(60), second.wait(60)],
+                "alive": alive(seen1["tree"] | seen2["tree"]),
+                "listening": sorted(seen1["listening"] | seen2["listening"])}
+
+    return once(shared_dir, "two_runs", make)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_runs")
 def test_two_runs_at_once_complete_on_loopback_and_leave_nothing(two_runs):
     for code, text in zip(two_runs["codes"], two_runs["texts"]):
         assert code == 0, text[-3000:]
@@ -467,22 +470,21 @@ def test_two_runs_at_once_complete_on_loopback_and_leave_nothing(two_runs):
     listening = two_runs["listening"]
     assert {"raylet", "gcs_server"} <= {name for _, name in listening}, listening  # Ray was seen listening ...
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening  # ... on loopback only
-    assert not alive(two_runs["tree"])
+    assert not two_runs["alive"]
     for name in ("first", "second"):
-        (run_dir,) = two_runs["out"].rglob(f"*_{name}")
+        (run_dir,) = Path(two_runs["out"]).rglob(f"*_{name}")
         assert json.loads((run_dir / "summary.json").read_text())["completed"]
         log = (run_dir / "run.log").read_text()
         assert "Starting Flower SuperLink" in log and "final top-1 retrieval" in log  # the launcher's whole log
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two_runs")
 def test_eighty_sites_a_tenth_sampled_per_round(two_runs):
     from omegaconf import OmegaConf
 
     from a2v_flower.data.site import federation, split_site
 
-    (run_dir,) = two_runs["out"].rglob("*_second")
+    (run_dir,) = Path(two_runs["out"]).rglob("*_second")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in rows if r["kind"] == "train"]
     assert [len(r["sites"]) for r in trains] == [8, 8] and set(trains[0]["sites"]) != set(trains[1]["sites"])

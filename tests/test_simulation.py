@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from a2v_flower.run import free_port
-from tests.conftest import TINY
+from tests.conftest import TINY, once
 
 BIN = Path(sys.executable).parent
 
@@ -26,28 +27,30 @@ def flwr_home_env(tmp_path: Path) -> dict:
 SWEEP = [*TINY, "federation.num_sites=3", "generator=gaussian", "train.local_epochs=1"]
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    """One Hydra multirun on a fresh cache, read by the tests below: two 3-site jobs of 2 rounds that differ in
-    generator sharing (averaged, sequential), wandb offline, rendering in the last round. The first job embeds
-    every clip, the second reads them from the disk cache. Returns the sweep folder."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run([str(BIN / "a2v-run"), "-m", *SWEEP, f"paths.cache_dir={tmp / 'cache'}",
-                           f"paths.output_root={tmp / 'outputs'}", "wandb.mode=offline",
-                           "sharing=averaged,sequential"],
-                          env=flwr_home_env(tmp), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (folder,) = (tmp / "outputs" / "multirun").glob("*/*")
-    return folder
+@pytest.fixture
+def sweep(shared_dir) -> dict:
+    """One Hydra multirun on a fresh cache, made once per session and read by the tests below: two 3-site jobs
+    of 2 rounds that differ in generator sharing (averaged, sequential), wandb offline, rendering in the last
+    round. The first job embeds every clip, the second reads them from the disk cache. Its folder and cache."""
+
+    def make(tmp: Path) -> dict:
+        proc = subprocess.run([str(BIN / "a2v-run"), "-m", *SWEEP, f"paths.cache_dir={tmp / 'cache'}",
+                               f"paths.output_root={tmp / 'outputs'}", "wandb.mode=offline",
+                               "sharing=averaged,sequential"],
+                              env=flwr_home_env(tmp), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (folder,) = (tmp / "outputs" / "multirun").glob("*/*")
+        return {"folder": str(folder), "cache": str(tmp / "cache")}
+
+    return once(shared_dir, "sweep", make)
 
 
-def sweep_job(sweep: Path, sharing: str) -> Path:
-    (run,) = [p.parent for p in sweep.rglob("summary.json") if f"sharing={sharing}" in str(p)]
+def sweep_job(sweep: dict, sharing: str) -> Path:
+    (run,) = [p.parent for p in Path(sweep["folder"]).rglob("summary.json") if f"sharing={sharing}" in str(p)]
     return run
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("sweep")
 def test_simulation_end_to_end_and_cache(sweep):
     run = sweep_job(sweep, "averaged")  # the first job
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapters.safetensors", "accuracy.png"):
@@ -73,8 +76,8 @@ def test_simulation_end_to_end_and_cache(sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("sweep")
 def test_multirun_sweep_writes_one_comparison(sweep):
+    sweep = Path(sweep["folder"])
     runs = sorted(p.parent.name for p in sweep.rglob("summary.json"))
     assert len(runs) == 2 and all("sharing=" in r for r in runs)  # one folder per combination
     table = (sweep / "sweep.md").read_text().splitlines()
@@ -93,12 +96,11 @@ def test_multirun_sweep_writes_one_comparison(sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("sweep")
 def test_a_run_resumes_with_new_node_ids_and_its_saved_state(sweep, tmp_path):
-    """The sequential job continues for a third round: new node ids (query.site), restored site and server
-    state. Last of the sweep's tests: it adds a round to that job's folder."""
-    second = sweep_job(sweep, "sequential")
-    proc = subprocess.run([str(BIN / "a2v-run"), *SWEEP, f"paths.cache_dir={sweep.parents[3] / 'cache'}",
+    """A copy of the sequential job continues for a third round: new node ids (query.site), restored site and
+    server state (a copy: the sweep's own folders stay as the other tests read them)."""
+    second = Path(shutil.copytree(sweep_job(sweep, "sequential"), tmp_path / "moved"))
+    proc = subprocess.run([str(BIN / "a2v-run"), *SWEEP, f"paths.cache_dir={sweep['cache']}",
                            f"paths.output_root={tmp_path / 'outputs'}", "sharing=sequential", f"resume={second}",
                            "num_rounds=3", "diffusion.render_every=0"],
                           env=flwr_home_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -107,6 +109,8 @@ def test_a_run_resumes_with_new_node_ids_and_its_saved_state(sweep, tmp_path):
     assert [r["round"] for r in rows if r["kind"] == "eval"] == [1, 2, 3]
     summary = json.loads((second / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["encoder_calls"] == 0
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["server_round_2.safetensors",
+                                                                          "server_round_3.safetensors"]
     # no detached SuperLink left behind
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "flwr") not in ps
