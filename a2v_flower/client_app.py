@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
 from pathlib import Path
 
 import torch
@@ -29,9 +27,6 @@ from a2v_flower.training import class_means, predict, train_adapters
 
 log = logging.getLogger(__name__)
 app = ClientApp()
-# A process's first torch optimizer imports torch._dynamo (seconds): start that now, while the server prepares
-# round 1, instead of inside the first training round.
-threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
 
 # Per-process memo: in simulation one Ray actor serves many rounds (and sites), so the encoder and
 # the embedded site data are built once; in deployment each message is a new process and the disk
