@@ -135,7 +135,10 @@ class MemorySampler(threading.Thread):
         for pid in pids - self.known.keys():
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
-                    self.known[pid] = self.marker in f.read().split(b"\0")
+                    env = f.read()
+                if not env:  # mid-exec (or a kernel thread): judged again at the next poll, not unmarked for good
+                    continue
+                self.known[pid] = self.marker in env.split(b"\0")
             except PermissionError:
                 self.known[pid] = False
             except OSError:  # exited meanwhile
