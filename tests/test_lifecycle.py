@@ -209,3 +209,5 @@ def test_averaged_gaussian_generators_pool_the_class_moments_of_all_sites(task_i
         assert torch.allclose(mean0 + std0 * mean[0], rows.mean(0), atol=1e-4)
         assert torch.allclose(std0 ** 2 * var[0], rows.var(0, unbiased=False), atol=1e-4)
     assert gens.shared["unified"]["seen"].tolist() == [0, 1, 2]
+    # counts: the mean over the states, so that sites re-adding their clips each round do not multiply them
+    assert gens.shared["unified"]["model.count"].sum().item() == pytest.approx((30 + 45) / 2)

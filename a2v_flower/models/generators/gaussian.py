@@ -86,8 +86,8 @@ def pool_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
     Averaging the tensors would be wrong: each state keeps its classes in the order it met them, and its sums
     in its own standardised space. Here the sums go back to embedding space, are added per class (matched by
-    condition key) and are standardised again by the pooled mean and std. "seen" is the union; the rest (RNG)
-    comes from the first state."""
+    condition key), divided by the number of states and standardised again by the pooled mean and std. "seen"
+    is the union; the rest (RNG) comes from the first state."""
     fitted = [s for s in states if bool(s["model.norm.fitted"]) and len(s["model.count"])]
     if not fitted:
         return dict(states[0])
@@ -102,7 +102,9 @@ def pool_states(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
                 keys.append(key), n.append(c), sx.append(raw), sxx.append(raw_sq)
             else:
                 n[i], sx[i], sxx[i] = n[i] + c, sx[i] + raw, sxx[i] + raw_sq
-    count, sx, sxx = torch.stack(n), torch.stack(sx), torch.stack(sxx)
+    # divided by the number of states: the moments are ratios and stay, while the counts do not multiply by the
+    # number of sites each round (in the next round every site adds its clips to the shared state again)
+    count, sx, sxx = (torch.stack(t) / len(fitted) for t in (n, sx, sxx))
     mean = sx.sum(0) / count.sum()
     std = (sxx.sum(0) / count.sum() - mean ** 2).clamp_min(0).sqrt().clamp_min(1e-6)
     out = dict(fitted[0])
