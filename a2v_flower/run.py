@@ -79,8 +79,8 @@ def quote_paths(argv: list[str]) -> list[str]:
     for arg in argv:
         key, eq, value = arg.partition("=")
         if eq and key.lstrip("+~") in PATH_KEYS and value[:1] not in ("'", '"') and re.search(r"[^\w./~@:-]", value):
-            quote = "'" if "'" not in value else '"'
-            arg = f"{key}={quote}{value}{quote}" if quote not in value else arg
+            quote = next((q for q in ("'", '"') if q not in value), None)  # a value holding both stays as it is
+            arg = f"{key}={quote}{value}{quote}" if quote else arg
         out.append(arg)
     return out
 
