@@ -241,8 +241,11 @@ def distill(global_adapters: AdapterSet, teachers: dict[int, AdapterSet], owners
     if not len(y):
         return float("nan")
     outs = {s: predict(t, x) for s, t in teachers.items()}
-    target = {h: torch.stack([torch.stack([outs[s][h][i] for s in owners.get(int(c), []) if s in outs]).mean(0)
-                              for i, c in enumerate(y)]) for h in global_adapters}
+    target = {h: torch.empty_like(next(iter(outs.values()))[h]) for h in global_adapters}
+    for c in y.unique().tolist():  # every sample of class c: the mean of its owners' outputs
+        rows, sites = y == c, [s for s in owners.get(c, []) if s in outs]
+        for h, t in target.items():
+            t[rows] = torch.stack([outs[s][h][rows] for s in sites]).mean(0)
     return train_adapters(global_adapters, x, y, class_targets, spec, seed, teacher=target)
 
 

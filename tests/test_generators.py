@@ -87,6 +87,18 @@ def test_class_condition_is_deterministic_unit_norm_and_distinct():
         class_condition(targets, torch.tensor([3]))
 
 
+def test_class_condition_is_the_same_whether_its_projection_is_kept_or_drawn_in_chunks(monkeypatch):
+    from a2v_flower.models.generators import base
+
+    g = torch.Generator().manual_seed(0)
+    targets = {"t5": torch.randn(3, 40, 16, generator=g), "pooled": torch.randn(3, 12, generator=g)}
+    kept = class_condition(targets, torch.arange(3))                    # projections kept per process
+    monkeypatch.setattr(base, "_PROJECTION_CHUNK", 100)                 # a wide head: several chunks, none kept
+    monkeypatch.setattr(base, "_PROJECTION_CACHE_BYTES", 0)
+    base._projection.cache_clear()
+    assert torch.equal(class_condition(targets, torch.arange(3)), kept)
+
+
 def test_class_condition_removes_the_shared_template_part():
     g = torch.Generator().manual_seed(0)
     shared = 100 * torch.randn(1, 6, 10, generator=g)                   # "a photo of a ..." dominates
