@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import torch
 from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
@@ -11,7 +13,7 @@ from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import federation, load_site
 from a2v_flower.data.site import embed_clips
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, compact_tokens
+from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, compact_tokens, encoder_dim
 
 
 def test_compact_tokens_shape_and_summary():
@@ -20,6 +22,23 @@ def test_compact_tokens_shape_and_summary():
     assert out.shape == (2, 4, 16)
     assert torch.allclose(out[:, 0], hidden[:, :2].mean(1))
     assert torch.allclose(out[:, 1:].mean(1), hidden[:, 2:].mean(1), atol=1e-6)  # equal groups of 10
+
+
+def test_encoder_dim_is_the_tiny_models_width_without_transformers(make_cfg, tmp_path):
+    spec = C.audio_spec(make_cfg(f"paths.cache_dir={tmp_path}"))
+    encoder = AudioEncoder(spec)
+    encoder.load()
+    assert encoder_dim(spec) == encoder.model.config.hidden_size     # the configured tiny override
+    plain = AudioEncoderSpec(None)
+    assert encoder_dim(plain) == ASTConfig().hidden_size            # no override: ASTConfig's default
+    ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(
+        tmp_path / "ast")
+    assert encoder_dim(AudioEncoderSpec(str(tmp_path / "ast"))) == 32  # a saved model: its config.json
+    code = ("import sys, a2v_flower.server_app, a2v_flower.config as C\n"
+            "from a2v_flower.models.audio_encoder import encoder_dim\n"
+            "print(encoder_dim(C.audio_spec(C.compose_config([]))), 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [str(encoder.model.config.hidden_size), "False"], out.stderr[-2000:]
 
 
 def test_second_load_makes_zero_encoder_calls(make_cfg, tmp_path):

@@ -86,6 +86,9 @@ class AudioEncoder:
         return torch.cat(out)
 
 
+AST_HIDDEN_SIZE = 768  # transformers.ASTConfig's default hidden_size
+
+
 def patch_tokens(spec: AudioEncoderSpec) -> int:
     """Patch tokens P per clip (the AST's states are (2 + P, D)): its patch grid over mel bins x frames."""
     ast = {"patch_size": 16, "frequency_stride": 10, "time_stride": 10, "num_mel_bins": 128} | dict(spec.tiny or ())
@@ -94,9 +97,11 @@ def patch_tokens(spec: AudioEncoderSpec) -> int:
 
 
 def encoder_dim(spec: AudioEncoderSpec) -> int:
-    """Token width D of the encoder, read from its config only (no weights loaded)."""
-    from transformers import ASTConfig, AutoConfig
-
+    """Token width D of the encoder, read from its config only (no weights loaded). The tiny model's is
+    ASTConfig's default or the `tiny` override, known without importing transformers (1.6 s of CPU in a
+    ServerApp whose targets and embeddings are cached)."""
     if spec.name_or_path is None:
-        return ASTConfig(**dict(spec.tiny or ())).hidden_size
+        return int(dict(spec.tiny or ()).get("hidden_size", AST_HIDDEN_SIZE))
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(spec.name_or_path).hidden_size
