@@ -39,11 +39,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from a2v_flower import config as C
-from a2v_flower import preflight
+from a2v_flower import schema  # noqa: F401  registers the config's schema with Hydra (cheap: no torch)
 from a2v_flower.guard import terminate
 
-APP_DIR = C.CONF_DIR.parent
+APP_DIR = Path(__file__).resolve().parents[1]  # the checkout: conf/ (config.CONF_DIR) and the app Flower packs
 REFUSED, FAILED = 2, 1  # exit statuses
 REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
 PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "hydra.run.dir")
@@ -103,8 +102,13 @@ def job_overrides(argv: list[str]) -> list[list[str]]:
 
 def check(argv: list[str]) -> list[DictConfig]:
     """Every job's config, checked: a refusal raises before Hydra creates a folder or Flower starts."""
+    jobs = job_overrides(argv)
+    if not jobs:  # --help, --cfg, ...: nothing to check, and torch (2 s) not imported
+        return []
+    from a2v_flower import config as C, preflight
+
     cfgs = []
-    for overrides in job_overrides(argv):
+    for overrides in jobs:
         cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
         preflight.check_run(cfg)
         C.check_gpus(cfg.federation.num_gpus)
@@ -309,9 +313,10 @@ def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
     return True, f"final top-1 retrieval {top1} (chance {summary['chance_top1']:.3f}){note}"
 
 
-@hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(APP_DIR / "conf"), config_name="config", version_base="1.3")
 def launch(cfg: DictConfig) -> float | None:
     """Run one checked config (a job) as a simulation; record whether this run completed every round."""
+    from a2v_flower import config as C
     cfg = C.absolute_paths(cfg, Path.cwd())
     hydra_cfg = HydraConfig.get()
     run_dir = Path(cfg.resume) if cfg.resume else Path(hydra_cfg.runtime.output_dir)

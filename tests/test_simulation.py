@@ -140,3 +140,16 @@ def test_a_folder_named_by_a_sweeps_overrides_passes_as_a_path():
     folder = "/runs/multirun/2026-12-01/10-00-00/1_++data.seconds=1.0,sharing=sequential,train.lr=[1e-3]"
     cfg = C.compose_config(quote_paths([f"paths.cache_dir={folder}", "paths.output_root=/plain/folder"]))
     assert cfg.paths.cache_dir == folder and cfg.paths.output_root == "/plain/folder"
+
+
+def test_help_and_cfg_answer_without_checking_or_importing_torch(tmp_path):
+    """`a2v-run --help` / `--cfg job` print and exit 0 without composing a run's checks (which import torch,
+    2 s, and generate the synthetic data); the launcher module itself does not import torch."""
+    helped = subprocess.run([str(BIN / "a2v-run"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert helped.returncode == 0 and "a2v-run: federated audio-to-image adapters" in helped.stdout, helped.stderr
+    cfg = subprocess.run([str(BIN / "a2v-run"), "--cfg", "job", "num_rounds=7"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert cfg.returncode == 0 and "num_rounds: 7" in cfg.stdout, cfg.stderr
+    assert not list(tmp_path.iterdir())  # nothing written where it ran
+    probe = "import sys, a2v_flower.run; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
