@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import schema
+from a2v_flower.schema import CONF_DIR
 from a2v_flower.data.esc50 import ESC50_GROUPS
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
@@ -22,7 +23,6 @@ from a2v_flower.site_generators import check_reset_layers
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose conf/config.yaml with Hydra command-line style overrides; a bad override is a ValueError."""

@@ -39,10 +39,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from a2v_flower import schema  # noqa: F401  registers the config's schema with Hydra (cheap: no torch)
+from a2v_flower.schema import CONF_DIR  # also registers the config's schema with Hydra (no torch)
 from a2v_flower.guard import terminate
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the checkout: conf/ (config.CONF_DIR) and the app Flower packs
+APP_DIR = CONF_DIR.parent  # the checkout: the app Flower packs
 REFUSED, FAILED = 2, 1  # exit statuses
 REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
 PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "hydra.run.dir")
@@ -313,10 +313,11 @@ def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
     return True, f"final top-1 retrieval {top1} (chance {summary['chance_top1']:.3f}){note}"
 
 
-@hydra.main(config_path=str(APP_DIR / "conf"), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def launch(cfg: DictConfig) -> float | None:
     """Run one checked config (a job) as a simulation; record whether this run completed every round."""
     from a2v_flower import config as C
+
     cfg = C.absolute_paths(cfg, Path.cwd())
     hydra_cfg = HydraConfig.get()
     run_dir = Path(cfg.resume) if cfg.resume else Path(hydra_cfg.runtime.output_dir)
