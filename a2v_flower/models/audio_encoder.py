@@ -86,22 +86,22 @@ class AudioEncoder:
         return torch.cat(out)
 
 
-AST_HIDDEN_SIZE = 768  # transformers.ASTConfig's default hidden_size
+# transformers.ASTConfig's defaults that shapes depend on: known without importing transformers (1.6 s)
+AST_DEFAULTS = {"hidden_size": 768, "patch_size": 16, "frequency_stride": 10, "time_stride": 10, "num_mel_bins": 128}
 
 
 def patch_tokens(spec: AudioEncoderSpec) -> int:
     """Patch tokens P per clip (the AST's states are (2 + P, D)): its patch grid over mel bins x frames."""
-    ast = {"patch_size": 16, "frequency_stride": 10, "time_stride": 10, "num_mel_bins": 128} | dict(spec.tiny or ())
+    ast = AST_DEFAULTS | dict(spec.tiny or ())
     freq = (ast["num_mel_bins"] - ast["patch_size"]) // ast["frequency_stride"] + 1
     return freq * max(0, (spec.max_length - ast["patch_size"]) // ast["time_stride"] + 1)
 
 
 def encoder_dim(spec: AudioEncoderSpec) -> int:
-    """Token width D of the encoder, read from its config only (no weights loaded). The tiny model's is
-    ASTConfig's default or the `tiny` override, known without importing transformers (1.6 s of CPU in a
-    ServerApp whose targets and embeddings are cached)."""
+    """Token width D of the encoder, read from its config only (no weights loaded); the tiny model's from
+    AST_DEFAULTS and its `tiny` overrides, so a ServerApp with cached targets never imports transformers."""
     if spec.name_or_path is None:
-        return int(dict(spec.tiny or ()).get("hidden_size", AST_HIDDEN_SIZE))
+        return int((AST_DEFAULTS | dict(spec.tiny or ()))["hidden_size"])
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(spec.name_or_path).hidden_size

@@ -34,12 +34,12 @@ def _chunks(features: int, dim: int, seed: int):
 
 def _project(t: Tensor, dim: int, seed: int) -> Tensor:
     """(C, F) @ seeded Gaussian (F, dim), in row chunks so that wide heads never build the whole matrix."""
-    features = t.shape[1]
-    small = features * dim * 8 <= _PROJECTION_CACHE_BYTES
+    features, start = t.shape[1], 0
+    kept = features * dim * 8 <= _PROJECTION_CACHE_BYTES
     out = torch.zeros(t.shape[0], dim, dtype=torch.float64)
-    for start, block in zip(range(0, features, _PROJECTION_CHUNK),
-                            _projection(features, dim, seed) if small else _chunks(features, dim, seed)):
-        out += t[:, start:start + _PROJECTION_CHUNK] @ block
+    for block in _projection(features, dim, seed) if kept else _chunks(features, dim, seed):
+        out += t[:, start:start + len(block)] @ block  # the offsets follow the blocks, however they were cut
+        start += len(block)
     return out
 
 
