@@ -1,7 +1,6 @@
-"""The config's schema: one dataclass per node of conf/config.yaml, registered with Hydra's ConfigStore.
-Values live in the YAML (`???` here: "the YAML sets it"); types live here, so an unknown key or a wrong type
-fails at compose time; range and cross-field rules live in each `__post_init__`, run by `validate`. Every
-message names the key, the bad value and what is allowed."""
+"""The config's schema: one dataclass per node of conf/config.yaml, registered with Hydra's ConfigStore. Values
+live in the YAML (`???` here: "the YAML sets it"); types live here, so an unknown key or a wrong type fails at
+compose time; range and cross-field rules live in each `__post_init__`. Messages name key, value and what is allowed."""
 
 from __future__ import annotations
 
@@ -92,7 +91,6 @@ class Audio:
 
     def __post_init__(self):
         from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
-
         _numbers("model.audio.", self, positive=("sampling_rate", "max_length", "batch_size"))
         most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length,
                                                  tiny=tuple((self.tiny or {}).items())))
@@ -362,7 +360,6 @@ class Config:
 
     def __post_init__(self):
         from a2v_flower.names import safe_name
-
         _numbers("", self, positive=("num_rounds",))
         for key, value in (("name", self.name), ("generator_checkpoint.base_name", self.generator_checkpoint.base_name)):
             safe_name(value, key)  # both become parts of file names
@@ -385,10 +382,9 @@ class Config:
         if server_gen and not (self.strategy.aggregation == "kd" or self.replay.refine_epochs):
             raise ValueError(f"server_generator.epochs={self.server_generator.epochs} but nothing uses its samples; "
                              "set strategy=kd or replay.refine_epochs > 0 (or server_generator.epochs=0)")
-        m = self.mode
-        if gen == "none" and (m.generator_only_mode or m.use_pretrained_generators):
-            raise ValueError(f"mode generator_only_mode={m.generator_only_mode} / use_pretrained_generators="
-                             f"{m.use_pretrained_generators} need a generator but generator.type='none'")
+        if gen == "none" and (self.mode.generator_only_mode or self.mode.use_pretrained_generators):
+            raise ValueError(f"mode generator_only_mode={self.mode.generator_only_mode} / use_pretrained_generators="
+                             f"{self.mode.use_pretrained_generators} need a generator but generator.type='none'")
         if gen == "none" and self.sharing.mode != "none":
             raise ValueError(f"sharing.mode={self.sharing.mode!r} shares generators but generator.type='none'; "
                              "choose generator=gaussian|vae|cvae|gan or sharing=none")

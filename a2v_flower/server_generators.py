@@ -28,9 +28,8 @@ class ServerGenerators:
     def __init__(self, classes: list[str], class_targets: dict[str, torch.Tensor], token_shape: tuple[int, int],
                  make_adapters: Callable[[], AdapterSet], train_spec: TrainSpec, seed: int = 0,
                  replay: ReplaySpec | None = None, server_gen: SG.ServerGeneratorSpec | None = None, kd: bool = False):
-        self.classes, self.class_targets, self.token_shape = classes, class_targets, token_shape
-        self.make_adapters, self.train_spec, self.seed, self.kd = make_adapters, train_spec, seed, kd
-        self.replay = replay
+        self.classes, self.class_targets, self.token_shape, self.kd = classes, class_targets, token_shape, kd
+        self.make_adapters, self.train_spec, self.seed, self.replay = make_adapters, train_spec, seed, replay
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
         self.stats_generator = SG.StatsGenerator(token_shape, self.server_gen) if self.server_gen else None
         self.class_stats: dict[int, dict[str, torch.Tensor]] = {}            # site -> last per-class statistics
@@ -125,10 +124,8 @@ class ServerGenerators:
         for site, state in teachers.items():
             models[site].load_state_dict(state)
         out: dict = {}
-        if site_samples:
-            x, y = self.synthetic(r.samples_per_class, seed=self.seed + server_round)
-        else:
-            x, y = torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)
+        x, y = (self.synthetic(r.samples_per_class, seed=self.seed + server_round) if site_samples else
+                (torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)))
         if sg:
             sx, sy, out = SG.train_and_sample(self.stats_generator, sg, models, self.class_stats, self.class_targets,
                                               self.classes, self.seed + server_round, self.seed + 7 * server_round)
