@@ -505,7 +505,8 @@ def test_eighty_sites_a_tenth_sampled_per_round(two_runs):
 
 @pytest.mark.slow
 def test_a_crash_or_ctrl_c_leaves_no_process_behind(cache_dir, tmp_path):
-    paths = [f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}"]
+    # the default's actors (one per site): every Ray worker process must be stopped
+    paths = [f"paths.cache_dir={cache_dir}", f"paths.output_root={tmp_path / 'outputs'}", "federation.num_cpus=1"]
     # rounds enough to outlast the stream's delay: the kill must land while the run still goes
     crashing = start_a2v_run(tmp_path, *paths, "name=crash", "num_rounds=20")
     text, seen = watch(crashing, until="[ROUND 1/")
