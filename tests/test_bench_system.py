@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_system_benchmark_quick(tmp_path):
     out = tmp_path / "bench"
+    # one Ray actor per run (federation.num_cpus=2 on 2 cores, as tests/conftest.py's TINY): the same figures to check
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_system.py"), "--quick", "--sites", "10",
-                           "--out", str(out)],
+                           "--out", str(out), "federation.num_cpus=2"],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "system.json").read_text())
