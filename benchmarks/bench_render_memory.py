@@ -52,8 +52,7 @@ BIN = Path(sys.executable).parent
 # Tiny data and models (the tests' size); the runs differ only in RUNS' overrides.
 BASE = ["++data.clips_per_class=8", "++data.seconds=1.0", "data.clip_seconds=1.0", "model.audio.max_length=128",
         "train.local_epochs=1", "adapter.width=64", "wandb.mode=disabled", "generator=gaussian",
-        "diffusion.guidance_scale=1.0",  # no classifier-free guidance: half the UNet passes, same weights
-        "federation.num_cpus=2"]  # one Ray actor on 2 cores: the server's memory is measured, actors only cost CPU
+        "diffusion.guidance_scale=1.0"]  # no classifier-free guidance: half the UNet passes, same weights
 RUNS = {
     "generator-only, pipeline configured": ["mode=generator_training", "diffusion.render_every=1"],
     "generator-only, rendering off": ["mode=generator_training", "diffusion.render_every=0"],

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_generator_only_run_does_not_load_the_pipeline(tmp_path):
     out = tmp_path / "render_memory"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_render_memory.py"), "--out", str(out),
-                           "--unet-width", "192", "--repeats", "1", "--sites", "2", "--rounds", "1"],
+                           "--unet-width", "192", "--repeats", "1", "--sites", "2", "--rounds", "1",
+                           "federation.num_cpus=2"],  # one Ray actor a run, as TINY: the server's memory is measured
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads((out / "render_memory.json").read_text())
