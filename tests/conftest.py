@@ -21,7 +21,7 @@ from a2v_flower import config as C  # noqa: E402
 
 # Small data and models; same code paths as the default run. `federation.num_cpus=2`: one Ray actor per real run on
 # 2 cores (the default's even load starts one per site, 3): each actor's imports cost about 3 s of CPU, and the suite
-# runs two Flower runs at once anyway. The crash test keeps the default's actors; the benchmark tests pass the same.
+# runs two Flower runs at once anyway. The shared sweep (cold cache) and the crash test keep the default's actors.
 TINY = ["++data.clips_per_class=8", "++data.seconds=1.0", "data.clip_seconds=1.0", "model.audio.max_length=128",
         "train.local_epochs=2", "num_rounds=2", "wandb.mode=disabled", "adapter.width=64", "federation.num_cpus=2"]
 

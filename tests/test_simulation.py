@@ -31,12 +31,14 @@ SWEEP = [*TINY, "federation.num_sites=3", "generator=gaussian", "train.local_epo
 def sweep(shared_dir) -> dict:
     """One Hydra multirun on a fresh cache, made once per session and read by the tests below: two 3-site jobs
     of 2 rounds that differ in generator sharing (averaged, sequential), wandb offline, rendering in the last
-    round. The first job embeds every clip, the second reads them from the disk cache. Its folder and cache."""
+    round. The first job embeds every clip, the second reads them from the disk cache. Its folder and cache.
+    The default's actors (`federation.num_cpus=1`: one per site, where TINY has one for all): on the fresh cache,
+    three ClientApp processes embed and write the cache at once."""
 
     def make(tmp: Path) -> dict:
         proc = subprocess.run([str(BIN / "a2v-run"), "-m", *SWEEP, f"paths.cache_dir={tmp / 'cache'}",
                                f"paths.output_root={tmp / 'outputs'}", "wandb.mode=offline",
-                               "sharing=averaged,sequential"],
+                               "federation.num_cpus=1", "sharing=averaged,sequential"],
                               env=flwr_home_env(tmp), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         (folder,) = (tmp / "outputs" / "multirun").glob("*/*")
