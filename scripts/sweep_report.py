@@ -1,12 +1,14 @@
 """Compare the runs of a sweep: one CSV + Markdown table and a plot of accuracy by round per run.
 
-    a2v-run -m strategy=avg,uniform,none partition=iid,groups
+    a2v-run -m strategy=avg,uniform,none partition=iid,groups seed=0,1,2,3,4
     python scripts/sweep_report.py outputs/multirun/<date>/<time>
 
 Reads every run folder below the given folder (each has config.yaml, metrics.jsonl, summary.json);
-writes sweep.csv, sweep.md and sweep_rounds.png there and prints the table. A job's wall time runs from
-Hydra's start of the job (.hydra/config.yaml, written before flwr starts) to its summary.json, so it
-includes the start-up of the SuperLink, Ray and the first embedding.
+writes sweep.csv, sweep.md and sweep_rounds.png there and prints the tables. The columns are the config
+keys that differ between the runs (paths, names and wandb left out). When `seed` is among them, a second
+table pools each setting's seeds: mean final top-1, standard deviation and a 95 % t-interval over seeds.
+A job's wall time runs from Hydra's start of the job (.hydra/config.yaml, written before flwr starts) to
+its summary.json, so it includes the start-up of the SuperLink, Ray and the first embedding.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import yaml
 
 KEYS = ("strategy.aggregation", "partition.mode", "generator.type", "granularity.granularity", "mode",
         "sharing.mode", "reset.reset_generator_on_class_change", "diffusion.type", "num_rounds", "seed")
+NOT_SETTINGS = ("paths.", "wandb.", "name", "resume", "generator_checkpoint.dir")  # differ without changing a run
+# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (more: 1.96)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+SEED_SD = 0.053  # the default run's final top-1 over seeds 0-4 (BENCHMARKS.md, "Default run")
 
 
 def pick(cfg: dict, dotted: str):
@@ -32,6 +40,41 @@ def pick(cfg: dict, dotted: str):
     return cfg
 
 
+def flat(cfg: dict, prefix: str = "") -> dict[str, str]:
+    """Every leaf of a config as "a.b" -> its value's text (lists and null included)."""
+    out = {}
+    for k, v in cfg.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": str(v)}
+    return out
+
+
+def varying_keys(cfgs: list[dict]) -> list[str]:
+    """Config keys whose values differ between the runs, the usual ones (KEYS) first; `mode` stands for its flags."""
+    flats = [flat(c) for c in cfgs]
+    keys = {k for f in flats for k in f if not k.startswith(NOT_SETTINGS)}
+    differ = {k for k in keys if len({f.get(k) for f in flats}) > 1}
+    if any(k.startswith("mode.") for k in differ):
+        differ = {k for k in differ if not k.startswith("mode.")} | {"mode"}
+    return [k for k in KEYS if k in differ] + sorted(differ - set(KEYS))
+
+
+def over_seeds(rows: list[dict], settings: list[str]) -> list[dict]:
+    """One row per setting (the varying keys but `seed`): its seeds' final top-1 pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r[k]) for k in settings), []).append(r)
+    out = []
+    for setting, runs in groups.items():
+        done = [r["final_top1"] for r in runs if r["outcome"] == "completed" and r["final_top1"] is not None]
+        mean = statistics.fmean(done) if done else None
+        sd = statistics.stdev(done) if len(done) > 1 else None
+        half = None if sd is None else (T95[len(done) - 2] if len(done) <= 31 else 1.96) * sd / len(done) ** 0.5
+        out.append({**dict(zip(settings, setting)), "runs": f"{len(done)} of {len(runs)}", "mean": mean, "sd": sd,
+                    "ci": None if half is None else (max(0.0, mean - half), min(1.0, mean + half)),
+                    "range": (min(done), max(done)) if done else None})
+    return out
+
+
 def wall_seconds(run: Path) -> int | None:
     """Seconds from the job's start (Hydra writes .hydra/config.yaml first) to summary.json; None without .hydra."""
     started = run / ".hydra" / "config.yaml"
@@ -40,18 +83,21 @@ def wall_seconds(run: Path) -> int | None:
     return round((run / "summary.json").stat().st_mtime - started.stat().st_mtime)
 
 
-def collect(root: Path) -> list[dict]:
-    """One row per run folder under `root`; a failed run's row says why (its summary's error) and has no scores."""
+def collect(root: Path) -> tuple[list[dict], list[str]]:
+    """One row per run folder under `root` (a failed run's row says why, its summary's error, and has no
+    scores), and the config keys that differ between them."""
+    runs = sorted(summary.parent for summary in root.rglob("summary.json"))
+    cfgs = [yaml.safe_load((run / "config.yaml").read_text()) for run in runs]
+    varying = varying_keys(cfgs) if len(runs) > 1 else []
     rows = []
-    for summary in sorted(root.rglob("summary.json")):
-        run = summary.parent
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for run, cfg in zip(runs, cfgs):
+        summary = run / "summary.json"
         metrics = run / "metrics.jsonl"
         lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         evals = [e for e in lines if e["kind"] == "eval"]
         s = json.loads(summary.read_text())
         why = s.get("error") or f"{s.get('rounds_done')} of {s.get('rounds')} rounds done"
-        rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in KEYS},
+        rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in dict.fromkeys([*KEYS, *varying])},
                      "outcome": "completed" if s.get("completed") else f"FAILED: {why}",
                      "final_top1": s.get("final_top1"), "final_top5": s.get("final_top5"),
                      "best_top1": max((e["top1"] for e in evals), default=None),
@@ -59,7 +105,7 @@ def collect(root: Path) -> list[dict]:
                      "forgetting": evals[-1].get("forgetting") if evals else None,
                      "wall_s": wall_seconds(run), "chance": s.get("chance_top1"),
                      "top1_by_round": [round(e["top1"], 4) for e in evals]})
-    return rows
+    return rows, varying
 
 
 def main() -> None:
@@ -67,10 +113,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="a multirun folder (or any folder holding run folders)")
     root = ap.parse_args().root
-    rows = collect(root)
+    rows, varying = collect(root)
     if not rows:
         raise SystemExit(f"no run folders with summary.json under {root}")
-    varying = [k for k in KEYS if len({str(r[k]) for r in rows}) > 1] or list(KEYS[:2])
+    varying = varying or list(KEYS[:2])
     with open(root / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -86,6 +132,20 @@ def main() -> None:
     lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying], r["outcome"],
                                  *[fmt(r[k]) for k in ("final_top1", "best_top1", "final_top5", "seen_top1",
                                                        "forgetting", "wall_s")]]) + " |" for r in rows]
+    settings = [k for k in varying if k != "seed"]
+    if "seed" in varying:
+        head = [*settings, "seeds completed", "final top-1 mean", "sd", "95 % CI over seeds (t; within [0, 1])",
+                "min to max"]
+        lines += ["", f"## final top-1 over seeds, by {', '.join(settings) or 'setting'}", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join([*[g[k] for k in settings], g["runs"], fmt(g["mean"]), fmt(g["sd"]),
+                                     "-" if g["ci"] is None else f"[{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]",
+                                     "-" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"])
+                  + " |" for g in over_seeds(rows, settings)]
+    else:
+        lines += ["", f"One run per setting. On the default config, seeds alone move the final top-1 by a standard "
+                      f"deviation of {SEED_SD} (BENCHMARKS.md): add `seed=0,1,2,3,4` to the sweep before reading a "
+                      "difference between rows."]
     (root / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,33 @@ def test_sweep_report_compares_runs(tmp_path, make_cfg):
     assert "| 1_strategy=none | none | completed | 0.400 | 0.400 | 1.000 | - | - | 191 |" in table
     assert "| 2_strategy=uniform | uniform | FAILED: round 1: 3 of 3 sites failed | - | - | - | - | - | - |" in table
     assert (tmp_path / "sweep_rounds.png").is_file() and (tmp_path / "sweep.csv").is_file()
+
+
+def test_sweep_report_pools_seeds_and_finds_any_swept_key(tmp_path, make_cfg):
+    """A sweep over a key outside the usual columns (train.lr) and seeds: the lr gets a column, and each lr's
+    seeds are pooled into a mean, a standard deviation and a 95 % t-interval; a failed seed is counted, not pooled."""
+    from omegaconf import OmegaConf
+
+    finals = {("0.001", 0): 0.5, ("0.001", 1): 0.6, ("0.001", 2): 0.7, ("0.0001", 0): 0.2, ("0.0001", 1): 0.4}
+    for i, ((lr, seed), top1) in enumerate([*finals.items(), (("0.0001", 2), None)]):
+        run = tmp_path / f"{i}_lr={lr},seed={seed}"
+        run.mkdir()
+        OmegaConf.save(make_cfg(f"train.lr={lr}", f"seed={seed}", f"name=job{i}"), run / "config.yaml")
+        (run / "metrics.jsonl").write_text("" if top1 is None else f'{{"round": 1, "kind": "eval", "top1": {top1}}}\n')
+        (run / "summary.json").write_text(json.dumps({"completed": top1 is not None, "final_top1": top1,
+                                                      "rounds_done": 0 if top1 is None else 1, "rounds": 1}))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.startswith("# sweep over seed, train.lr: 6 runs")  # name differs too, but names no setting
+    assert "| final top-1 over seeds, by train.lr" in table.replace("## ", "| ")
+    # lr 0.001: mean 0.6, sd 0.1, t(2) = 4.303: 0.6 -+ 4.303 * 0.1 / sqrt(3) = [0.352, 0.848]
+    assert "| 0.001 | 3 of 3 | 0.600 | 0.100 | [0.352, 0.848] | 0.500 to 0.700 |" in table, table
+    # lr 0.0001: seeds 0 and 1 completed, seed 2 failed: mean 0.3, sd 0.141, t(1) = 12.706: [-0.971, 1.571],
+    # shown within [0, 1]
+    assert "| 0.0001 | 2 of 3 | 0.300 | 0.141 | [0.000, 1.000] | 0.200 to 0.400 |" in table, table
+    assert "One run per setting" not in table
 
 
 def test_predecessor_vae_params_counts_linear_layers():

@@ -84,8 +84,9 @@ def test_multirun_sweep_writes_one_comparison(sweep):
     assert len(runs) == 2 and all("sharing=" in r for r in runs)  # one folder per combination
     table = (sweep / "sweep.md").read_text().splitlines()
     assert table[0] == "# sweep over sharing.mode: 2 runs"
-    assert "sharing.mode" in table[4] and len(table) == 8
-    assert all(float(row.split("|")[-2]) > 0 for row in table[6:])  # each job's wall time, start-up included
+    assert "sharing.mode" in table[4] and len(table) == 10
+    assert table[9].startswith("One run per setting. On the default config, seeds alone move the final top-1")
+    assert all(float(row.split("|")[-2]) > 0 for row in table[6:8])  # each job's wall time, start-up included
     assert (sweep / "sweep.csv").is_file() and (sweep / "sweep_rounds.png").is_file()
     # wandb: each run named by its overrides, the sweep's runs in one group named by the sweep folder
     from tests.test_tracking import wandb_records
