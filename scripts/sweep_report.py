@@ -155,9 +155,23 @@ def main() -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        label = ", ".join(f"{k.split('.')[0]}={r[k]}" for k in varying)
-        ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], marker="o", label=label)
+    def label(r: dict, keys: list[str]) -> str:
+        return ", ".join(f"{k.split('.')[0] if k in KEYS else k}={r[k]}" for k in keys) or "runs"
+
+    if "seed" in varying:  # one colour per setting: its seeds thin, their mean by round thick
+        colours: dict[str, str] = {}
+        for r in rows:
+            colour = colours.setdefault(label(r, settings), f"C{len(colours) % 10}")
+            ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], color=colour, alpha=0.35, lw=1)
+        for name, colour in colours.items():
+            curves = [r["top1_by_round"] for r in rows if label(r, settings) == name and r["outcome"] == "completed"]
+            if curves and len({len(c) for c in curves}) == 1:
+                mean = [statistics.fmean(v) for v in zip(*curves)]
+                ax.plot(range(1, len(mean) + 1), mean, color=colour, lw=2.5, marker="o",
+                        label=f"{name} (mean of {len(curves)} seeds)")
+    else:
+        for r in rows:
+            ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], marker="o", label=label(r, varying))
     chance = {r["chance"] for r in rows} - {None}
     if len(chance) == 1:
         ax.axhline(chance.pop(), color="grey", linestyle=":", label="chance")
