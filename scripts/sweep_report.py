@@ -6,7 +6,8 @@
 Reads every run folder below the given folder (each has config.yaml, metrics.jsonl, summary.json);
 writes sweep.csv, sweep.md and sweep_rounds.png there and prints the tables. The columns are the config
 keys that differ between the runs (paths, names and wandb left out). When `seed` is among them, a second
-table pools each setting's seeds: mean final top-1, standard deviation and a 95 % t-interval over seeds.
+table pools each setting's seeds: mean final top-1, standard deviation and a 95 % t-interval over seeds, and
+the paired difference to the first setting over their common seeds.
 A job's wall time runs from Hydra's start of the job (.hydra/config.yaml, written before flwr starts) to
 its summary.json, so it includes the start-up of the SuperLink, Ray and the first embedding.
 """
@@ -58,20 +59,36 @@ def varying_keys(cfgs: list[dict]) -> list[str]:
     return [k for k in KEYS if k in differ] + sorted(differ - set(KEYS))
 
 
+def mean_interval(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """Mean, standard deviation and the half-width of its 95 % t-interval (None where too few values)."""
+    mean = statistics.fmean(values) if values else None
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    half = None if sd is None else (T95[len(values) - 2] if len(values) <= 31 else 1.96) * sd / len(values) ** 0.5
+    return mean, sd, half
+
+
 def over_seeds(rows: list[dict], settings: list[str]) -> list[dict]:
-    """One row per setting (the varying keys but `seed`): its seeds' final top-1 pooled."""
-    groups: dict[tuple, list[dict]] = {}
+    """One row per setting (the varying keys but `seed`): its seeds' final top-1 pooled, and its paired
+    difference to the first setting over the seeds both completed (one seed draws the same data, partition,
+    splits and initial weights for every setting, so the pairs differ only by the setting)."""
+    groups: dict[tuple, dict] = {}
     for r in rows:
-        groups.setdefault(tuple(str(r[k]) for k in settings), []).append(r)
+        groups.setdefault(tuple(str(r[k]) for k in settings), {"runs": 0, "final": {}})["runs"] += 1
+        if r["outcome"] == "completed" and r["final_top1"] is not None:
+            groups[tuple(str(r[k]) for k in settings)]["final"][str(r["seed"])] = r["final_top1"]
+    reference = next(iter(groups.values()))["final"]
     out = []
-    for setting, runs in groups.items():
-        done = [r["final_top1"] for r in runs if r["outcome"] == "completed" and r["final_top1"] is not None]
-        mean = statistics.fmean(done) if done else None
-        sd = statistics.stdev(done) if len(done) > 1 else None
-        half = None if sd is None else (T95[len(done) - 2] if len(done) <= 31 else 1.96) * sd / len(done) ** 0.5
-        out.append({**dict(zip(settings, setting)), "runs": f"{len(done)} of {len(runs)}", "mean": mean, "sd": sd,
+    for i, (setting, g) in enumerate(groups.items()):
+        done = list(g["final"].values())
+        mean, sd, half = mean_interval(done)
+        diffs = [v - reference[seed] for seed, v in g["final"].items() if seed in reference]
+        dmean, _, dhalf = mean_interval(diffs)
+        out.append({**dict(zip(settings, setting)), "runs": f"{len(done)} of {g['runs']}", "mean": mean, "sd": sd,
                     "ci": None if half is None else (max(0.0, mean - half), min(1.0, mean + half)),
-                    "range": (min(done), max(done)) if done else None})
+                    "range": (min(done), max(done)) if done else None,
+                    "vs": "reference" if i == 0 else "-" if dmean is None else
+                          f"{dmean:+.3f}" + ("" if dhalf is None else f" [{dmean - dhalf:+.3f}, {dmean + dhalf:+.3f}]")
+                          + f" ({len(diffs)} seeds)"})
     return out
 
 
@@ -135,12 +152,13 @@ def main() -> None:
     settings = [k for k in varying if k != "seed"]
     if "seed" in varying:
         head = [*settings, "seeds completed", "final top-1 mean", "sd", "95 % CI over seeds (t; within [0, 1])",
-                "min to max"]
+                "min to max", "vs the first, paired by seed: diff [95 % CI]"]
         lines += ["", f"## final top-1 over seeds, by {', '.join(settings) or 'setting'}", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join([*[g[k] for k in settings], g["runs"], fmt(g["mean"]), fmt(g["sd"]),
                                      "-" if g["ci"] is None else f"[{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]",
-                                     "-" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"])
+                                     "-" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}",
+                                     g["vs"]])
                   + " |" for g in over_seeds(rows, settings)]
     else:
         lines += ["", f"One run per setting. On the default config, seeds alone move the final top-1 by a standard "

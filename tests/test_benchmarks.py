@@ -135,10 +135,12 @@ def test_sweep_report_pools_seeds_and_finds_any_swept_key(tmp_path, make_cfg):
     assert table.startswith("# sweep over seed, train.lr: 6 runs")  # name differs too, but names no setting
     assert "| final top-1 over seeds, by train.lr" in table.replace("## ", "| ")
     # lr 0.001: mean 0.6, sd 0.1, t(2) = 4.303: 0.6 -+ 4.303 * 0.1 / sqrt(3) = [0.352, 0.848]
-    assert "| 0.001 | 3 of 3 | 0.600 | 0.100 | [0.352, 0.848] | 0.500 to 0.700 |" in table, table
+    assert "| 0.001 | 3 of 3 | 0.600 | 0.100 | [0.352, 0.848] | 0.500 to 0.700 | reference |" in table, table
     # lr 0.0001: seeds 0 and 1 completed, seed 2 failed: mean 0.3, sd 0.141, t(1) = 12.706: [-0.971, 1.571],
-    # shown within [0, 1]
-    assert "| 0.0001 | 2 of 3 | 0.300 | 0.141 | [0.000, 1.000] | 0.200 to 0.400 |" in table, table
+    # shown within [0, 1]; paired with lr 0.001 on seeds 0 and 1: diffs -0.3, -0.2: mean -0.25, sd 0.0707,
+    # -0.25 -+ 12.706 * 0.0707 / sqrt(2) = [-0.885, +0.385]
+    assert ("| 0.0001 | 2 of 3 | 0.300 | 0.141 | [0.000, 1.000] | 0.200 to 0.400 | -0.250 [-0.885, +0.385] "
+            "(2 seeds) |") in table, table
     assert "One run per setting" not in table
 
 
