@@ -70,7 +70,7 @@ def mean_interval(values: list[float]) -> tuple[float | None, float | None, floa
 def over_seeds(rows: list[dict], settings: list[str]) -> list[dict]:
     """One row per setting (the varying keys but `seed`): its seeds' final top-1 pooled, and its paired
     difference to the first setting over the seeds both completed (one seed draws the same data, partition,
-    splits and initial weights for every setting, so the pairs differ only by the setting)."""
+    splits and initial weights for every setting that does not change them itself)."""
     groups: dict[tuple, dict] = {}
     for r in rows:
         groups.setdefault(tuple(str(r[k]) for k in settings), {"runs": 0, "final": {}})["runs"] += 1
