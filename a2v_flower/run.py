@@ -309,8 +309,11 @@ def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
     if not summary.get("completed"):
         why = summary.get("error") or f"{summary.get('rounds_done')} of {summary.get('rounds')} rounds done"
         return False, f"run {launch_id} FAILED: {why}{note}"
-    top1 = "n/a (no site has held-out clips)" if summary["final_top1"] is None else f"{summary['final_top1']:.3f}"
-    return True, f"final top-1 retrieval {top1} (chance {summary['chance_top1']:.3f}){note}"
+    top1, n = summary["final_top1"], summary.get("final_eval_clips")
+    if top1 is None:
+        return True, f"final top-1 retrieval n/a (no site has held-out clips){note}"
+    clips = f"{round(top1 * n)} of {n} held-out clips; " if n else ""  # one clip is 1/n: the figure's grain
+    return True, f"final top-1 retrieval {top1:.3f} ({clips}chance {summary['chance_top1']:.3f}){note}"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -198,6 +198,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                 "chance_top1": 1 / len(classes),
                 "final_top1": evals[-1]["top1"] if evals else None,
                 "final_top5": evals[-1]["top5"] if evals else None,
+                "final_eval_clips": evals[-1]["num_examples"] if evals else 0,
                 "encoder_calls": sum(r["encoder_calls"] for r in tracker.history if r["kind"] in ("prepare", "train"))}
     tracker.finish(summary)
     log.info("done: final top1=%s (chance %.3f); outputs in %s", summary["final_top1"], summary["chance_top1"], run_dir)

@@ -269,6 +269,11 @@ def test_min_sites_lets_the_run_finish_and_the_final_line_names_failures(base, t
     assert ok and "failed sites round 1: site 1; round 2: site 1 (first: site 1: train: ValueError: No usable" in line
     evals = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(set(r["sites"]) == {"0"} for r in evals if r["kind"] == "eval")  # went on with site 0
+    last = [r for r in evals if r["kind"] == "eval"][-1]
+    n = summary["final_eval_clips"]
+    assert n == last["num_examples"] == last["sites"]["0"]["n"] > 0  # the clips the final top-1 counts
+    assert line.startswith(f"final top-1 retrieval {last['top1']:.3f} ({round(last['top1'] * n)} of {n} held-out "
+                           "clips; chance 0.")
 
 
 def test_an_earlier_runs_summary_is_never_taken_for_this_one():
