@@ -24,7 +24,9 @@ import yaml
 
 KEYS = ("strategy.aggregation", "partition.mode", "generator.type", "granularity.granularity", "mode",
         "sharing.mode", "reset.reset_generator_on_class_change", "diffusion.type", "num_rounds", "seed")
-NOT_SETTINGS = ("paths.", "wandb.", "name", "resume", "generator_checkpoint.dir")  # differ without changing a run
+NOT_SETTINGS = ("paths.", "wandb.", "name", "resume", "generator_checkpoint.dir",  # differ without changing a run
+                "generator_checkpoint.base_name")
+COLUMNS = 8  # swept keys shown in the tables at most (sweep.csv has them all)
 # two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (more: 1.96)
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -32,20 +34,28 @@ SEED_SD = 0.053  # the default run's final top-1 over seeds 0-4 (BENCHMARKS.md, 
 
 
 def pick(cfg: dict, dotted: str):
-    """cfg["a"]["b"] for "a.b" (None when absent); a mapping is shown by its generator_only_mode flag."""
+    """cfg["a"]["b"] for "a.b" (None when absent); `mode` is shown by the flag that is on."""
     for part in dotted.split("."):
         cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    if isinstance(cfg, dict):
+    if dotted == "mode" and isinstance(cfg, dict):
         return "generator_only" if cfg.get("generator_only_mode") else (
             "use_pretrained" if cfg.get("use_pretrained_generators") else "federated")
     return cfg
 
 
+def cell(value, width: int = 40) -> str:
+    """A value as table text, cut to `width` characters (a list of sites can run to hundreds)."""
+    text = str(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def flat(cfg: dict, prefix: str = "") -> dict[str, str]:
-    """Every leaf of a config as "a.b" -> its value's text (lists and null included)."""
+    """Every leaf of a config as "a.b" -> its value's text (lists and null included); a mapping keyed by
+    anything but names (a schedule's site ids) is one leaf."""
     out = {}
     for k, v in cfg.items():
-        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": str(v)}
+        nested = isinstance(v, dict) and v and all(isinstance(key, str) for key in v)
+        out |= flat(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": str(v)}
     return out
 
 
@@ -138,24 +148,26 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    head = ["run", *varying, "outcome", "final top-1", "best top-1", "final top-5", "top-1 seen classes", "forgetting",
+    shown = varying[:COLUMNS] + (["seed"] if "seed" in varying[COLUMNS:] else [])
+    more = f" and {len(varying) - len(shown)} more keys (sweep.csv)" if len(varying) > len(shown) else ""
+    head = ["run", *shown, "outcome", "final top-1", "best top-1", "final top-5", "top-1 seen classes", "forgetting",
             "wall s (with start-up)"]
 
     def fmt(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    title = f"sweep over {', '.join(varying)}: {len(rows)} runs"
+    title = f"sweep over {', '.join(shown)}{more}: {len(rows)} runs"
     lines = [f"# {title}", "", f"In `{root}`.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([r["run"], *[str(r[k]) for k in varying], r["outcome"],
+    lines += ["| " + " | ".join([r["run"], *[cell(r[k]) for k in shown], r["outcome"],
                                  *[fmt(r[k]) for k in ("final_top1", "best_top1", "final_top5", "seen_top1",
                                                        "forgetting", "wall_s")]]) + " |" for r in rows]
     settings = [k for k in varying if k != "seed"]
     if "seed" in varying:
-        head = [*settings, "seeds completed", "final top-1 mean", "sd", "95 % CI over seeds (t; within [0, 1])",
+        head = [*[k for k in shown if k != "seed"], "seeds completed", "final top-1 mean", "sd", "95 % CI over seeds (t; within [0, 1])",
                 "min to max", "vs the first, paired by seed: diff [95 % CI]"]
-        lines += ["", f"## final top-1 over seeds, by {', '.join(settings) or 'setting'}", "",
+        lines += ["", f"## final top-1 over seeds, by {', '.join(k for k in shown if k != 'seed') or 'setting'}{more}", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join([*[g[k] for k in settings], g["runs"], fmt(g["mean"]), fmt(g["sd"]),
+        lines += ["| " + " | ".join([*[cell(g[k]) for k in shown if k != "seed"], g["runs"], fmt(g["mean"]), fmt(g["sd"]),
                                      "-" if g["ci"] is None else f"[{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]",
                                      "-" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}",
                                      g["vs"]])
@@ -174,22 +186,23 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     def label(r: dict, keys: list[str]) -> str:
-        return ", ".join(f"{k.split('.')[0] if k in KEYS else k}={r[k]}" for k in keys) or "runs"
+        return cell(", ".join(f"{k.split('.')[0] if k in KEYS else k}={r[k]}" for k in keys) or "runs", 70)
 
     if "seed" in varying:  # one colour per setting: its seeds thin, their mean by round thick
-        colours: dict[str, str] = {}
+        groups: dict[tuple, list[dict]] = {}
         for r in rows:
-            colour = colours.setdefault(label(r, settings), f"C{len(colours) % 10}")
-            ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], color=colour, alpha=0.35, lw=1)
-        for name, colour in colours.items():
-            curves = [r["top1_by_round"] for r in rows if label(r, settings) == name and r["outcome"] == "completed"]
+            groups.setdefault(tuple(str(r[k]) for k in settings), []).append(r)
+        for i, runs in enumerate(groups.values()):
+            for r in runs:
+                ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], color=f"C{i % 10}", alpha=0.35, lw=1)
+            curves = [r["top1_by_round"] for r in runs if r["outcome"] == "completed"]
             if curves and len({len(c) for c in curves}) == 1:
                 mean = [statistics.fmean(v) for v in zip(*curves)]
-                ax.plot(range(1, len(mean) + 1), mean, color=colour, lw=2.5, marker="o",
-                        label=f"{name} (mean of {len(curves)} seeds)")
+                ax.plot(range(1, len(mean) + 1), mean, color=f"C{i % 10}", lw=2.5, marker="o",
+                        label=f"{label(runs[0], settings)} (mean of {len(curves)} seeds)")
     else:
         for r in rows:
-            ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], marker="o", label=label(r, varying))
+            ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], marker="o", label=label(r, shown))
     chance = {r["chance"] for r in rows} - {None}
     if len(chance) == 1:
         ax.axhline(chance.pop(), color="grey", linestyle=":", label="chance")

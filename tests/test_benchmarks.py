@@ -144,6 +144,24 @@ def test_sweep_report_pools_seeds_and_finds_any_swept_key(tmp_path, make_cfg):
     assert "One run per setting" not in table
 
 
+def test_sweep_report_columns_are_the_settings_that_differ(make_cfg):
+    """Keys that name files or folders are no settings; a schedule (keyed by site ids) is one column, not one
+    per site; an experiment changes several keys and each of them is found."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("sweep_report", ROOT / "scripts" / "sweep_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    cfgs = [OmegaConf.to_container(make_cfg(*o)) for o in (["+experiment=class_incremental", "name=a"],
+                                                            ["generator=cvae", "name=b"])]
+    keys = report.varying_keys(cfgs)
+    assert {"schedule", "generator.type", "partition.mode", "replay.refine_epochs"} <= set(keys)
+    assert not [k for k in keys if k.startswith(("schedule.", "name", "paths.", "wandb.", "generator_checkpoint."))]
+    assert keys.index("generator.type") < keys.index("schedule")  # the usual columns first
+
+
 def test_predecessor_vae_params_counts_linear_layers():
     seq, dim, hidden, latent = 3, 4, 5, 2
     layers = [nn.Linear(seq * dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * latent),
