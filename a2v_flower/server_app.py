@@ -168,8 +168,9 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                         image=run_dir / "images" / f"round_{server_round:03d}" / "grid.png")
         ev = next((r for r in tracker.history if r["kind"] == "eval" and r["round"] == server_round), None)
         seconds, failed = round(time.time() - strategy.round_started, 1), strategy.failures.count(server_round)
-        scores = ("top-1 {top1:.3f} | top-5 {top5:.3f} | seen top-1 {seen_top1:.3f} | forgetting {forgetting:.3f}"
-                  .format(**ev) if ev else "no held-out clips evaluated")
+        scores = ("top-1 {top1:.3f} ({hits}/{num_examples} clips) | top-5 {top5:.3f} | seen top-1 {seen_top1:.3f} | "
+                  "forgetting {forgetting:.3f}".format(**ev, hits=round(ev["top1"] * ev["num_examples"]))
+                  if ev else "no held-out clips evaluated")
         log.info("round %d/%d: %s | failures %d | %.1f s", server_round, cfg.num_rounds, scores, failed, seconds)
         return MetricRecord(metrics | {"failures": failed, "seconds": seconds})
 

@@ -99,10 +99,19 @@ RESUME = ["generator=gaussian", "granularity=per_class", "replay.refine_epochs=1
           "replay.synthetic_samples_per_class=4", "num_rounds=3", *FAST]
 
 
-def test_resumed_run_matches_the_uninterrupted_one(make_cfg, tmp_path, task_identity):
+def test_resumed_run_matches_the_uninterrupted_one(make_cfg, tmp_path, task_identity, caplog):
     cfg = make_cfg(*RESUME)
     full = tmp_path / "full"
-    run_server(cfg, full)
+    flower = logging.getLogger("flwr")  # the package logs through Flower's handlers (tracking.use_flower_logging)
+    flower.addHandler(caplog.handler)
+    try:
+        run_server(cfg, full)
+    finally:
+        flower.removeHandler(caplog.handler)
+    # one line per round, whose top-1 shows its grain: hits of held-out clips
+    for r in rows(full, "eval"):
+        hits = round(r["top1"] * r["num_examples"])
+        assert f"round {r['round']}/3: top-1 {r['top1']:.3f} ({hits}/{r['num_examples']} clips) | top-5" in caplog.text
     # a crash after round 2: the run folder as it was then (round 3's checkpoint and site states not yet written)
     crashed = tmp_path / "crashed"
     shutil.copytree(full, crashed)
