@@ -10,7 +10,8 @@ from a2v_flower.tracking import wandb_keys
 
 
 def wandb_records(path) -> list:
-    """Protobuf records of an offline run file (`run-*.wandb`: a 7-byte W&B header, then LevelDB log blocks)."""
+    """Protobuf records of an offline run file (`run-*.wandb`: a 7-byte W&B header, then LevelDB log blocks),
+    up to the last whole one: wandb's service process may still be appending."""
     from wandb.proto.wandb_internal_pb2 import Record
 
     data, block, records, pending = path.read_bytes(), 32768, [], b""
@@ -20,6 +21,8 @@ def wandb_records(path) -> list:
             pos += block - pos % block
             continue
         length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk wandb is still writing: the records before it are whole
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a whole record
