@@ -161,17 +161,17 @@ def main() -> None:
     lines += ["| " + " | ".join([r["run"], *[cell(r[k]) for k in shown], r["outcome"],
                                  *[fmt(r[k]) for k in ("final_top1", "best_top1", "final_top5", "seen_top1",
                                                        "forgetting", "wall_s")]]) + " |" for r in rows]
-    settings = [k for k in varying if k != "seed"]
+    settings, columns = [k for k in varying if k != "seed"], [k for k in shown if k != "seed"]
     if "seed" in varying:
-        head = [*[k for k in shown if k != "seed"], "seeds completed", "final top-1 mean", "sd", "95 % CI over seeds (t; within [0, 1])",
+        head = [*columns, "seeds completed", "final top-1 mean", "sd", "95 % CI over seeds (t; within [0, 1])",
                 "min to max", "vs the first, paired by seed: diff [95 % CI]"]
-        lines += ["", f"## final top-1 over seeds, by {', '.join(k for k in shown if k != 'seed') or 'setting'}{more}", "",
+        lines += ["", f"## final top-1 over seeds, by {', '.join(columns) or 'setting'}{more}", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join([*[cell(g[k]) for k in shown if k != "seed"], g["runs"], fmt(g["mean"]), fmt(g["sd"]),
-                                     "-" if g["ci"] is None else f"[{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]",
-                                     "-" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}",
-                                     g["vs"]])
-                  + " |" for g in over_seeds(rows, settings)]
+        for g in over_seeds(rows, settings):
+            ci = "-" if g["ci"] is None else f"[{g['ci'][0]:.3f}, {g['ci'][1]:.3f}]"
+            span = "-" if g["range"] is None else f"{g['range'][0]:.3f} to {g['range'][1]:.3f}"
+            lines.append("| " + " | ".join([*[cell(g[k]) for k in columns], g["runs"], fmt(g["mean"]), fmt(g["sd"]),
+                                            ci, span, g["vs"]]) + " |")
     else:
         lines += ["", f"One run per setting. On the default config, seeds alone move the final top-1 by a standard "
                       f"deviation of {SEED_SD} (BENCHMARKS.md): add `seed=0,1,2,3,4` to the sweep before reading a "
@@ -185,6 +185,7 @@ def main() -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+
     def label(r: dict, keys: list[str]) -> str:
         return cell(", ".join(f"{k.split('.')[0] if k in KEYS else k}={r[k]}" for k in keys) or "runs", 70)
 
@@ -194,7 +195,8 @@ def main() -> None:
             groups.setdefault(tuple(str(r[k]) for k in settings), []).append(r)
         for i, runs in enumerate(groups.values()):
             for r in runs:
-                ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], color=f"C{i % 10}", alpha=0.35, lw=1)
+                ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], color=f"C{i % 10}", alpha=0.35,
+                        lw=1)
             curves = [r["top1_by_round"] for r in runs if r["outcome"] == "completed"]
             if curves and len({len(c) for c in curves}) == 1:
                 mean = [statistics.fmean(v) for v in zip(*curves)]
