@@ -13,6 +13,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,11 +25,13 @@ from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.checkpoints import load_tensors
 from a2v_flower.data.esc50 import load_audio
-from a2v_flower.diffusion import Renderer, write_gallery
 from a2v_flower.metrics import similarity
 from a2v_flower.models.adapters import AdapterSet, build_adapters
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 from a2v_flower.models.text_encoders import class_targets, head_shapes
+
+if TYPE_CHECKING:  # diffusers is imported only to render: `a2v-generate --help` answers without it
+    from a2v_flower.diffusion import Renderer
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -55,6 +58,8 @@ class A2VPipeline:
     def from_run(cls, run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> A2VPipeline:
         """The pipeline of a finished run: <run_dir>/config.yaml and adapters.safetensors; `overrides`
         (key=value, e.g. diffusion.steps=20 or diffusion.name_or_path=...) change how images are made."""
+        from a2v_flower.diffusion import Renderer
+
         run_dir = Path(run_dir)
         for name in ("config.yaml", "adapters.safetensors"):
             if not (run_dir / name).is_file():
@@ -115,6 +120,8 @@ def write_images(out_dir: Path, names: list[str], result: A2VPipelineOutput, tit
         png = Path(f"{i:02d}_{Path(name).stem}.png")
         image.save(out_dir / png)
         rows.append([name, f"{cls} ({score:.2f})", png])
+    from a2v_flower.diffusion import write_gallery
+
     return write_gallery(out_dir, ["audio", "nearest class (cosine)", "image"], rows, title=title)
 
 

@@ -99,3 +99,14 @@ def test_flux_run_renders_and_needs_its_pooled_head(tmp_path_factory, cache_dir,
     with pytest.raises(SystemExit, match=r"has adapter heads \['t5'\] but diffusion.type='flux' needs \['pooled', 't5'\]"):
         main([str(broken), str(sounds[0])])
     assert not (broken / "generated").exists()
+
+
+def test_help_answers_without_importing_diffusers():
+    """`a2v-generate --help` prints its usage and exits 0 before diffusers (and transformers' image
+    processors, with their warnings) are imported: they load only to render."""
+    code = ("import sys\nfrom a2v_flower import pipeline\ntry:\n    pipeline.main(['--help'])\n"
+            "except SystemExit as stop:\n    assert stop.code == 0, stop.code\nprint('diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: a2v-generate") and out.stdout.split()[-1] == "False"
+    assert "torchvision" not in out.stderr
