@@ -133,12 +133,13 @@ class Diffusion:
     free_after_render: bool = True
     judge: Optional[str] = None
     guidance_scale: float = MISSING
-    clip_seq_len: int = 77            # sd
+    clip_seq_len: int = 77            # sd: fixed by CLIP; kept so that older runs' config.yaml loads
     t5_seq_len: int = 16              # flux
 
     def __post_init__(self):
         _one_of("diffusion.type", self.type, ("sd", "flux"))
         _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _one_of("diffusion.clip_seq_len", self.clip_seq_len, (77,))  # SD's CLIP text states have 77 positions
         _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"),
                  non_negative=("render_every", "clip_images", "guidance_scale"))
 

@@ -66,6 +66,7 @@ def test_every_readme_command_composes(overrides, make_cfg):
     ("prompt_template=hello", r"must contain '\{\}'"),
     ("data.splits.train=0.9", r"data.splits=.* summing to 1"),
     ("wandb.mode=maybe", r"wandb.mode='maybe'"),
+    ("diffusion.clip_seq_len=64", r"diffusion.clip_seq_len=64 is not allowed; expected one of \[77\]"),
     ("generator=vae", r"generator.type='vae' is unconditioned, so granularity='unified' cannot"),
     ("strategy=kd", r"strategy.aggregation='kd' distils on generator samples but generator.type='none'"),
     ("replay.refine_epochs=3", r"replay.refine_epochs needs generator samples"),
