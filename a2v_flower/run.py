@@ -68,6 +68,10 @@ def flwr_env(home: Path | None = None) -> dict:
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # else gigabytes are installed per run
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's single-node mode: node IP 127.0.0.1
     env.setdefault("RAY_prestart_worker_first_driver", "0")  # idle workers Flower's actors never use: ~1 s CPU a run
+    # Ray's tip that a future Ray stops hiding GPUs from num_gpus=0 actors: printed every run, nothing to act on
+    # (turning it off the way it suggests would let CPU-only actors see the GPUs); its text only, not its behaviour
+    quiet = "ignore::FutureWarning:ray._private.worker"
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), quiet) if w)
     return env
 
 

@@ -68,6 +68,8 @@ def test_simulation_end_to_end_and_cache(sweep):
     assert trains[0]["encoder_calls"] == trains[1]["encoder_calls"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert 0 <= summary["final_top1"] <= 1 and summary["encoder_calls"] == 80
+    log = (run / "run.log").read_text()  # the streamed run: Ray's GPU-override tip is filtered (run.flwr_env)
+    assert "[ROUND 2/2]" in log and "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in log
     # the second job: warm cache, shared generators trained site after site (train.generators messages)
     second = sweep_job(sweep, "sequential")
     assert json.loads((second / "summary.json").read_text())["encoder_calls"] == 0  # all from the disk cache
