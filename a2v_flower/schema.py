@@ -1,6 +1,5 @@
-"""The config's schema: one dataclass per node of conf/config.yaml, registered with Hydra's ConfigStore. Values
-live in the YAML (`???` here: "the YAML sets it"); types live here, so an unknown key or a wrong type fails at
-compose time; range and cross-field rules live in each `__post_init__`. Messages name key, value and what is allowed."""
+"""The config's schema: one dataclass per conf/config.yaml node, in Hydra's ConfigStore. Types live here (a wrong key
+or type fails at compose time), values in the YAML (`???`), rules in `__post_init__` (naming key, value, allowed)."""
 
 from __future__ import annotations
 
@@ -137,9 +136,10 @@ class Diffusion:
     t5_seq_len: int = 16              # flux
 
     def __post_init__(self):
+        from a2v_flower.models.text_encoders import CLIP_SEQ_LEN  # SD's CLIP text states: 77 positions
         _one_of("diffusion.type", self.type, ("sd", "flux"))
         _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
-        _one_of("diffusion.clip_seq_len", self.clip_seq_len, (77,))  # SD's CLIP text states have 77 positions
+        _one_of("diffusion.clip_seq_len", self.clip_seq_len, (CLIP_SEQ_LEN,))
         _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"),
                  non_negative=("render_every", "clip_images", "guidance_scale"))
 
