@@ -77,23 +77,31 @@ def mean_interval(values: list[float]) -> tuple[float | None, float | None, floa
     return mean, sd, half
 
 
+def by_setting(rows: list[dict], settings: list[str]) -> dict[tuple, list[dict]]:
+    """The runs grouped by their values of `settings`, in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r[k]) for k in settings), []).append(r)
+    return groups
+
+
 def over_seeds(rows: list[dict], settings: list[str]) -> list[dict]:
     """One row per setting (the varying keys but `seed`): its seeds' final top-1 pooled, and its paired
     difference to the first setting over the seeds both completed (one seed draws the same data, partition,
     splits and initial weights for every setting that does not change them itself)."""
-    groups: dict[tuple, dict] = {}
-    for r in rows:
-        groups.setdefault(tuple(str(r[k]) for k in settings), {"runs": 0, "final": {}})["runs"] += 1
-        if r["outcome"] == "completed" and r["final_top1"] is not None:
-            groups[tuple(str(r[k]) for k in settings)]["final"][str(r["seed"])] = r["final_top1"]
-    reference = next(iter(groups.values()))["final"]
+    groups = by_setting(rows, settings)
+    finals = {setting: {str(r["seed"]): r["final_top1"] for r in runs
+                        if r["outcome"] == "completed" and r["final_top1"] is not None}
+              for setting, runs in groups.items()}
+    reference = next(iter(finals.values()))
     out = []
-    for i, (setting, g) in enumerate(groups.items()):
-        done = list(g["final"].values())
+    for i, (setting, final) in enumerate(finals.items()):
+        done = list(final.values())
         mean, sd, half = mean_interval(done)
-        diffs = [v - reference[seed] for seed, v in g["final"].items() if seed in reference]
+        diffs = [v - reference[seed] for seed, v in final.items() if seed in reference]
         dmean, _, dhalf = mean_interval(diffs)
-        out.append({**dict(zip(settings, setting)), "runs": f"{len(done)} of {g['runs']}", "mean": mean, "sd": sd,
+        out.append({**dict(zip(settings, setting)), "runs": f"{len(done)} of {len(groups[setting])}",
+                    "mean": mean, "sd": sd,
                     "ci": None if half is None else (max(0.0, mean - half), min(1.0, mean + half)),
                     "range": (min(done), max(done)) if done else None,
                     "vs": "reference" if i == 0 else "-" if dmean is None else
@@ -190,10 +198,7 @@ def main() -> None:
         return cell(", ".join(f"{k.split('.')[0] if k in KEYS else k}={r[k]}" for k in keys) or "runs", 70)
 
     if "seed" in varying:  # one colour per setting: its seeds thin, their mean by round thick
-        groups: dict[tuple, list[dict]] = {}
-        for r in rows:
-            groups.setdefault(tuple(str(r[k]) for k in settings), []).append(r)
-        for i, runs in enumerate(groups.values()):
+        for i, runs in enumerate(by_setting(rows, settings).values()):
             for r in runs:
                 ax.plot(range(1, len(r["top1_by_round"]) + 1), r["top1_by_round"], color=f"C{i % 10}", alpha=0.35,
                         lw=1)
