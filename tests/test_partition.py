@@ -100,3 +100,27 @@ def test_split_is_stratified_and_disjoint():
 def test_split_fractions_must_sum_to_one():
     with pytest.raises(ValueError, match="data.splits"):
         split([0, 1], {"train": 0.5, "val": 0.1, "test": 0.1}, seed=0)
+
+
+@pytest.mark.parametrize("mode", ["iid", "dirichlet"])
+@pytest.mark.parametrize("num_sites", [3, 30, 100, 1000])
+def test_pooled_held_out_sets_keep_the_class_mix(mode, num_sites):
+    """Small sites give their one held-out clip of a class drawn at random, not always their highest-numbered
+    class: pooled over the sites, test and val hold the classes as the data does, within sampling noise."""
+    cs = [Clip(Path(f"{c}-{k}.wav"), 1, t, c) for t, c in enumerate(CLASSES) for k in range(600)]  # 3600 clips
+    parts = partition(cs, mode, num_sites, seed=0, alpha=0.5)
+    pooled = {"val": Counter(), "test": Counter()}
+    for s, idx in enumerate(parts):
+        labels = [cs[i].target for i in idx]
+        for name, pos in split(labels, {"train": 0.7, "val": 0.1, "test": 0.2}, seed=1000 * s).items():
+            if name in pooled:
+                pooled[name].update(labels[p] for p in pos)
+    for name, counts in pooled.items():
+        n = sum(counts.values())
+        if name == "test":
+            assert n >= 0.5 * num_sites  # a site whose test share rounds to one clip holds one out
+        if n < 30:  # at 1,000 sites of ~4 clips no val share rounds to a clip
+            continue
+        expected = n / len(CLASSES)
+        worst = max(abs(counts[t] - expected) for t in range(len(CLASSES)))
+        assert worst <= 4 * expected ** 0.5 + 1, (name, dict(counts))  # 4 sd of a binomial count: noise, not bias

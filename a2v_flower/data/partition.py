@@ -109,5 +109,16 @@ def split(labels: list[int], fractions: dict[str, float], seed: int) -> dict[str
     big = max(names, key=lambda k: len(parts[k]))
     for name in sorted(names, key=lambda k: -fractions[k]):  # a small site's classes all round down to `big`:
         if not parts[name] and fractions[name] * len(labels) >= 0.5 and len(parts[big]) > 1:  # a share that
-            parts[name].append(parts[big].pop())                # rounds to one clip gets one from `big`
+            parts[name].append(parts[big].pop(_movable(parts[big], labels, rng)))  # rounds to one clip gets one
     return {k: sorted(v) for k, v in parts.items()}
+
+
+def _movable(positions: list[int], labels: list[int], rng: np.random.Generator) -> int:
+    """Index into `positions` of a clip to move to an empty share: drawn with `rng` among the clips of classes
+    that keep >= 2 clips there (else among all). `positions` is filled class by class, so taking its last clip
+    would give every small site's held-out clip to its highest-numbered class."""
+    left = defaultdict(int)
+    for pos in positions:
+        left[labels[pos]] += 1
+    pool = [j for j, pos in enumerate(positions) if left[labels[pos]] >= 2] or list(range(len(positions)))
+    return pool[int(rng.integers(len(pool)))]
