@@ -16,7 +16,7 @@ from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.data.schedule import stage_classes
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import retrieval
-from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.adapters import build_adapters, embedding_moments
 from a2v_flower.models.audio_encoder import AudioEncoder
 from a2v_flower.models.generators import ReplaySpec
 from a2v_flower.names import safe_name
@@ -64,10 +64,11 @@ def _site(msg: Message, context: Context) -> tuple:
 def _setup(msg: Message, context: Context):
     """Config, site data, class targets and adapters (global, or this site's own when not aggregating)."""
     cfg, site_id, site = _site(msg, context)
-    targets = class_targets_of(msg, cfg, site_id)
+    targets = received(msg, cfg, site_id, "targets")
+    norm = received(msg, cfg, site_id, "input_norm") if cfg.adapter.normalise else None
     dim = site.splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
     adapters = build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
-                              cfg.adapter.rank)
+                              cfg.adapter.rank, norm)
     resumed = int(msg.content["config"].get("resume-round", 0))
     if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
         restore_site_state(site_state_dir(cfg, context.node_config), site_id, resumed, context.state)
@@ -79,19 +80,20 @@ def _setup(msg: Message, context: Context):
     return cfg, site_id, site, targets, adapters
 
 
-def class_targets_of(msg: Message, cfg, site_id: int) -> dict[str, torch.Tensor]:
-    """The class targets: sent once per node, then kept once per process and on disk, keyed by the run config,
-    not in every node's context.state (in simulation those live in the ServerApp's process, one per site)."""
-    key = sha1_of(OmegaConf.to_yaml(cfg))
+def received(msg: Message, cfg, site_id: int, name: str) -> dict[str, torch.Tensor]:
+    """What the server sends once per node (`name`: "targets", the class targets, or "input_norm", the adapters'
+    input standardisation), then kept once per process and on disk, keyed by the run config: not in every
+    node's context.state (in simulation those live in the ServerApp's process, one per site)."""
+    key = sha1_of(OmegaConf.to_yaml(cfg), name)
     cache = TensorCache(Path(cfg.paths.cache_dir) / "received")
-    if "targets" in msg.content:
-        _TARGETS[key] = from_record(msg.content["targets"])
+    if name in msg.content:
+        _TARGETS[key] = from_record(msg.content[name])
         if not cache.path(key).is_file():
             cache.put(key, _TARGETS[key])
     if key not in _TARGETS and (found := cache.get(key)) is not None:
         _TARGETS[key] = found
     if key not in _TARGETS:
-        raise RuntimeError(f"site {site_id}: no class targets received from the server")
+        raise RuntimeError(f"site {site_id}: no {name} received from the server")
     return _TARGETS[key]
 
 
@@ -203,12 +205,14 @@ def which_site(msg: Message, context: Context) -> Message:
 @app.query("prepare")
 def prepare(msg: Message, context: Context) -> Message:
     """Before round 1: read and embed this site's clips (kept on disk for every later message and run), so that
-    round 1 trains like any later round; reply with how many clips were embedded and skipped."""
+    round 1 trains like any later round; reply with how many clips were embedded and skipped, and the count, sum
+    and sum of squares per (token, dim) of its training embeddings (the adapters' input standardisation)."""
     _, site_id, site = _site(msg, context)
     calls, site.encoder_calls = site.encoder_calls, 0  # each clip's encoding is reported once
     return Message(content=RecordDict({"metrics": MetricRecord({
         "site": site_id, "clips": sum(len(y) for _, y in site.splits.values()), "encoder_calls": calls,
-        "skipped": len(site.skipped)})}), reply_to=msg)
+        "skipped": len(site.skipped)}),
+        "input_moments": to_record(embedding_moments(site.splits["train"][0]))}), reply_to=msg)
 
 
 def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:

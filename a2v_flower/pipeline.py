@@ -24,7 +24,7 @@ from PIL import Image
 from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.checkpoints import load_tensors
-from a2v_flower.data.esc50 import load_audio
+from a2v_flower.data.esc50 import load_clip
 from a2v_flower.metrics import similarity
 from a2v_flower.models.adapters import AdapterSet, build_adapters
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
@@ -72,6 +72,10 @@ class A2VPipeline:
                 raise ValueError(f"override {item!r}: expected key=value with a key of the run's config.yaml")
             OmegaConf.update(cfg, key, yaml.safe_load(value))
         state, meta = load_tensors(run_dir / "adapters.safetensors")
+        norm = {k.split("/", 1)[1]: state.pop(k) for k in list(state) if k.startswith("input_norm/")}
+        if OmegaConf.select(cfg, "adapter.normalise", default=False) and not norm:
+            raise ValueError(f"{run_dir / 'adapters.safetensors'} has no input_norm tensors but the run's config has "
+                             "adapter.normalise=true: the file is not the one that run wrote")
         heads, need = sorted({k.split(".")[0] for k in state}), sorted(head_shapes(cfg.diffusion.type))
         if heads != need:
             raise ValueError(f"{run_dir / 'adapters.safetensors'} has adapter heads {heads} but diffusion.type="
@@ -83,29 +87,31 @@ class A2VPipeline:
                                   OmegaConf.select(cfg, "adapter.kind", default="attention"),  # runs before issue 15
                                   OmegaConf.select(cfg, "adapter.rank", default=64))
         adapters.load_state_dict(state)  # the target space (shift, scale) comes from the same targets
+        adapters.set_input_norm(norm or None)  # the federation's input standardisation, saved beside the weights
         return cls(adapters, AudioEncoder(audio), Renderer(C.diffusion_spec(cfg)), targets, meta["classes"],
                    int(cfg.data.clip_seconds * audio.sampling_rate))
 
-    def load(self, clip: str | Path | np.ndarray) -> np.ndarray:
-        """A clip as the encoder takes it: any file `load_audio` reads, or a mono waveform at the encoder's rate."""
+    def load(self, clip: str | Path | np.ndarray) -> tuple[np.ndarray, int]:
+        """A clip as the encoder takes it and its samples holding sound: any file `load_clip` reads, or a mono
+        waveform at the encoder's rate (all of it sound)."""
         if isinstance(clip, np.ndarray):
-            wave = clip.astype(np.float32)
+            wave, length = clip.astype(np.float32), len(clip)
         elif not Path(clip).is_file():
             raise FileNotFoundError(f"audio file {str(clip)!r} does not exist")
         else:
             try:
-                wave = load_audio(clip, self.encoder.spec.sampling_rate, self.num_samples)
+                wave, length = load_clip(clip, self.encoder.spec.sampling_rate, self.num_samples)
             except Exception as err:  # noqa: BLE001 - whatever the decoder raises, the file is unreadable
                 raise ValueError(f"audio file {str(clip)!r} is unreadable: {err}") from err
         if wave.ndim != 1 or not np.isfinite(wave).all():
             raise ValueError(f"audio {str(clip)[:80]!r} must be a finite mono waveform, got shape {wave.shape}")
-        return wave
+        return wave, length
 
     @torch.no_grad()
     def __call__(self, audio: str | Path | np.ndarray | list) -> A2VPipelineOutput:
         """One image per clip; every clip is read before anything is computed, so a bad one fails first."""
-        waves = [self.load(clip) for clip in (audio if isinstance(audio, list) else [audio])]
-        out = self.adapters(self.encoder.encode(waves))                     # per head (N, ...)
+        waves, lengths = zip(*[self.load(clip) for clip in (audio if isinstance(audio, list) else [audio])])
+        out = self.adapters(self.encoder.encode(list(waves), list(lengths)))  # per head (N, ...)
         sim = similarity(out, self.targets)                                  # (N, C)
         images = self.renderer.render_images(out, desc="images from audio")
         return A2VPipelineOutput(images, [self.classes[i] for i in sim.argmax(1).tolist()],

@@ -68,9 +68,13 @@ def load_server_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
                          "not a server checkpoint written by this app")
     for key, saved in meta.get("resume_keys", {}).items():
         now = _plain(OmegaConf.select(cfg, key))
+        if key == "adapter" and isinstance(saved, dict):  # written before input standardisation: it was off
+            saved = {"normalise": False} | saved
         if now != saved:
+            hint = ("; it was written before the adapters' input standardisation: resume it with "
+                    "adapter.normalise=false") if key == "adapter" and not saved.get("normalise") else ""
             raise ValueError(f"resume: {key}={now!r} differs from the checkpoint's {key}={saved!r} ({files[-1]}); "
-                             "a resumed run must use the same config (num_rounds, name, paths may change)")
+                             f"a resumed run must use the same config (num_rounds, name, paths may change){hint}")
     rnd = int(meta["round"])
     if rnd >= cfg.num_rounds:
         raise ValueError(f"resume: {files[-1]} is at round {rnd} but num_rounds={cfg.num_rounds}; "

@@ -1,5 +1,5 @@
-"""The config's schema: one dataclass per conf/config.yaml node, in Hydra's ConfigStore. Types live here (a wrong key
-or type fails at compose time), values in the YAML (`???`), rules in `__post_init__` (naming key, value, allowed)."""
+"""The config's schema: one dataclass per conf/config.yaml node (Hydra's ConfigStore): types here, values in the YAML,
+rules in `__post_init__` (naming key, value, allowed)."""
 
 from __future__ import annotations
 
@@ -235,6 +235,7 @@ class Adapter:
     kind: str = MISSING
     rank: int = MISSING
     wire: str = MISSING
+    normalise: bool = True            # standardise inputs with the federation's moments (old configs: absent)
 
     def __post_init__(self):
         _numbers("adapter.", self, positive=("width", "heads", "rank"))
@@ -307,8 +308,7 @@ class GeneratorCheckpoint:
 class Evaluate:
     split: str = MISSING
 
-    def __post_init__(self):
-        _one_of("evaluate.split", self.split, ("val", "test"))
+    def __post_init__(self): _one_of("evaluate.split", self.split, ("val", "test"))
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 import time
 from pathlib import Path
 
@@ -17,10 +19,11 @@ from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.checkpoints import save_tensors
 from a2v_flower.data.schedule import held_classes, seen_classes
 from a2v_flower.data.site import federation, split_site
-from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.adapters import build_adapters, input_norm
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
 from a2v_flower.nodes import federation_size, short_reason
+from a2v_flower.records import from_record
 from a2v_flower.resume import load_server_checkpoint, save_server_checkpoint
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
@@ -54,26 +57,41 @@ def prepare_run(run_config: dict, grid: Grid) -> tuple:
     return cfg, run_dir, node_sites
 
 
-def prepare_sites(grid: Grid, run_yaml: str, tracker: RunTracker, timeout: float) -> None:
-    """Before round 1 every site reads and embeds its clips (a "query.prepare" message), one-time work that would
-    otherwise make round 1 several times longer than later rounds. A site that fails here is only warned about:
-    it fails round 1 with the same reason, where federation.min_sites decides."""
+def prepare_sites(grid: Grid, nodes: list[int], run_yaml: str, tracker: RunTracker, timeout: float) -> list[dict]:
+    """Before round 1 the sites of `nodes` read and embed their clips (a "query.prepare" message), one-time work
+    that would otherwise make round 1 several times longer than later rounds; returns each site's moments of its
+    training embeddings (`embedding_moments`). A site that fails here is only warned about: it fails its first
+    round with the same reason, where federation.min_sites decides."""
     start = time.monotonic()
     content = {"run-config": ConfigRecord({"yaml": run_yaml}),
                "config": ConfigRecord({"config-sha1": sha1_of(run_yaml)[:12]})}
-    msgs = [Message(RecordDict(content), message_type="query.prepare", dst_node_id=n) for n in grid.get_node_ids()]
-    sites = {}
+    msgs = [Message(RecordDict(content), message_type="query.prepare", dst_node_id=n) for n in nodes]
+    sites, moments = {}, []
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             log.warning("a site could not read its data before round 1: %s", short_reason(reply.error.reason))
         else:
             m = reply.content["metrics"]
             sites[int(m["site"])] = {k: int(m[k]) for k in ("clips", "encoder_calls", "skipped")}
+            moments.append(from_record(reply.content["input_moments"]))
     row = {k: sum(s[k] for s in sites.values()) for k in ("clips", "encoder_calls", "skipped")}
     row["seconds"] = round(time.monotonic() - start, 1)
     tracker.log(0, "prepare", row | {"sites": sites})
     log.info("%d sites ready in %.1f s: %d clips, %d embedded now (the rest from the cache), %d unreadable files "
              "skipped", len(sites), row["seconds"], row["clips"], row["encoder_calls"], row["skipped"])
+    return moments
+
+
+def prepare_nodes(grid: Grid, cfg, resumed_norm: bool) -> list[int]:
+    """Nodes prepared before round 1: all when every site trains in round 1; with sampling, a seeded sample of
+    one round's size when the input standardisation must be estimated (else sites prepare when first drawn)."""
+    nodes = sorted(grid.get_node_ids())
+    if cfg.strategy.fraction_train >= 1:
+        return nodes
+    if not cfg.adapter.normalise or resumed_norm:
+        return []
+    k = max(1, math.ceil(cfg.strategy.fraction_train * len(nodes)))
+    return sorted(random.Random(cfg.seed).sample(nodes, k))
 
 
 @app.main()
@@ -112,14 +130,23 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
                             C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     dim = encoder_dim(C.audio_spec(cfg))
-
-    def make_adapters():
-        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind, cfg.adapter.rank)
-
-    adapters = make_adapters()
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
                          cfg.wandb.group)
     n, low, run_yaml = cfg.federation.num_sites, C.min_sites(cfg), OmegaConf.to_yaml(cfg)
+    resumed = load_server_checkpoint(run_dir, cfg) if cfg.resume else None  # (round, adapters, state, meta)
+    norm = ({k[len("input_norm/"):]: resumed[2].pop(k) for k in list(resumed[2]) if k.startswith("input_norm/")}
+            if resumed else None) or None
+    moments = prepare_sites(grid, nodes, run_yaml, tracker, cfg.federation.timeout) if (
+        nodes := prepare_nodes(grid, cfg, norm is not None)) else []
+    if cfg.adapter.normalise and norm is None:  # the federation's moments: sent once per node, with the targets
+        norm = input_norm(moments)
+        log.info("adapter inputs standardised with the moments of %d sites' training embeddings", len(moments))
+
+    def make_adapters():
+        return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
+                              cfg.adapter.rank, norm if cfg.adapter.normalise else None)
+
+    adapters = make_adapters()
     generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
                                   cfg.seed, C.replay_spec(cfg, classes), C.server_generator_spec(cfg),
                                   kd=cfg.strategy.aggregation == "kd")
@@ -131,17 +158,18 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                            min_available_nodes=low,  # rounds go on with >= min_sites of the n sites
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
                            timeout=cfg.federation.timeout, run_config=run_yaml, num_sites=n, min_sites=low,
-                           wire=cfg.adapter.wire)
+                           wire=cfg.adapter.wire, input_norm=norm if cfg.adapter.normalise else None)
     strategy.site_of_node.update(node_sites)
     done = 0
-    if cfg.resume:  # continue after the newest server checkpoint; sites restore their state of that round
-        done, state, strategy_state, meta = load_server_checkpoint(run_dir, cfg)
+    if resumed:  # continue after the newest server checkpoint; sites restore their state of that round
+        done, state, strategy_state, meta = resumed
         adapters.load_state_dict(state)
         generators.load_state_tensors(strategy_state)
         strategy.best_acc = {int(c): a for c, a in meta.get("best_acc", {}).items()}
         strategy.round_offset = strategy.resume_round = done
         tracker.keep_rounds(done)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
+    saved_norm = {f"input_norm/{k}": v for k, v in (adapters.input_norm() or {}).items()}  # beside the weights
     every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
     render = None
     if every:  # diffusers (and torch._dynamo through it): 3 s of CPU to import, only for a run that renders
@@ -159,7 +187,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         server_round += done
         summary["rounds_done"] = server_round
         adapters.load_state_dict(arrays.to_torch_state_dict())
-        save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors(),
+        save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors() | saved_norm,
                                {"best_acc": {str(c): a for c, a in strategy.best_acc.items()}}, cfg)
         metrics = {}
         if render and render.due(server_round, cfg.num_rounds):
@@ -174,8 +202,6 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         log.info("round %d/%d: %s | failures %d | %.1f s", server_round, cfg.num_rounds, scores, failed, seconds)
         return MetricRecord(metrics | {"failures": failed, "seconds": seconds})
 
-    if cfg.strategy.fraction_train >= 1:  # every site trains in round 1 (with sampling, each site when it is drawn)
-        prepare_sites(grid, run_yaml, tracker, cfg.federation.timeout)
     summary |= {"run_dir": str(run_dir), "rounds": cfg.num_rounds, "rounds_done": done, "num_sites": n,
                 "min_sites": low}
     # The config itself travels once per node (with the class targets); every message names it by hash.
@@ -192,7 +218,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         summary["failures"] = {str(r): sites for r, sites in strategy.failures.rounds.items()}
     if len(result.arrays):  # empty when no round succeeded
         adapters.load_state_dict(result.arrays.to_torch_state_dict())
-    save_tensors(run_dir / "adapters.safetensors", adapters.state_dict(),
+    save_tensors(run_dir / "adapters.safetensors", adapters.state_dict() | saved_norm,
                  {"diffusion": cfg.diffusion.type, "classes": classes, "rounds": cfg.num_rounds})
     evals = [r for r in tracker.history if r["kind"] == "eval"]
     summary |= {"completed": summary["rounds_done"] == cfg.num_rounds, "classes": classes,

@@ -86,7 +86,8 @@ class ServerGenerators:
         """sharing=sequential: hand the one shared state per key to the sites one after another (by site id);
         each trains it on its data and returns it. Weights, AdamW moments and step counts pass on intact."""
         for msg in sorted(messages, key=lambda m: site_of(m.metadata.dst_node_id)):
-            content = RecordDict({k: msg.content[k] for k in ("config", "targets", "run-config") if k in msg.content})
+            content = RecordDict({k: msg.content[k] for k in ("config", "targets", "run-config", "input_norm")
+                                  if k in msg.content})
             if self.shared:
                 content["shared_generators"] = to_record(flatten(self.shared))
             out = Message(content=content, message_type="train.generators", dst_node_id=msg.metadata.dst_node_id)

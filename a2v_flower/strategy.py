@@ -33,11 +33,13 @@ class A2VStrategy(FedAvg):
     def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
                  classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
-                 num_sites: int = 1, min_sites: int = 1, wire: str = "float32", **kwargs):
+                 num_sites: int = 1, min_sites: int = 1, wire: str = "float32",
+                 input_norm: dict[str, torch.Tensor] | None = None, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
                          evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
         self.targets = to_record(class_targets)
+        self.input_norm = to_record(input_norm) if input_norm else None  # the adapters' input standardisation
         self.run_config = ConfigRecord({"yaml": run_config})  # the resolved config, sent once per node
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
         self.site_of_node: dict[int, int] = {}
@@ -55,8 +57,8 @@ class A2VStrategy(FedAvg):
         self.wire = wire                             # dtype adapters travel in; averaged in float32
 
     def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
-        """Give every message its own RecordDict and `extra` config; add the class targets and the run config
-        for nodes that lack them."""
+        """Give every message its own RecordDict and `extra` config; add the class targets, the run config and
+        the adapters' input standardisation for nodes that lack them."""
         out = []
         for msg in messages:
             content = RecordDict(dict(msg.content.items()))
@@ -65,6 +67,8 @@ class A2VStrategy(FedAvg):
                                                  | ({"resume-round": self.resume_round} if self.resume_round else {}))
             if msg.metadata.dst_node_id not in self.has_targets:
                 content["targets"], content["run-config"] = self.targets, self.run_config
+                if self.input_norm is not None:
+                    content["input_norm"] = self.input_norm
                 self.has_targets.add(msg.metadata.dst_node_id)
             out.append(Message(content=content, message_type=msg.metadata.message_type,
                                dst_node_id=msg.metadata.dst_node_id))

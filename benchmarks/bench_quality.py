@@ -46,7 +46,7 @@ from a2v_flower.models.generators import stats as SG
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import similarity
-from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.adapters import build_adapters, embedding_moments, input_norm
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 from a2v_flower.models.generators import GeneratorSpec, build_generator
 from a2v_flower.models.text_encoders import class_targets
@@ -524,8 +524,12 @@ def main() -> None:
                                         C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
                 gspec = generator_spec(m, cfg, sites, targets)
                 dim = encoder_dim(C.audio_spec(cfg))
+                # adapter.normalise: the federation's moments of the sites' training embeddings, as the ServerApp
+                # pools them before round 1
+                norm = input_norm([embedding_moments(s.splits["train"][0]) for s in sites]) \
+                    if cfg.adapter.normalise else None
                 make = lambda s: build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, s,  # noqa: E731
-                                                cfg.adapter.kind, cfg.adapter.rank)
+                                                cfg.adapter.kind, cfg.adapter.rank, norm)
                 r = run(m, sc, sites, targets, make, spec, gspec, rounds, seed,
                         (rspec.samples_per_class, rspec.synthetic_samples_per_class), rspec.kd_epochs, REFINE_EPOCHS,
                         cfg.adapter.wire)

@@ -35,7 +35,8 @@ from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.data.site import federation, load_site
 from a2v_flower.metrics import similarity
 from a2v_flower.models.adapters import AdapterSet, build_adapters
-from a2v_flower.models.audio_encoder import AudioEncoder, compact_tokens
+from a2v_flower.models.adapters import embedding_moments, input_norm
+from a2v_flower.models.audio_encoder import AST_DEFAULTS, AudioEncoder, compact_tokens, sound_columns
 from a2v_flower.models.text_encoders import class_targets
 from a2v_flower.training import TrainSpec, adapter_loss, predict
 
@@ -56,20 +57,28 @@ class AllTokens(AudioEncoder):
         self.identity = sha1_of(self.identity, "all-tokens")  # its own embedding-cache entries
 
     @torch.no_grad()
-    def encode(self, waves):
+    def encode(self, waves, lengths=None):
+        """(N, 3 + P, D): the AST's states, then a row holding each clip's count of sound columns (the pooling
+        with `columns` needs it; `representations` takes it off)."""
         self.load()
+        ast = {k: getattr(self.model.config, k) for k in AST_DEFAULTS}
+        cols = sound_columns([len(w) for w in waves] if lengths is None else list(lengths), self.spec.max_length, ast)
         out = []
         for i in range(0, len(waves), self.spec.batch_size):
             feats = self.extractor(waves[i:i + self.spec.batch_size], sampling_rate=self.spec.sampling_rate,
                                    return_tensors="pt")
             out.append(self.model(**feats).last_hidden_state)                      # (B, 2 + P, D)
             self.calls += len(waves[i:i + self.spec.batch_size])
-        return torch.cat(out)
+        h = torch.cat(out)
+        return torch.cat([h, torch.tensor(cols, dtype=h.dtype)[:, None, None].expand(-1, 1, h.shape[2])], 1)
 
 
-def representations(h: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The compared clip representations of AST states h (N, 2 + P, D)."""
-    return {"8 tokens (cached by sites)": compact_tokens(h, 8), "32 tokens": compact_tokens(h, 32),
+def representations(h: torch.Tensor, grid_time: int) -> dict[str, torch.Tensor]:
+    """The compared clip representations of `AllTokens` rows h (N, 3 + P, D): AST states and sound columns."""
+    cols, h = h[:, -1, 0].round().long().tolist(), h[:, :-1]
+    return {"8 tokens, sound columns (cached by sites)": compact_tokens(h, 8, cols, grid_time),
+            "8 tokens, every patch (padding too)": compact_tokens(h, 8),
+            "32 tokens, sound columns": compact_tokens(h, 32, cols, grid_time),
             "mean of patch tokens (1 token)": h[:, 2:].mean(1, keepdim=True), f"all tokens ({h.shape[1]})": h}
 
 
@@ -143,7 +152,9 @@ def main() -> None:
     if not len(site.splits["val"][1]):
         raise ValueError(f"no val clips to stop on: data.clips_per_class={cfg.data.clips_per_class} with "
                          f"data.splits={dict(cfg.data.splits)}; raise data.clips_per_class")
-    splits = {name: (representations(x), y) for name, (x, y) in site.splits.items()}
+    ast = AST_DEFAULTS | dict(C.audio_spec(cfg).tiny or ())
+    grid_time = (cfg.model.audio.max_length - ast["patch_size"]) // ast["time_stride"] + 1
+    splits = {name: (representations(x, grid_time), y) for name, (x, y) in site.splits.items()}
     n_test = len(site.splits["test"][1])
     spec = C.train_spec(cfg)
     width, heads = cfg.adapter.width, cfg.adapter.heads
@@ -154,7 +165,8 @@ def main() -> None:
         tokens, dim = x["train"][0].shape[1:]
         hits, epochs, seconds = [], [], 0.0
         for seed in range(args.seeds):
-            adapters = build_adapters(dim, targets, width, heads, seed)
+            norm = input_norm([embedding_moments(x["train"][0])]) if cfg.adapter.normalise else None
+            adapters = build_adapters(dim, targets, width, heads, seed, norm=norm)
             t0 = time.perf_counter()
             epochs.append(fit(adapters, x["train"], x["val"], targets, spec, args.patience, args.max_epochs, seed))
             seconds += time.perf_counter() - t0
@@ -170,7 +182,7 @@ def main() -> None:
                      "top1": correct[name].mean().item(), "top1_ci95": bootstrap(correct[name], resample),
                      "top1_per_seed": [h.mean().item() for h in hits], "best_epochs": epochs,
                      "train_s_per_seed": seconds / args.seeds})
-    base = next(iter(correct.values()))
+    base = next(iter(correct.values()))  # the first row: what sites cache
     for row in rows:
         diff = correct[row["representation"]] - base
         row["diff_vs_8"], row["diff_vs_8_ci95"] = diff.mean().item(), bootstrap(diff, resample)
@@ -178,7 +190,8 @@ def main() -> None:
                                  "val_clips": len(site.splits["val"][1]), "classes": len(classes),
                                  "seeds": args.seeds, "patience": args.patience, "max_epochs": args.max_epochs,
                                  "token_dim": int(dim), "adapter_width": width, "embed_s": embed_s,
-                                 "diffusion": cfg.diffusion.type})
+                                 "diffusion": cfg.diffusion.type,
+                                 "normalise": bool(cfg.adapter.normalise)})
 
 
 def write(rows: list[dict], out: Path, info: dict) -> None:
@@ -188,7 +201,8 @@ def write(rows: list[dict], out: Path, info: dict) -> None:
     lines = [f"{info['classes']} classes (chance {1 / info['classes']:.3f}), {info['train_clips']} train / "
              f"{info['val_clips']} val / {info['test_clips']} test clips, the same for every row; "
              f"{info['seeds']} seeds; early stopping on val loss (patience {info['patience']}, at most "
-             f"{info['max_epochs']} epochs); adapter width {info['adapter_width']}, {info['diffusion']} targets.", "",
+             f"{info['max_epochs']} epochs); adapter width {info['adapter_width']}, {info['diffusion']} targets; "
+             f"adapter inputs standardised: {info['normalise']}.", "",
              f"| representation | tokens | bytes / clip (D={info['token_dim']}) | bytes / clip (D={REAL_DIM}) "
              f"| adapter MFLOPs / sample (D={info['token_dim']}) | (D={REAL_DIM}) | best epoch per seed "
              "| train s / seed | top-1 [95 % CI] | vs 8 tokens [95 % CI] |", "|---" * 10 + "|"]

@@ -48,6 +48,8 @@ def message(cfg, adapters, targets, kind="train", rnd=1, with_targets=True):
                           "config": ConfigRecord({"config-sha1": sha1_of(text)[:12], "server-round": rnd})})
     if with_targets:
         content["targets"], content["run-config"] = to_record(targets), ConfigRecord({"yaml": text})
+        shape = (cfg.model.audio.tokens, encoder_dim(C.audio_spec(cfg)))  # the adapters' input standardisation
+        content["input_norm"] = to_record({"mean": torch.zeros(shape), "std": torch.ones(shape)})
     return Message(content=content, dst_node_id=7, message_type=kind)
 
 
@@ -92,7 +94,7 @@ def test_targets_are_kept_for_later_rounds_but_not_per_node(make_cfg, task_ident
     other = make_cfg("train.lr=0.5")  # a run whose targets never came
     ctx2 = context()
     ctx2.state["run-config"] = ConfigRecord({"yaml": OmegaConf.to_yaml(other)})
-    with pytest.raises(RuntimeError, match="site 0: no class targets received from the server"):
+    with pytest.raises(RuntimeError, match="site 0: no targets received from the server"):
         client_app.evaluate(message(other, adapters, targets, "evaluate", 2, with_targets=False), ctx2)
     with pytest.raises(RuntimeError, match="site 0: no run config received"):
         client_app.evaluate(message(cfg, adapters, targets, "evaluate", 2, with_targets=False), context())
@@ -179,13 +181,15 @@ def test_evaluate_pools_all_sites(task_identity):
 
 
 def test_targets_and_config_sent_once_per_node(task_identity):
-    strategy = make_strategy("avg", run_config="seed: 3\n")
+    norm = {"mean": torch.full((2, 4), 0.5), "std": torch.full((2, 4), 2.0)}
+    strategy = make_strategy("avg", run_config="seed: 3\n", input_norm=norm)
     msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train")
             for n in (1, 2)]
     first = strategy._with_targets(msgs)
     second = strategy._with_targets(msgs)
-    assert all({"targets", "run-config"} <= set(m.content.keys()) for m in first)
-    assert not any({"targets", "run-config"} & set(m.content.keys()) for m in second)
+    assert all({"targets", "run-config", "input_norm"} <= set(m.content.keys()) for m in first)
+    assert not any({"targets", "run-config", "input_norm"} & set(m.content.keys()) for m in second)
+    assert np.array_equal(first[1].content["input_norm"]["std"].numpy(), np.full((2, 4), 2.0, dtype=np.float32))
     assert np.array_equal(first[0].content["targets"]["clip"].numpy(), np.zeros((2, 1)))
     assert first[1].content["run-config"]["yaml"] == "seed: 3\n"
 

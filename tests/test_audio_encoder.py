@@ -13,7 +13,8 @@ from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import federation, load_site
 from a2v_flower.data.site import embed_clips
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, compact_tokens, encoder_dim
+from a2v_flower.models.audio_encoder import (AST_DEFAULTS, AudioEncoder, AudioEncoderSpec, compact_tokens,
+                                             encoder_dim, sound_columns)
 
 
 def test_compact_tokens_shape_and_summary():
@@ -92,5 +93,27 @@ def test_pretrained_path_loads_a_saved_model(tmp_path):
     out = enc.encode(wave)
     feats = ASTFeatureExtractor(max_length=128)(wave, sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
-        ref = compact_tokens(model.eval()(**feats).last_hidden_state, 3)
+        hidden = model.eval()(**feats).last_hidden_state
+    # 1 s = 98 frames of the 128-frame window: 10 of its 12 patch columns hold sound, the last 2 only padding
+    ref = compact_tokens(hidden, 3, columns=[10], grid_time=12)
     assert out.shape == (1, 3, 32) and torch.allclose(out, ref, atol=1e-5)
+    assert not torch.allclose(out, compact_tokens(hidden, 3), atol=1e-3)  # padding pooled in: another embedding
+
+
+def test_pooled_tokens_see_only_the_columns_that_hold_sound():
+    """A short clip's padding (here: huge values in its last 3 time columns) leaves its pooled tokens alone; without
+    `columns` every patch is pooled as before."""
+    grid_f, grid_t, d = 4, 6, 5
+    hidden = torch.randn(2, 2 + grid_f * grid_t, d)
+    padded = hidden.clone()
+    padded[:, 2:] = padded[:, 2:].unflatten(1, (grid_f, grid_t)).index_fill(2, torch.tensor([3, 4, 5]), 1e6).flatten(1, 2)
+    out = compact_tokens(padded, 3, columns=[3, 3], grid_time=grid_t)
+    assert torch.allclose(out, compact_tokens(hidden, 3, columns=[3, 3], grid_time=grid_t))
+    assert out.abs().max() < 100 and compact_tokens(padded, 3).abs().max() > 1e5
+    full = compact_tokens(hidden, 3, columns=[grid_t, grid_t], grid_time=grid_t)
+    assert torch.allclose(full, compact_tokens(hidden, 3), atol=1e-6)  # a clip that fills the window: unchanged
+
+
+def test_sound_columns_follow_the_clip_length():
+    ast = dict(AST_DEFAULTS)  # 10-frame time stride, 16-frame patches; frames are 400 samples, hop 160
+    assert sound_columns([16000, 8000, 100, 10 ** 6], 512, ast) == [10, 5, 1, 50]

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from a2v_flower.cache import TensorCache
-from a2v_flower.data.esc50 import CSV_COLUMNS, Clip, load_audio, read_metadata
+from a2v_flower.data.esc50 import CSV_COLUMNS, Clip, load_audio, load_clip, read_metadata
 from a2v_flower.data.site import embed_clips
 from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec
 
@@ -88,3 +88,13 @@ def test_nothing_usable_is_an_error(tmp_path):
     enc = AudioEncoder(AudioEncoderSpec(None, max_length=128, tokens=4, tiny=TINY_AST))
     with pytest.raises(ValueError, match="No usable audio"):
         embed_clips(enc, [Clip(tmp_path / "bad.wav", 1, 0, "dog")], TensorCache(tmp_path / "c"), SR)
+
+
+def test_a_clips_sound_length_ignores_padding_and_trailing_digital_silence(tmp_path):
+    """ESC-50 pads short events with exact zeros: the samples that hold sound end at the last non-zero one."""
+    wave = np.zeros(44100, dtype=np.float32)
+    wave[:11025] = 0.1 * np.sin(np.arange(11025) / 10)  # 0.25 s of sound, 0.75 s of digital silence
+    sf.write(tmp_path / "short.wav", wave, 44100)
+    out, length = load_clip(tmp_path / "short.wav", SR, 5 * SR)
+    assert out.shape == (5 * SR,) and abs(length - SR // 4) <= 1
+    assert load_clip(tmp_path / "short.wav", SR, SR // 8)[1] == SR // 8  # trimmed to the window

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from a2v_flower import config as C
 from a2v_flower.checkpoints import load_tensors, save_tensors
@@ -58,7 +59,9 @@ def test_from_run_renders_one_image_per_clip(sd_run, sounds):
     assert np.abs(one - np.asarray(out.images[0], dtype=float)).max() <= 2
     # the adapters hold the run's final global weights
     state, _ = load_tensors(sd_run / "adapters.safetensors")
+    norm = {k: state.pop(f"input_norm/{k}") for k in ("mean", "std")}  # the federation's input standardisation
     assert all(np.array_equal(pipe.adapters.state_dict()[k].numpy(), v.numpy()) for k, v in state.items())
+    assert all(torch.equal(pipe.adapters.input_norm()[k], v) for k, v in norm.items()) and norm["std"].min() > 0
 
 
 def test_console_script_writes_pngs_and_a_page(sd_run, sounds, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from a2v_flower.metrics import retrieval, similarity
-from a2v_flower.models.adapters import build_adapters
+from a2v_flower.models.adapters import build_adapters, embedding_moments, input_norm
 from a2v_flower.server_generators import distill
 from a2v_flower.training import TrainSpec, adapter_loss, contrastive_logits, predict, train_adapters
 
@@ -150,3 +150,30 @@ def test_adamw_takes_torchs_steps_without_importing_dynamo():
             "train_adapters(build_adapters(8, t, 16, 2, 0), torch.randn(20, 4, 8), torch.arange(20) % 5, t, "
             "TrainSpec(epochs=1)); print('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_input_norm_pools_the_sites_moments_exactly():
+    """The server's standardisation from the sites' (count, sum, sum of squares) is the mean and std of all their
+    embeddings together; no labels travel."""
+    x = torch.randn(50, 3, 4, generator=torch.Generator().manual_seed(0)) * 3 + 7
+    norm = input_norm([embedding_moments(x[:20]), embedding_moments(x[20:])])
+    assert set(embedding_moments(x)) == {"count", "sum", "sum_sq"}
+    assert torch.allclose(norm["mean"], x.mean(0), atol=1e-5)
+    assert torch.allclose(norm["std"], x.std(0, unbiased=False), atol=1e-5)
+    with pytest.raises(ValueError, match="no embeddings"):
+        input_norm([])
+
+
+def test_standardised_adapters_ignore_an_offset_every_clip_shares():
+    """Real embeddings share a large per-dimension offset (mean pairwise cosine 0.998 on real recordings): with the
+    federation's standardisation the adapters see the same input whatever that offset is."""
+    x, y = toy()
+    offset = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(1)) * 50
+    outs = []
+    for data in (x, x + offset):
+        adapters = build_adapters(8, SD, 16, 2, seed=0, kind="lowrank", rank=4,
+                                  norm=input_norm([embedding_moments(data)]))
+        outs.append(predict(adapters, data)["clip"])
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+    raw = build_adapters(8, SD, 16, 2, seed=0, kind="lowrank", rank=4)
+    assert raw.input_norm() is None and not torch.allclose(predict(raw, x + offset)["clip"], outs[0], atol=1e-2)

@@ -77,11 +77,20 @@ def read_metadata(root: str | Path, folds: list[int] | None = None,
 
 def load_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:
     """Read any soundfile-readable clip as mono float32 at `sample_rate`, padded/trimmed."""
+    return load_clip(path, sample_rate, num_samples)[0]
+
+
+def load_clip(path: str | Path, sample_rate: int, num_samples: int) -> tuple[np.ndarray, int]:
+    """`load_audio`'s waveform and how many of its samples hold sound: the clip's length before padding, less
+    trailing digital silence (ESC-50 pads short events with exact zeros), at least one sample."""
     wave, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), ints scaled to [-1, 1]
     wave = wave.mean(axis=1)                                         # downmix to mono
+    sound = int(np.flatnonzero(wave)[-1]) + 1 if wave.any() else 1   # before resampling, whose ringing is not 0
     if sr != sample_rate:
         wave = soxr.resample(wave, sr, sample_rate).astype(np.float32)
+        sound = round(sound * sample_rate / sr)
+    length = max(1, min(sound, len(wave), num_samples))
     if len(wave) >= num_samples:
-        return np.ascontiguousarray(wave[:num_samples])
-    return np.pad(wave, (0, num_samples - len(wave)))
+        return np.ascontiguousarray(wave[:num_samples]), length
+    return np.pad(wave, (0, num_samples - len(wave))), length
 

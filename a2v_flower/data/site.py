@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from a2v_flower.cache import TensorCache, file_sha1, sha1_of
 from a2v_flower.data import partition as part_lib
-from a2v_flower.data.esc50 import Clip, load_audio, read_metadata
+from a2v_flower.data.esc50 import Clip, load_clip, read_metadata
 from a2v_flower.data.synthetic import SyntheticSpec, generate
 from a2v_flower.models.audio_encoder import AudioEncoder
 
@@ -106,10 +106,10 @@ def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, nu
     skipped = []
     for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing):
         chunk = missing[start:start + 64]
-        waves, ok = [], []
+        waves, lengths, ok = [], [], []
         for i in chunk:
             try:
-                wave = load_audio(clips[i].path, encoder.spec.sampling_rate, num_samples)
+                wave, length = load_clip(clips[i].path, encoder.spec.sampling_rate, num_samples)
                 if not np.isfinite(wave).all():
                     raise ValueError("non-finite samples")
             except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
@@ -117,9 +117,10 @@ def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, nu
                 skipped.append(str(clips[i].path))
                 continue
             waves.append(wave)
+            lengths.append(length)
             ok.append(i)
         if waves:
-            for i, emb in zip(ok, encoder.encode(waves)):
+            for i, emb in zip(ok, encoder.encode(waves, lengths)):
                 cache.put(keys[i], {"tokens": emb.clone()})
                 found[i] = {"tokens": emb}
     kept = [i for i in range(len(clips)) if found.get(i) is not None]

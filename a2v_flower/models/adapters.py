@@ -92,7 +92,11 @@ class LowRankAdapter(nn.Module):
 
 
 class AdapterSet(nn.ModuleDict):
-    """One adapter of `kind` per conditioning head ("clip" for SD; "t5" and "pooled" for FLUX)."""
+    """One adapter of `kind` per conditioning head ("clip" for SD; "t5" and "pooled" for FLUX).
+
+    Inputs are standardised per (token, dim) by the fixed `in_mean`/`in_std` (the federation's statistics of the
+    audio embeddings, `set_input_norm`; identity until set): a component that every clip shares, which the
+    per-token LayerNorm does not remove, would otherwise dominate the adapters' input."""
 
     def __init__(self, in_dim: int, shapes: dict[str, tuple[int, ...]], width: int = 256, heads: int = 4,
                  kind: str = "attention", rank: int = 64):
@@ -101,9 +105,24 @@ class AdapterSet(nn.ModuleDict):
         make = (lambda s: TokenAdapter(in_dim, s, width, heads)) if kind == "attention" else (
             lambda s: LowRankAdapter(in_dim, s, width, heads, rank))
         super().__init__({name: make(shape) for name, shape in shapes.items()})
+        self.register_buffer("in_mean", torch.zeros(()), persistent=False)  # (K, D) once set; not trained or sent
+        self.register_buffer("in_std", torch.ones(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (x - self.in_mean) / self.in_std                            # (B, K, D)
         return {name: head(x) for name, head in self.items()}
+
+    @torch.no_grad()
+    def set_input_norm(self, norm: dict[str, torch.Tensor] | None) -> AdapterSet:
+        """Standardise inputs with norm["mean"], norm["std"] (K, D) (see `input_norm`); None: identity."""
+        dev = self.in_mean.device
+        self.in_mean = norm["mean"].float().to(dev) if norm else torch.zeros((), device=dev)
+        self.in_std = norm["std"].float().to(dev) if norm else torch.ones((), device=dev)
+        return self
+
+    def input_norm(self) -> dict[str, torch.Tensor] | None:
+        """The input standardisation as set by `set_input_norm` (None when it is the identity)."""
+        return None if self.in_mean.dim() == 0 else {"mean": self.in_mean.cpu(), "std": self.in_std.cpu()}
 
     @torch.no_grad()
     def set_target_space(self, class_targets: dict[str, torch.Tensor]) -> AdapterSet:
@@ -115,9 +134,29 @@ class AdapterSet(nn.ModuleDict):
         return self
 
 
+def embedding_moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a site sends for the input standardisation: count, sum and sum of squares per (token, dim) of its
+    embeddings x (N, K, D), in float64 (no labels)."""
+    x = x.double()
+    return {"count": torch.tensor(float(len(x)), dtype=torch.float64), "sum": x.sum(0), "sum_sq": x.pow(2).sum(0)}
+
+
+def input_norm(moments: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pooled mean and std per (token, dim) of every site's `embedding_moments`, float32; a std below 1 % of the
+    mean std (a dimension nearly constant across the federation) is raised to it, so it is not blown up."""
+    n = sum(m["count"] for m in moments)
+    if not n > 0:
+        raise ValueError("no embeddings to compute the adapters' input standardisation from")
+    mean = sum(m["sum"] for m in moments) / n
+    std = (sum(m["sum_sq"] for m in moments) / n - mean ** 2).clamp_min(0).sqrt()
+    return {"mean": mean.float(), "std": std.clamp_min(0.01 * float(std.mean()) + 1e-12).float()}
+
+
 def build_adapters(in_dim: int, class_targets: dict[str, torch.Tensor], width: int, heads: int,
-                   seed: int, kind: str = "attention", rank: int = 64) -> AdapterSet:
-    """Adapters for the heads of `class_targets`, seeded, mapped into the targets' space."""
+                   seed: int, kind: str = "attention", rank: int = 64,
+                   norm: dict[str, torch.Tensor] | None = None) -> AdapterSet:
+    """Adapters for the heads of `class_targets`, seeded, mapped into the targets' space, inputs standardised
+    by `norm` (`input_norm`; None: as they come)."""
     torch.manual_seed(seed)
     shapes = {name: tuple(t.shape[1:]) for name, t in class_targets.items()}
-    return AdapterSet(in_dim, shapes, width, heads, kind, rank).set_target_space(class_targets)
+    return AdapterSet(in_dim, shapes, width, heads, kind, rank).set_target_space(class_targets).set_input_norm(norm)

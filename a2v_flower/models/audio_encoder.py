@@ -29,11 +29,29 @@ class AudioEncoderSpec:
     seed: int = 0
 
 
-def compact_tokens(hidden: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(B, 2 + P, D) AST states -> (B, tokens, D): mean of [CLS, DIST] then `tokens-1` pooled patch groups."""
+def compact_tokens(hidden: torch.Tensor, tokens: int, columns: list[int] | None = None, grid_time: int = 0
+                   ) -> torch.Tensor:
+    """(B, 2 + P, D) AST states -> (B, tokens, D): mean of [CLS, DIST] then `tokens-1` pooled patch groups.
+
+    The P patches lie frequency-major on a (P / grid_time, grid_time) grid of (frequency, time) positions. With
+    `columns` (per clip, the time columns that hold its sound) only those patches are pooled, so the padding of a
+    short clip in a long AST window does not drown its sound; without it every patch is pooled."""
     summary = hidden[:, :2].mean(dim=1, keepdim=True)                                # (B, 1, D)
-    patches = F.adaptive_avg_pool1d(hidden[:, 2:].transpose(1, 2), tokens - 1)       # (B, D, K-1)
-    return torch.cat([summary, patches.transpose(1, 2)], dim=1)                       # (B, K, D)
+    if columns is None:
+        patches = F.adaptive_avg_pool1d(hidden[:, 2:].transpose(1, 2), tokens - 1)   # (B, D, K-1)
+        return torch.cat([summary, patches.transpose(1, 2)], dim=1)                   # (B, K, D)
+    grid = hidden[:, 2:].unflatten(1, (-1, grid_time))                               # (B, F, T, D)
+    pooled = [F.adaptive_avg_pool1d(g[:, :c].flatten(0, 1).t()[None], tokens - 1)[0].t()  # (K-1, D) per clip
+              for g, c in zip(grid, columns)]
+    return torch.cat([summary, torch.stack(pooled)], dim=1)                           # (B, K, D)
+
+
+def sound_columns(lengths: list[int], max_length: int, ast: dict) -> list[int]:
+    """Per clip, the AST's time columns of patches that start within its sound: `lengths` are samples holding
+    sound (the feature extractor's frames are 400 samples, hop 160), at least one column each."""
+    columns = (max_length - ast["patch_size"]) // ast["time_stride"] + 1
+    frames = [min(max_length, 1 + max(0, n - 400) // 160) for n in lengths]
+    return [max(1, min(columns, -(-f // ast["time_stride"]))) for f in frames]
 
 
 class AudioEncoder:
@@ -50,7 +68,7 @@ class AudioEncoder:
         self.extractor = None  # ASTFeatureExtractor
         self.calls = 0  # clips this instance has run through the network
         self.identity = sha1_of(model_identity(spec.name_or_path, {"tiny": spec.tiny, "seed": spec.seed}),
-                                spec.max_length, spec.tokens, spec.sampling_rate)
+                                spec.max_length, spec.tokens, spec.sampling_rate, "pool: sound columns")
 
     def load(self) -> AudioEncoder:
         """Build the tiny random AST (seeded: same weights in every process) or load the named one."""
@@ -73,15 +91,20 @@ class AudioEncoder:
         return self
 
     @torch.no_grad()
-    def encode(self, waves: list[np.ndarray]) -> torch.Tensor:
-        """Embed mono float32 waveforms at the encoder's rate: (N, tokens, D)."""
+    def encode(self, waves: list[np.ndarray], lengths: list[int] | None = None) -> torch.Tensor:
+        """Embed mono float32 waveforms at the encoder's rate: (N, tokens, D). `lengths` (samples of each clip
+        that hold sound; default: all of it) keep the pooled patch tokens to the clip's own time columns."""
         self.load()
+        ast = {k: getattr(self.model.config, k) for k in AST_DEFAULTS}
+        columns = sound_columns([len(w) for w in waves] if lengths is None else list(lengths),
+                                self.spec.max_length, ast)
+        grid_time = (self.spec.max_length - ast["patch_size"]) // ast["time_stride"] + 1
         out = []
         for i in range(0, len(waves), self.spec.batch_size):
             batch = waves[i:i + self.spec.batch_size]
             feats = self.extractor(batch, sampling_rate=self.spec.sampling_rate, return_tensors="pt")
             hidden = self.model(**feats).last_hidden_state                               # (B, T, D)
-            out.append(compact_tokens(hidden, self.spec.tokens))
+            out.append(compact_tokens(hidden, self.spec.tokens, columns[i:i + len(batch)], grid_time))
             self.calls += len(batch)
         return torch.cat(out)
 
