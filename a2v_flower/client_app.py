@@ -274,6 +274,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         m = {"top1": 0.0, "top5": 0.0, "cosine": 0.0, "correct_per_class": zeros, "count_per_class": zeros}
     else:
         m = retrieval(predict(adapters, x), y, targets)
+    trained = set(context.state["trained"]["classes"]) if "trained" in context.state else set()
+    m["trained_here"] = sum(site.classes[c] in trained for c in y.tolist())  # clips of classes this site trained
     n_img = int(msg.content["config"].get("render-clips", 0))
     if n_img and len(y):
         m["clip_images"] = render_clips(cfg, context, site, site_id, adapters, x, y, n_img,

@@ -134,7 +134,8 @@ def partition_spec(cfg: DictConfig) -> PartitionSpec:
     """Partition spec from `partition.*` and `federation.num_sites`."""
     p = cfg.partition
     sites = tuple(tuple(s) for s in p.sites) if p.get("sites") else None
-    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed)
+    held = cfg.evaluate.server_share if cfg.evaluate.get("mode", "federated") == "server" else 0.0
+    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed, held)
 
 
 def audio_spec(cfg: DictConfig) -> AudioEncoderSpec:

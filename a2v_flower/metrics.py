@@ -51,6 +51,8 @@ def pool_evaluations(rows: dict[int, dict], classes: list[str], seen: list[int],
     correct = np.sum([r["correct_per_class"] for r in rows.values()], axis=0)
     count = np.sum([r["count_per_class"] for r in rows.values()], axis=0)
     glob = {k: float(sum(r[k] * r["num-examples"] for r in rows.values()) / n) for k in ("top1", "top5", "cosine")}
+    # share of the held-out clips whose class the site scoring them has trained on (a tiny site tests on others)
+    glob["trained_here"] = float(sum(r.get("trained_here", r["num-examples"]) for r in rows.values()) / n)
     seen = [c for c in seen if count[c]]
     glob["seen_top1"] = float(correct[seen].sum() / count[seen].sum()) if seen else 0.0
     forgetting = {classes[c]: max(0.0, best_acc[c] - correct[c] / count[c]) for c in seen if c in best_acc}
@@ -61,6 +63,7 @@ def pool_evaluations(rows: dict[int, dict], classes: list[str], seen: list[int],
         "num_examples": int(n), "per_class": {c: float(correct[i] / count[i]) for i, c in enumerate(classes) if count[i]},
         "seen_classes": [classes[c] for c in seen], "forgetting_per_class": forgetting,
         "sites": {s: {k: float(r[k]) for k in ("top1", "top5", "cosine")} | {"n": int(r["num-examples"])}
+                  | {"trained_here": int(r.get("trained_here", r["num-examples"]))}
                   for s, r in sorted(rows.items()) if r["num-examples"]}}
 
 
@@ -76,7 +79,7 @@ def summarise_training(sites: dict[int, dict], failures: int) -> dict:
 
 
 COUNTS = ("num-examples", "encoder_calls", "skipped", "synthetic", "resets", "clip_images", "correct_per_class",
-          "count_per_class")  # metrics summed over sites (the rest are weighted means)
+          "count_per_class", "trained_here")  # metrics summed over sites (the rest are weighted means)
 IDS = ("site", "unit-weight")  # metrics that identify or weight a reply: no aggregate means anything
 
 

@@ -15,6 +15,9 @@ from flwr.serverapp import Grid
 log = logging.getLogger(__name__)
 
 
+SIZE_PROBES = 8  # SuperNodes asked for the federation's size before round 1
+
+
 class RoundFailed(RuntimeError):
     """A round ended with fewer sites than `federation.min_sites`, or too few SuperNodes are connected."""
 
@@ -34,13 +37,17 @@ def query_sites(grid: Grid, nodes: list[int], timeout: float) -> dict[int, tuple
 
 
 def learn_sites(grid: Grid, nodes: list[int], site_of_node: dict[int, int], num_sites: int, timeout: float) -> None:
-    """Ask nodes whose site (partition id) is not in `site_of_node` yet (a SuperNode that joined late or after a
-    resume) and add them; refuse one whose num-partitions disagrees with the federation's size."""
+    """Ask nodes whose site (partition id) is not in `site_of_node` yet (first sampled, joined late, or new after a
+    resume) and add them; refuse one whose num-partitions or partition-id disagrees with the federation's size.
+    Called with a round's sampled nodes, so what is learnt grows with the sample, not the federation."""
     ask = [n for n in nodes if n not in site_of_node]
     for node, (site, size) in (query_sites(grid, ask, timeout) if ask else {}).items():
         if size and size != num_sites:
             raise RoundFailed(f"SuperNode {node} (partition-id={site}) has num-partitions={size} but the "
                               f"federation has {num_sites} sites; start it with num-partitions={num_sites}")
+        if not 0 <= site < num_sites:
+            raise RoundFailed(f"SuperNode {node} has partition-id={site}: expected 0..{num_sites - 1} for "
+                              f"{num_sites} sites")
         site_of_node[node] = site
 
 
@@ -53,7 +60,9 @@ def federation_size(grid: Grid, asked: int, timeout: float, explicit: bool) -> t
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"no SuperNode connected within federation.timeout={timeout} s")
         time.sleep(1)
-    reports = query_sites(grid, nodes, timeout)  # node -> (partition-id, num-partitions)
+    # node -> (partition-id, num-partitions) of a few nodes: the rest are asked when first sampled (learn_sites), so
+    # start-up does not grow with the federation (a 10,000-site run spent minutes here asking every node)
+    reports = query_sites(grid, sorted(nodes)[:SIZE_PROBES], timeout)
     sizes = sorted({size for _, size in reports.values() if size})
     if len(sizes) > 1:
         raise ValueError(f"SuperNodes disagree on num-partitions: {sizes}; give every SuperNode the same "

@@ -307,8 +307,13 @@ class GeneratorCheckpoint:
 @dataclass
 class Evaluate:
     split: str = MISSING
+    mode: str = "federated"           # federated | server (absent in older configs)
+    server_share: float = 0.2
 
-    def __post_init__(self): _one_of("evaluate.split", self.split, ("val", "test"))
+    def __post_init__(self):
+        _one_of("evaluate.split", self.split, ("val", "test")), _one_of("evaluate.mode", self.mode, ("federated", "server"))
+        if not 0 < self.server_share < 1:
+            raise ValueError(f"evaluate.server_share={self.server_share!r} is not allowed; expected a fraction in (0, 1)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import random
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
@@ -19,6 +20,7 @@ from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.checkpoints import save_tensors
 from a2v_flower.data.schedule import held_classes, seen_classes
 from a2v_flower.data.site import federation, split_site
+from a2v_flower.metrics import pool_evaluations, retrieval
 from a2v_flower.models.adapters import build_adapters, input_norm
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.text_encoders import class_targets
@@ -28,6 +30,7 @@ from a2v_flower.resume import load_server_checkpoint, save_server_checkpoint
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.strategy import A2VStrategy
 from a2v_flower.tracking import RunTracker, use_flower_logging
+from a2v_flower.training import predict
 
 log = logging.getLogger("a2v_flower")
 app = ServerApp()
@@ -80,6 +83,19 @@ def prepare_sites(grid: Grid, nodes: list[int], run_yaml: str, tracker: RunTrack
     log.info("%d sites ready in %.1f s: %d clips, %d embedded now (the rest from the cache), %d unreadable files "
              "skipped", len(sites), row["seconds"], row["clips"], row["encoder_calls"], row["skipped"])
     return moments
+
+
+def server_test_set(cfg, clips: list, sites: list[list[int]], classes: list[str]) -> tuple:
+    """evaluate.mode=server: the clips no site holds, embedded here once (the disk cache keeps them): (x, y)."""
+    from a2v_flower.data.site import embed_clips, server_clips
+    from a2v_flower.models.audio_encoder import AudioEncoder
+
+    audio = C.audio_spec(cfg)
+    x, kept, skipped = embed_clips(AudioEncoder(audio), server_clips(clips, sites),
+                                   TensorCache(Path(cfg.paths.cache_dir) / "embeddings"),
+                                   int(cfg.data.clip_seconds * audio.sampling_rate), desc="server test clips")
+    log.info("server test set: %d clips no site holds (%d unreadable skipped)", len(kept), len(skipped))
+    return x, torch.tensor([classes.index(c.category) for c in kept])
 
 
 def prepare_nodes(grid: Grid, cfg, resumed_norm: bool) -> list[int]:
@@ -158,7 +174,8 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                            min_available_nodes=low,  # rounds go on with >= min_sites of the n sites
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
                            timeout=cfg.federation.timeout, run_config=run_yaml, num_sites=n, min_sites=low,
-                           wire=cfg.adapter.wire, input_norm=norm if cfg.adapter.normalise else None)
+                           wire=cfg.adapter.wire, input_norm=norm if cfg.adapter.normalise else None,
+                           evaluate_on_sites=cfg.evaluate.mode == "federated")
     strategy.site_of_node.update(node_sites)
     done = 0
     if resumed:  # continue after the newest server checkpoint; sites restore their state of that round
@@ -170,6 +187,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         tracker.keep_rounds(done)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
     saved_norm = {f"input_norm/{k}": v for k, v in (adapters.input_norm() or {}).items()}  # beside the weights
+    held_out = server_test_set(cfg, clips, sites, classes) if cfg.evaluate.mode == "server" else None
     every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
     render = None
     if every:  # diffusers (and torch._dynamo through it): 3 s of CPU to import, only for a run that renders
@@ -190,6 +208,10 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         save_server_checkpoint(run_dir, server_round, adapters, generators.state_tensors() | saved_norm,
                                {"best_acc": {str(c): a for c, a in strategy.best_acc.items()}}, cfg)
         metrics = {}
+        if held_out is not None:  # evaluate.mode=server: the global adapters on the clips no site holds
+            row = retrieval(predict(adapters, held_out[0]), held_out[1], targets) | {"num-examples": len(held_out[1])}
+            glob = pool_evaluations({"server": row}, classes, sorted(strategy.seen_fn(server_round)), strategy.best_acc)
+            tracker.log(server_round, "eval", glob | {"trained_here": 0.0})
         if render and render.due(server_round, cfg.num_rounds):
             metrics = render(server_round, adapters, generators.class_stats, cfg.num_rounds)
             tracker.log(server_round, "render", metrics,

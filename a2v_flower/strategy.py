@@ -34,7 +34,7 @@ class A2VStrategy(FedAvg):
                  classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
                  num_sites: int = 1, min_sites: int = 1, wire: str = "float32",
-                 input_norm: dict[str, torch.Tensor] | None = None, **kwargs):
+                 input_norm: dict[str, torch.Tensor] | None = None, evaluate_on_sites: bool = True, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
                          evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
@@ -55,6 +55,7 @@ class A2VStrategy(FedAvg):
         self.failures = FailureLog(num_sites, min_sites)
         self.sent: list[Message] = []                # messages of the current train/evaluate step
         self.wire = wire                             # dtype adapters travel in; averaged in float32
+        self.evaluate_on_sites = evaluate_on_sites   # False (evaluate.mode=server): the server scores its own clips
 
     def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
         """Give every message its own RecordDict and `extra` config; add the class targets, the run config and
@@ -99,10 +100,13 @@ class A2VStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's messages, plus targets where needed; in a render round sites also render some clips."""
         server_round += self.round_offset
+        if not self.evaluate_on_sites:
+            return []
         n = self.clip_images(server_round) if self.clip_images else 0
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
         evaluate = super().configure_evaluate(server_round, cast(arrays, self.wire), config, grid)
         messages = self.sent = self._with_targets(evaluate, {"render-clips": n} if n else None)
+        learn_sites(grid, [m.metadata.dst_node_id for m in messages], self.site_of_node, self.num_sites, self.timeout)
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
@@ -139,6 +143,8 @@ class A2VStrategy(FedAvg):
         """Global retrieval metrics over all sites' held-out clips, per site, on classes seen so far, forgetting."""
         server_round += self.round_offset
         replies = list(replies)
+        if not self.evaluate_on_sites:
+            return None
         self.note_failures(server_round, "evaluate", replies, self.sent)
         rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in replies if not m.has_error()}
         seen = sorted(self.seen_fn(server_round)) if self.seen_fn else list(range(len(self.classes)))

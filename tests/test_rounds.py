@@ -229,3 +229,26 @@ def test_scheduled_reset_through_the_apps_reports_resets_and_loss_components(mak
             assert g["sample_min"] < g["sample_mean"] < g["sample_max"] and g["sample_std"] > 0
             assert g["diversity"] > 0 and s["gen_diversity_fake"] == pytest.approx(g["diversity"])
     assert all(s["reset_frechet_before"] > 0 and s["reset_frechet_after"] > 0 for s in second["sites"].values())
+
+
+def test_server_evaluation_scores_clips_no_site_holds(make_cfg, tmp_path, task_identity):
+    """evaluate.mode=server: a seeded share of every class stays on the server, no site holds or scores it, and
+    every round's eval row is the global adapters on those clips; federated eval rows say how many held-out clips
+    are of classes the scoring site trained (trained_here)."""
+    from a2v_flower.data.site import federation, server_clips
+
+    cfg = make_cfg("evaluate.mode=server", "evaluate.server_share=0.25", "num_rounds=2", *FAST)
+    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    held = server_clips(clips, sites)
+    assert len(held) == 2 * len(classes)  # 8 clips per class: 2 held out each, in no site
+    assert {c.category for c in held} == set(classes) and not {c.path for c in held} & {
+        clips[i].path for s in sites for i in s}
+    grid = run_server(cfg, tmp_path / "server")
+    assert "evaluate" not in {m.metadata.message_type for m in grid.sent}
+    evals = rows(tmp_path / "server", "eval")
+    assert [r["round"] for r in evals] == [1, 2] and all(r["num_examples"] == len(held) for r in evals)
+    assert set(evals[-1]["sites"]) == {"server"} and 0 <= evals[-1]["top1"] <= 1
+    federated = make_cfg("num_rounds=1", *FAST)
+    run_server(federated, tmp_path / "federated")
+    (row,) = rows(tmp_path / "federated", "eval")
+    assert row["trained_here"] == 1.0 and all(s["trained_here"] == s["n"] for s in row["sites"].values())

@@ -86,6 +86,20 @@ def partition(clips: list[Clip], mode: str, num_sites: int, seed: int,
     return [sorted(s) for s in out]
 
 
+def held_out(labels: list[int], share: float, seed: int) -> list[int]:
+    """Positions of a seeded `share` of each class's clips (at least one of a class with two or more): a test
+    set of clips no site trains on (evaluate.mode=server, as the FedAvg paper's centralised test set)."""
+    rng = np.random.default_rng([seed, 7])
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for pos, y in enumerate(labels):
+        by_label[y].append(pos)
+    out = []
+    for y in sorted(by_label):
+        n = len(by_label[y])
+        out += [int(i) for i in rng.permutation(by_label[y])[:min(n - 1, max(1, round(share * n)))]]
+    return sorted(out)
+
+
 def split(labels: list[int], fractions: dict[str, float], seed: int) -> dict[str, list[int]]:
     """Stratified split of positions 0..N-1 into named parts (e.g. train/val/test), seeded."""
     total = sum(fractions.values())

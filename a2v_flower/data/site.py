@@ -43,6 +43,7 @@ class PartitionSpec:
     sites: tuple[tuple[str, ...], ...] | None = None
     alpha: float = 0.5
     seed: int = 0
+    held_out: float = 0.0  # evaluate.mode=server: share of each class's clips no site holds (the server's test set)
 
 
 @dataclass
@@ -71,12 +72,22 @@ def dataset_root(data: DataSpec) -> Path:
 
 
 def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[str], list[list[int]]]:
-    """All clips, the class list (ESC-50 target order) and each site's clip indices; validates all."""
+    """All clips, the class list (ESC-50 target order) and each site's clip indices; validates all. With
+    `part.held_out` a seeded, class-stratified share of the clips is in no site: the server's test set."""
     clips = read_metadata(dataset_root(data), list(data.folds) if data.folds else None,
                           list(data.classes) if data.classes else None)
     classes = sorted({c.category for c in clips}, key=lambda n: min(c.target for c in clips if c.category == n))
     sites = [list(s) for s in part.sites] if part.sites else None
-    return clips, classes, part_lib.partition(clips, part.mode, part.num_sites, part.seed, sites, part.alpha)
+    held = set(part_lib.held_out([c.target for c in clips], part.held_out, part.seed)) if part.held_out else set()
+    keep = [i for i in range(len(clips)) if i not in held]
+    parts = part_lib.partition([clips[i] for i in keep], part.mode, part.num_sites, part.seed, sites, part.alpha)
+    return clips, classes, [[keep[j] for j in p] for p in parts]
+
+
+def server_clips(clips: list[Clip], sites: list[list[int]]) -> list[Clip]:
+    """The clips no site holds (evaluate.mode=server's test set), in metadata order."""
+    used = {i for s in sites for i in s}
+    return [c for i, c in enumerate(clips) if i not in used]
 
 
 def load_site(data: DataSpec, part: PartitionSpec, encoder: AudioEncoder, site_id: int) -> SiteData:
