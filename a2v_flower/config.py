@@ -135,7 +135,8 @@ def partition_spec(cfg: DictConfig) -> PartitionSpec:
     p = cfg.partition
     sites = tuple(tuple(s) for s in p.sites) if p.get("sites") else None
     held = cfg.evaluate.server_share if cfg.evaluate.get("mode", "federated") == "server" else 0.0
-    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed, held)
+    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed, held,
+                         p.get("clips_per_site", 4))
 
 
 def audio_spec(cfg: DictConfig) -> AudioEncoderSpec:

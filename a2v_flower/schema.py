@@ -70,13 +70,14 @@ class Data:
 
 @dataclass
 class Partition:
-    mode: str = MISSING               # classes | groups | iid | dirichlet
+    mode: str = MISSING               # classes | groups | iid | dirichlet | pool
     sites: Optional[list[list[str]]] = None
     alpha: float = 0.5
+    clips_per_site: int = 4           # pool
 
     def __post_init__(self):
-        _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet"))
-        _numbers("partition.", self, positive=("alpha",))
+        _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet", "pool"))
+        _numbers("partition.", self, positive=("alpha", "clips_per_site"))
 
 
 @dataclass
@@ -372,6 +373,9 @@ class Config:
         if "{}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} must contain '{{}}' for the class name")
         gen, server_gen = self.generator.type, self.server_generator.epochs > 0
+        if self.partition.mode == "pool" and self.evaluate.mode != "server":
+            raise ValueError("partition.mode='pool' lets sites draw the same clip, so a site's test clip may be "
+                             "another's training clip; use evaluate.mode=server (a test set no site holds)")
         if gen == "vae" and self.granularity.granularity != "per_class":
             raise ValueError(f"generator.type='vae' is unconditioned, so granularity={self.granularity.granularity!r} "
                              "cannot sample a given class; use granularity=per_class or generator=cvae|gan|gaussian")

@@ -8,7 +8,7 @@ import numpy as np
 
 from a2v_flower.data.esc50 import ESC50_GROUPS, Clip
 
-MODES = ("classes", "groups", "iid", "dirichlet")
+MODES = ("classes", "groups", "iid", "dirichlet", "pool")
 
 
 def site_classes(mode: str, sites: list[list[str]] | None, classes: list[str]) -> list[list[str]]:
@@ -42,8 +42,11 @@ def site_classes(mode: str, sites: list[list[str]] | None, classes: list[str]) -
 
 
 def partition(clips: list[Clip], mode: str, num_sites: int, seed: int,
-              sites: list[list[str]] | None = None, alpha: float = 0.5) -> list[list[int]]:
-    """Return, for each site, the indices of its clips. Disjoint; every clip is used at most once."""
+              sites: list[list[str]] | None = None, alpha: float = 0.5, per_site: int = 4) -> list[list[int]]:
+    """Return, for each site, the indices of its clips. Disjoint (every clip used at most once), except `pool`:
+    each site draws `per_site` distinct clips of the shared pool, every clip as often as any other (seeded
+    permutations of the pool dealt out in blocks; cross-device scale: 100,000 sites need no 100,000 x `per_site`
+    files; evaluate.mode=server keeps the test clips out of the pool)."""
     if mode not in MODES:
         raise ValueError(f"partition.mode={mode!r} is not allowed; expected one of {list(MODES)}")
     if num_sites < 1:
@@ -66,6 +69,12 @@ def partition(clips: list[Clip], mode: str, num_sites: int, seed: int,
     elif mode == "iid":
         for j, idx in enumerate(rng.permutation(len(clips))):
             out[j % num_sites].append(int(idx))
+    elif mode == "pool":
+        if not 1 <= per_site <= len(clips):
+            raise ValueError(f"partition.clips_per_site={per_site} is not allowed; expected 1..{len(clips)} (the pool)")
+        blocks = len(clips) // per_site  # each seeded permutation of the pool deals this many sites disjoint clips
+        perms = np.stack([rng.permutation(len(clips)) for _ in range(-(-num_sites // blocks))])
+        out = [perms[s // blocks, (s % blocks) * per_site:(s % blocks + 1) * per_site].tolist() for s in range(num_sites)]
     else:
         if alpha <= 0:
             raise ValueError(f"partition.alpha={alpha} must be > 0")

@@ -44,6 +44,7 @@ class PartitionSpec:
     alpha: float = 0.5
     seed: int = 0
     held_out: float = 0.0  # evaluate.mode=server: share of each class's clips no site holds (the server's test set)
+    per_site: int = 4      # partition=pool: clips each site draws from the shared pool
 
 
 @dataclass
@@ -80,7 +81,8 @@ def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[st
     sites = [list(s) for s in part.sites] if part.sites else None
     held = set(part_lib.held_out([c.target for c in clips], part.held_out, part.seed)) if part.held_out else set()
     keep = [i for i in range(len(clips)) if i not in held]
-    parts = part_lib.partition([clips[i] for i in keep], part.mode, part.num_sites, part.seed, sites, part.alpha)
+    parts = part_lib.partition([clips[i] for i in keep], part.mode, part.num_sites, part.seed, sites, part.alpha,
+                               part.per_site)
     return clips, classes, [[keep[j] for j in p] for p in parts]
 
 
