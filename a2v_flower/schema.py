@@ -4,13 +4,14 @@ or type fails at compose time), values in the YAML (`???`), rules in `__post_ini
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the YAML whose types this module holds
+from a2v_flower.resources import conf_dir
+
+CONF_DIR = conf_dir()  # the YAML whose types this module holds (the checkout's conf/, or the wheel's copy)
 
 
 def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
