@@ -37,3 +37,6 @@ def project_file(name: str) -> Path:
 def package_dir() -> Path:
     """The folder of the package's code (the checkout's `a2v_flower/`, or the installed one)."""
     return Path(str(resources.files(PACKAGE)))
+
+
+CONF_DIR = conf_dir()  # schema.py and the rest take it from there

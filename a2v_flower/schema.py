@@ -9,9 +9,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from a2v_flower.resources import conf_dir
-
-CONF_DIR = conf_dir()  # the YAML whose types this module holds (the checkout's conf/, or the wheel's copy)
+from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
 
 
 def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
