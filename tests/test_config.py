@@ -130,7 +130,7 @@ def test_load_config_from_flower_run_config(tmp_path, make_cfg):
 
 def test_generator_groups_are_checked_against_classes(make_cfg):
     cfg = make_cfg("generator=cvae", "granularity=per_group", "granularity.groups={a: [dog, rain], b: [dog]}")
-    with pytest.raises(ValueError, match="'dog' is in generator.groups.a and generator.groups.b"):
+    with pytest.raises(ValueError, match="'dog' is in granularity.groups.a and granularity.groups.b"):
         C.replay_spec(cfg, ["dog", "rain"])
     spec = C.replay_spec(make_cfg("generator=gan", "granularity=per_group"), ["dog", "rain", "siren"])
     assert spec.groups == {"animals": ["dog"], "natural": ["rain"], "urban": ["siren"]}  # ESC-50 groups
