@@ -296,7 +296,7 @@ class GeneratorCheckpoint:
     dir: str = MISSING
     base_name: str = MISSING
     frequency: int = MISSING
-    save: bool = True                 # the seed's generator_save_checkpoint
+    save: bool = True                 # the predecessor's generator_save_checkpoint
 
     def __post_init__(self):
         _numbers("generator_checkpoint.", self, non_negative=("frequency",))
