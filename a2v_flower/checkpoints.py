@@ -13,8 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from a2v_flower.models.generators.keys import check_granularity
-from a2v_flower.names import safe_name
+from a2v_flower.names import check_granularity, safe_name
 
 META_KEY = "a2v_meta"  # JSON metadata stored in the safetensors header
 

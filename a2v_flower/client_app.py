@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import OmegaConf
 
 from a2v_flower import config as C
-from a2v_flower import site_generators as SG
+from a2v_flower import site_generators
 from a2v_flower.cache import TensorCache, sha1_of
 from a2v_flower.data.schedule import stage_classes
 from a2v_flower.data.site import SiteData, load_site
@@ -134,19 +134,19 @@ def train(msg: Message, context: Context) -> Message:
         sequential = replay.sharing == "sequential"
         states, losses, resets = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
                                                   train=replay.train and not sequential)
-        figures = SG.generator_report(losses, resets)
+        figures = site_generators.generator_report(losses, resets)
         done = context.state.pop("gen_pass", None)  # sequential: this round's "train.generators" pass trained them
         if sequential and done is not None and done["round"] == rnd:
             figures = {k: v for k, v in done.items() if k != "round"}
         if replay.sharing == "none":
-            extra["generators"] = to_record(flatten({k: SG.weights_only(v) for k, v in states.items()}))
+            extra["generators"] = to_record(flatten({k: site_generators.weights_only(v) for k, v in states.items()}))
         elif replay.sharing == "averaged":
             extra["generators"] = to_record(flatten(states))
-        figures |= SG.generator_quality(states, x, y, adapters, site.classes, replay, targets)
+        figures |= site_generators.generator_quality(states, x, y, adapters, site.classes, replay, targets)
         per_key = {k[4:]: v for k, v in figures.items() if k.startswith("gen/")}  # "<key>/<figure>"
         figures = {k: v for k, v in figures.items() if not k.startswith("gen/")}
         extra["generator_report"] = ConfigRecord(per_key)  # keys differ between sites: not a MetricRecord
-        SG.log_generators(site_id, replay, unflatten(per_key))
+        site_generators.log_generators(site_id, replay, unflatten(per_key))
     n_real = len(y)  # the site's own clips come first; synthetic samples follow
     if "synthetic" in msg.content:  # augmentation / replay: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
@@ -183,7 +183,7 @@ def train_shared_generators(msg: Message, context: Context) -> Message:
     replay = C.replay_spec(cfg, site.classes)
     states, losses, resets = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
                                               train=True)
-    figures = SG.generator_report(losses, resets)
+    figures = site_generators.generator_report(losses, resets)
     context.state["gen_pass"] = MetricRecord(figures | {"round": rnd})
     mine = {key: states[key] for key in losses}  # the keys this site trained (it may hold only some classes)
     return Message(content=RecordDict({
@@ -237,7 +237,7 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
                  replay.sharing)
         states.update(shared)
     if replay.pretrained and not states:
-        states, seen = SG.load_site_generators(replay, site_id, classes, y, tuple(x.shape[1:]))
+        states, seen = site_generators.load_site_generators(replay, site_id, classes, y, tuple(x.shape[1:]))
     losses, resets = {}, {}
     if train:
         new = set(y.unique().tolist()) - seen
@@ -247,15 +247,15 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
         val = site.splits["val"] if replay.generator.early_stopping_patience else None
         # mean/variance of every class this site has trained on: a reset's "quality before" needs them
         kept = from_record(context.state["class_moments"]) if "class_moments" in context.state else {}
-        states, losses = SG.train_site_generators(states, seen, x, y, classes, replay.granularity, replay.groups,
-                                                 replay.generator, targets, replay.reset_on_new_classes,
-                                                 scheduled_reset=scheduled, layers=replay.reset_layers,
-                                                 val=val, resets=resets, moments=kept, site=site_id)
-        context.state["class_moments"] = to_record(kept | SG.class_moments(x, y))
+        states, losses = site_generators.train_site_generators(
+            states, seen, x, y, classes, replay.granularity, replay.groups, replay.generator, targets,
+            replay.reset_on_new_classes, scheduled_reset=scheduled, layers=replay.reset_layers, val=val, resets=resets,
+            moments=kept, site=site_id)
+        context.state["class_moments"] = to_record(kept | site_generators.class_moments(x, y))
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
         if replay.checkpoint_save:
-            SG.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
+            site_generators.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
                                    round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
     if not replay.shared:  # shared states come from the server every round
         for key, state in states.items():

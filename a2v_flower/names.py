@@ -1,10 +1,19 @@
-"""The one check every file name made from a class, site, group or key goes through."""
+"""Names that become file names: the one check every name made from a class, site, group or key goes through,
+and the granularities that name a site's generator files."""
 
 from __future__ import annotations
 
 import os
 
 _SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
+GRANULARITIES = ("unified", "per_class", "per_group")  # which classes each generator models (models/generators/keys.py)
+
+
+def check_granularity(granularity: str) -> None:
+    """ValueError naming the key granularity.granularity unless `granularity` is one of GRANULARITIES."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity.granularity={granularity!r} is not allowed; "
+                         f"expected one of {list(GRANULARITIES)}")
 
 
 def safe_name(value: str, what: str) -> str:

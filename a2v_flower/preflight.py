@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from a2v_flower import config as C
-from a2v_flower import site_generators as SG
+from a2v_flower import site_generators
 from a2v_flower.checkpoints import generator_checkpoint_name, load_tensors
 from a2v_flower.data.schedule import check_schedule, held_classes, stage_classes
 from a2v_flower.data.site import federation, split_site
@@ -50,7 +50,7 @@ def check_pretrained(cfg: DictConfig, replay: ReplaySpec, clips: list, classes: 
         stage = stage_classes(schedule, site, 1)
         if stage is not None:
             y = y[torch.isin(y, torch.tensor([classes.index(c) for c in stage]))]
-        SG.load_site_generators(replay, site, classes, y, token_shape(cfg))
+        site_generators.load_site_generators(replay, site, classes, y, token_shape(cfg))
 
 
 def check_resume(cfg: DictConfig) -> None:

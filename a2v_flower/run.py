@@ -39,10 +39,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from a2v_flower import resources
 from a2v_flower.schema import CONF_DIR  # also registers the config's schema with Hydra (no torch)
 from a2v_flower.guard import terminate
 
-APP_DIR = CONF_DIR.parent  # the checkout: the app Flower packs
+APP_DIR = resources.CHECKOUT  # the checkout (site-packages in a wheel install): the Flower processes' folder
 REFUSED, FAILED = 2, 1  # exit statuses
 REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
 PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "hydra.run.dir")
@@ -217,15 +218,17 @@ def ray_cpus(sites: int, per_site: int, cores: int) -> int:
 
 def stage_app(folder: Path) -> Path:
     """Copy what `flwr run` packs into the app (a2v_flower/, conf/, pyproject.toml and what it names) to
-    `folder`; return it.
+    `folder`, from the checkout or from a wheel install (resources.py); return it.
     Flower walks and resolves every file under the folder it is given, a checkout's .venv included: 3 s of CPU
     per launch for 48k files, for a package of 100."""
     shutil.rmtree(folder, ignore_errors=True)  # an earlier launch's copy
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("a2v_flower", "conf"):
-        shutil.copytree(APP_DIR / name, folder / name, ignore=ignore)
-    for name in ("pyproject.toml", "LICENSE", "README.md"):  # the last two: declared in [project]
-        shutil.copy(APP_DIR / name, folder)
+    code = resources.package_dir()
+    shutil.copytree(code, folder / "a2v_flower",  # without a wheel's copies of conf/ and the project files: below
+                    ignore=lambda d, names: ignore(d, names) | (set(resources.PACKAGED) if Path(d) == code else set()))
+    shutil.copytree(CONF_DIR, folder / "conf", ignore=ignore)
+    for name in resources.PROJECT_FILES:  # the last two: declared in [project]
+        shutil.copy(resources.project_file(name), folder)
     return folder
 
 
@@ -351,7 +354,7 @@ class SweepReport(Callback):
     """After a multirun (`a2v-run -m ...`): one comparison table and plot of all its runs."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        subprocess.run([sys.executable, str(APP_DIR / "scripts" / "sweep_report.py"), str(config.hydra.sweep.dir)])
+        subprocess.run([sys.executable, "-m", "a2v_flower.sweep_report", str(config.hydra.sweep.dir)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,13 +4,12 @@ rules in `__post_init__` (naming key, value, allowed)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the YAML whose types this module holds
+from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
 
 
 def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
@@ -299,7 +298,7 @@ class GeneratorCheckpoint:
     dir: str = MISSING
     base_name: str = MISSING
     frequency: int = MISSING
-    save: bool = True                 # the seed's generator_save_checkpoint
+    save: bool = True                 # the predecessor's generator_save_checkpoint
 
     def __post_init__(self):
         _numbers("generator_checkpoint.", self, non_negative=("frequency",))

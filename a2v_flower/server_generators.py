@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, key_for, sample_classes
-from a2v_flower.models.generators import stats as SG
+from a2v_flower.models.generators.stats import ServerGeneratorSpec, StatsGenerator, train_and_sample
 from a2v_flower.models.generators.gaussian import pool_states
 from a2v_flower.records import flatten, from_record, to_record, unflatten
 from a2v_flower.training import TrainSpec, predict, train_adapters
@@ -27,11 +27,11 @@ class ServerGenerators:
 
     def __init__(self, classes: list[str], class_targets: dict[str, torch.Tensor], token_shape: tuple[int, int],
                  make_adapters: Callable[[], AdapterSet], train_spec: TrainSpec, seed: int = 0,
-                 replay: ReplaySpec | None = None, server_gen: SG.ServerGeneratorSpec | None = None, kd: bool = False):
+                 replay: ReplaySpec | None = None, server_gen: ServerGeneratorSpec | None = None, kd: bool = False):
         self.classes, self.class_targets, self.token_shape, self.kd = classes, class_targets, token_shape, kd
         self.make_adapters, self.train_spec, self.seed, self.replay = make_adapters, train_spec, seed, replay
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
-        self.stats_generator = SG.StatsGenerator(token_shape, self.server_gen) if self.server_gen else None
+        self.stats_generator = StatsGenerator(token_shape, self.server_gen) if self.server_gen else None
         self.class_stats: dict[int, dict[str, torch.Tensor]] = {}            # site -> last per-class statistics
         self.generators: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # site -> key -> weights
         self.shared: dict[str, dict[str, torch.Tensor]] = {}                 # sharing: key -> the one state
@@ -128,7 +128,7 @@ class ServerGenerators:
         x, y = (self.synthetic(r.samples_per_class, seed=self.seed + server_round) if site_samples else
                 (torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)))
         if sg:
-            sx, sy, out = SG.train_and_sample(self.stats_generator, sg, models, self.class_stats, self.class_targets,
+            sx, sy, out = train_and_sample(self.stats_generator, sg, models, self.class_stats, self.class_targets,
                                               self.classes, self.seed + server_round, self.seed + 7 * server_round)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         out["server/synthetic_samples"] = len(y)

@@ -105,7 +105,7 @@ class RunTracker:
 
 
 def wandb_keys(kind: str, metrics: dict, prefix: str | None = None) -> dict:
-    """A metrics.jsonl row as wandb keys: `server/...` as named (the seeds' dashboards use them), the rest under
+    """A metrics.jsonl row as wandb keys: `server/...` as named (the predecessor's dashboards use them), the rest under
     `kind/`; nested dicts (per site, per class) flattened with '/', e.g. eval/sites/0/top1; non-numbers dropped."""
     out = {}
     for key, value in metrics.items():

@@ -42,7 +42,8 @@ import torch
 from a2v_flower import config as C
 from a2v_flower import server_generators as R
 from a2v_flower import site_generators as SR
-from a2v_flower.models.generators import stats as SG
+from a2v_flower.models.generators.stats import (ServerGeneratorSpec, StatsGenerator, sample_server_generator,
+                                                 train_server_generator)
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import SiteData, load_site
 from a2v_flower.metrics import similarity
@@ -277,8 +278,8 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
     gens: dict[int, dict] = {i: {} for i in range(len(sites_run))}
     seen: dict[int, set] = {i: set() for i in range(len(sites_run))}
     stats: dict[int, dict] = {}
-    sg_spec = SG.ServerGeneratorSpec(epochs=20, batch_per_class=8)
-    server_gen = SG.StatsGenerator(token_shape, sg_spec) if m.server_gen else None
+    sg_spec = ServerGeneratorSpec(epochs=20, batch_per_class=8)
+    server_gen = StatsGenerator(token_shape, sg_spec) if m.server_gen else None
     xv, yv = pooled(sites, "val")
     val_history, up, down, gen_up = [], 0, 0, 0
     t0 = time.perf_counter()
@@ -344,8 +345,8 @@ def server_training(m: Method, global_ad, locals_, stats, gens, server_gen, sg_s
                             token_shape, targets, per_class, seed=seed + rnd)
     teachers = dict(enumerate(locals_))
     if server_gen is not None:
-        SG.train_server_generator(server_gen, teachers, stats, targets, sg_spec, seed + rnd)
-        sx, sy = SG.sample_server_generator(server_gen, stats, targets, per_class, seed + 7 * rnd)
+        train_server_generator(server_gen, teachers, stats, targets, sg_spec, seed + rnd)
+        sx, sy = sample_server_generator(server_gen, stats, targets, per_class, seed + 7 * rnd)
         x, y = torch.cat([x, sx]), torch.cat([y, sy])
     if m.kd:
         R.distill(global_ad, teachers, owners_of(stats, "counts"), x, y, targets, replace(spec, epochs=kd_epochs), seed)

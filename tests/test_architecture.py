@@ -1,6 +1,8 @@
-"""The package's shape (issue 14): no module over 400 lines, no class over 150 lines, nothing under
-`a2v_flower/models/` importing `a2v_flower/data/`, and no import cycle, lazy imports inside functions included.
-Read from the source with `ast`, so a change that breaks one of these fails here, not in a later review."""
+"""The package's shape: no module over 400 lines, no class over 150 lines, no import cycle (lazy imports inside
+functions included), and floors that never reach up: the bottom floor (FLOOR: files on disk, names, records)
+imports nothing else of the package, and `a2v_flower/models/` imports only itself and the bottom floor (so never
+`data/`, the config or the Flower wiring). Read from the source with `ast`, so a change that breaks one of these
+fails here, not in a later review."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "a2v_flower"
+# the bottom floor: what is on disk (checkpoints, caches, where conf/ lies), names, tensors <-> Flower records
+FLOOR = {"a2v_flower.checkpoints", "a2v_flower.cache", "a2v_flower.names", "a2v_flower.records", "a2v_flower.resources"}
 
 
 def _modules() -> dict[str, Path]:
@@ -73,6 +77,34 @@ def test_models_never_import_data_and_no_import_cycle():
               for n, deps in graph.items() if n.startswith("a2v_flower.models")}
     assert {n: d for n, d in upward.items() if d} == {}
     assert _cycle(graph) is None
+
+
+def _reaching_up(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Imports that reach up a floor: from FLOOR to anything outside it, from models/ to anything but models/
+    and FLOOR. {module: the modules above it that it imports}."""
+    def allowed(name: str) -> set[str] | None:
+        if name in FLOOR:
+            return FLOOR
+        return FLOOR | {n for n in graph if n.startswith("a2v_flower.models")} if name.startswith(
+            "a2v_flower.models") else None
+
+    found = {n: sorted(d for d in deps if d not in ok) for n, deps in graph.items() if (ok := allowed(n)) is not None}
+    return {n: d for n, d in found.items() if d}
+
+
+def test_lower_floors_never_reach_up():
+    graph = {name: _imports(path) - {name} for name, path in MODULES.items()}
+    assert FLOOR <= set(graph)  # a renamed floor module must be renamed here too
+    assert _reaching_up(graph) == {}
+
+
+def test_the_floor_check_finds_an_upward_import():
+    """The check above can fail: checkpoints importing models/ (as it once did), a model importing the config."""
+    graph = {"a2v_flower.checkpoints": {"a2v_flower.names", "a2v_flower.models.generators.keys"},
+             "a2v_flower.names": set(), "a2v_flower.models.generators.keys": {"a2v_flower.names"},
+             "a2v_flower.models.adapters": {"a2v_flower.config", "a2v_flower.cache"}, "a2v_flower.config": set()}
+    assert _reaching_up(graph) == {"a2v_flower.checkpoints": ["a2v_flower.models.generators.keys"],
+                                   "a2v_flower.models.adapters": ["a2v_flower.config"]}
 
 
 @pytest.mark.parametrize("graph, cycle", [

@@ -104,7 +104,7 @@ def test_sweep_report_compares_runs(tmp_path, make_cfg):
     OmegaConf.save(make_cfg("strategy=uniform"), failed / "config.yaml")
     (failed / "summary.json").write_text('{"completed": false, "rounds_done": 0, "error": "round 1: 3 of 3 sites '
                                          'failed"}')
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "a2v_flower.sweep_report", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "sweep.md").read_text()
@@ -128,7 +128,7 @@ def test_sweep_report_pools_seeds_and_finds_any_swept_key(tmp_path, make_cfg):
         (run / "metrics.jsonl").write_text("" if top1 is None else f'{{"round": 1, "kind": "eval", "top1": {top1}}}\n')
         (run / "summary.json").write_text(json.dumps({"completed": top1 is not None, "final_top1": top1,
                                                       "rounds_done": 0 if top1 is None else 1, "rounds": 1}))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep_report.py"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "a2v_flower.sweep_report", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "sweep.md").read_text()
@@ -147,13 +147,9 @@ def test_sweep_report_pools_seeds_and_finds_any_swept_key(tmp_path, make_cfg):
 def test_sweep_report_columns_are_the_settings_that_differ(make_cfg):
     """Keys that name files or folders are no settings; a schedule (keyed by site ids) is one column, not one
     per site; an experiment changes several keys and each of them is found."""
-    import importlib.util
-
     from omegaconf import OmegaConf
 
-    spec = importlib.util.spec_from_file_location("sweep_report", ROOT / "scripts" / "sweep_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    from a2v_flower import sweep_report as report
     cfgs = [OmegaConf.to_container(make_cfg(*o)) for o in (["+experiment=class_incremental", "name=a"],
                                                             ["generator=cvae", "name=b"])]
     keys = report.varying_keys(cfgs)

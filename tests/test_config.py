@@ -31,19 +31,29 @@ def test_every_experiment_composes(experiment, make_cfg):
     C.validate(make_cfg(f"+experiment={experiment}"))
 
 
-def readme_overrides() -> list[list[str]]:
-    """Hydra overrides of every `a2v-run ...` line in the README."""
-    text = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def run_commands(text: str) -> list[list[str]]:
+    """Hydra overrides of every `a2v-run ...` line of a Markdown text (a line that starts with the command)."""
     lines = re.findall(r"^\s*(?:\.venv/bin/)?a2v-run(.*)$", text, flags=re.M)
     return [[a for a in shlex.split(line.split("#")[0]) if a not in ("-m", "--multirun")] for line in lines]
 
 
-def test_readme_has_run_commands():
-    assert len(readme_overrides()) >= 3
+def readme_overrides() -> list:
+    """Every `a2v-run` command of the README and of each docs/*.md page, named by its page."""
+    return [pytest.param(o, id=f"{page.name}:{i}")
+            for page in DOCS for i, o in enumerate(run_commands(page.read_text()))]
+
+
+def test_readme_and_docs_have_run_commands():
+    assert len(run_commands((ROOT / "README.md").read_text())) >= 3
+    assert len(run_commands((ROOT / "docs" / "generators.md").read_text())) >= 3  # the docs are read too
+    assert run_commands("text\n  a2v-run -m a=1,2 'b=x y'  # comment\n`a2v-run c=1` in prose") == [["a=1,2", "b=x y"]]
 
 
 @pytest.mark.parametrize("overrides", readme_overrides())
-def test_every_readme_command_composes(overrides, make_cfg):
+def test_every_readme_and_docs_command_composes(overrides, make_cfg):
     expanded = []
     for o in overrides:  # a sweep "k=a,b" composes as each of its values
         key, _, values = o.partition("=")
@@ -52,6 +62,21 @@ def test_every_readme_command_composes(overrides, make_cfg):
     for combo in zip(*[e if len(e) > 1 else e * sweep for e in expanded]):
         cfg = make_cfg(*combo, "data.root=/data/ESC-50")
         C.validate(cfg)
+
+
+def test_the_configuration_page_is_generated_from_the_schema_and_conf():
+    """docs/configuration.md's key tables are what schema.py and conf/ say today, and every key has a meaning."""
+    from a2v_flower import docs_config
+
+    page = docs_config.PAGE.read_text()
+    fresh = docs_config.generate()
+    assert docs_config.page_with(fresh, page) == page, (
+        "docs/configuration.md disagrees with a2v_flower/schema.py or conf/: run "
+        "`.venv/bin/python -m a2v_flower.docs_config --write` and commit the page")
+    stale = page.replace("| `seed` | `0` |", "| `seed` | `1` |")
+    assert stale != page and docs_config.page_with(fresh, stale) == page  # the check above can fail
+    rows = [line for line in fresh.splitlines() if line.startswith("| `") and "=<option>" not in line]
+    assert len(rows) > 100 and [r for r in rows if r.endswith("|  |")] == []  # a comment beside every key in conf/
 
 
 @pytest.mark.parametrize("override,match", [
@@ -105,7 +130,7 @@ def test_load_config_from_flower_run_config(tmp_path, make_cfg):
 
 def test_generator_groups_are_checked_against_classes(make_cfg):
     cfg = make_cfg("generator=cvae", "granularity=per_group", "granularity.groups={a: [dog, rain], b: [dog]}")
-    with pytest.raises(ValueError, match="'dog' is in generator.groups.a and generator.groups.b"):
+    with pytest.raises(ValueError, match="'dog' is in granularity.groups.a and granularity.groups.b"):
         C.replay_spec(cfg, ["dog", "rain"])
     spec = C.replay_spec(make_cfg("generator=gan", "granularity=per_group"), ["dog", "rain", "siren"])
     assert spec.groups == {"animals": ["dog"], "natural": ["rain"], "urban": ["siren"]}  # ESC-50 groups

@@ -1,4 +1,4 @@
-"""Issue 12's table, row by row: what happens when a config, a file, a site, a SuperNode or the launcher fails.
+"""The failure table, row by row: what happens when a config, a file, a site, a SuperNode or the launcher fails.
 
 Fast tests call `a2v-run`'s entry point or the real ServerApp/ClientApp in process (tests/inprocess.py);
 tests marked slow start real Flower processes. docs/reliability.md lists each case with its command.
@@ -456,7 +456,7 @@ EIGHTY = ["federation.num_sites=80", "++data.clips_per_class=32", "strategy.frac
 @pytest.fixture
 def two_runs(shared_dir) -> dict:
     """Two a2v-runs at once from one checkout, 5 s apart, made once per session: a 2-site run and an 80-site run
-    (issue 15 at CI size; BENCHMARKS.md has 1,000 sites). Their outputs and exit codes, the processes of either
+    (many sites at CI size; BENCHMARKS.md has 1,000 sites). Their outputs and exit codes, the processes of either
     still running once both exited, and the TCP addresses those processes listened on."""
 
     def make(tmp: Path) -> dict:

@@ -263,13 +263,13 @@ def test_generator_keys_and_key_for():
 
 
 @pytest.mark.parametrize("granularity,groups,needle", [
-    ("per_sample", None, "generator.granularity='per_sample'.*'unified', 'per_class', 'per_group'"),
+    ("per_sample", None, "granularity.granularity='per_sample'.*'unified', 'per_class', 'per_group'"),
     ("per_group", {"a": ["dog", "cat"], "b": ["cat", "rain", "sea"]},
-     "'cat' is in generator.groups.a and generator.groups.b"),
+     "'cat' is in granularity.groups.a and granularity.groups.b"),
     ("per_group", {"a": ["dog", "cat"], "b": ["rain"]}, r"\['sea'\] are in no group"),
     ("per_group", {"a": ["dog", "cat", "owl"], "b": ["rain", "sea"]}, "unknown class 'owl'.*known classes"),
-    ("per_group", {"a": CLASSES, "b": []}, r"generator.groups.b=\[\] is empty"),
-    ("per_group", None, "generator.groups is empty"),
+    ("per_group", {"a": CLASSES, "b": []}, r"granularity.groups.b=\[\] is empty"),
+    ("per_group", None, "granularity.groups is empty"),
 ])
 def test_generator_keys_rejects_bad_settings(granularity, groups, needle):
     with pytest.raises(ValueError, match=needle):
@@ -279,7 +279,7 @@ def test_generator_keys_rejects_bad_settings(granularity, groups, needle):
 def test_key_for_rejects_ungrouped_class_and_bad_granularity():
     with pytest.raises(ValueError, match="'owl' is in no group"):
         key_for("per_group", "owl", {"a": ["dog"]})
-    with pytest.raises(ValueError, match="generator.granularity='global'"):
+    with pytest.raises(ValueError, match="granularity.granularity='global'"):
         key_for("global", "dog")
 
 

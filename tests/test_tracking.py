@@ -59,7 +59,7 @@ def test_offline_wandb_run_has_the_seeds_key_names(make_cfg, tmp_path, task_iden
     assert (run.display_name, run.run_group) == ("kd_run", "sweep_x")
     keys = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
             for item in r.history.item}
-    assert {"round", "server/generator_loss", "server/adapter_finetuning_loss"} <= keys  # as the seeds name them
+    assert {"round", "server/generator_loss", "server/adapter_finetuning_loss"} <= keys  # as the predecessor names them
     assert not any(k.startswith("train/server/") for k in keys)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sites = set(next(r for r in rows if r["kind"] == "eval")["sites"])

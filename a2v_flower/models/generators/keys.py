@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-GRANULARITIES = ("unified", "per_class", "per_group")
+from a2v_flower.names import GRANULARITIES, check_granularity  # also checkpoints.py's, so they live a floor below
 
-
-def check_granularity(granularity: str) -> None:
-    """ValueError unless granularity is one of GRANULARITIES."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"generator.granularity={granularity!r} is not allowed; expected one of {list(GRANULARITIES)}")
+__all__ = ["GRANULARITIES", "check_granularity", "generator_keys", "key_for"]
 
 
 def generator_keys(granularity: str, classes: list[str],
@@ -18,20 +14,20 @@ def generator_keys(granularity: str, classes: list[str],
     if granularity != "per_group":
         return {"unified": list(classes)} if granularity == "unified" else {c: [c] for c in classes}
     if not groups:
-        raise ValueError("generator.groups is empty but granularity='per_group'; expected {group: [classes]}")
+        raise ValueError("granularity.groups is empty but granularity='per_group'; expected {group: [classes]}")
     owner: dict[str, str] = {}
     for name, members in groups.items():
         if not members:
-            raise ValueError(f"generator.groups.{name}=[] is empty; every group needs at least one class")
+            raise ValueError(f"granularity.groups.{name}=[] is empty; every group needs at least one class")
         for c in members:
             if c not in classes:
-                raise ValueError(f"generator.groups.{name} names unknown class {c!r}; known classes: {list(classes)}")
+                raise ValueError(f"granularity.groups.{name} names unknown class {c!r}; known classes: {list(classes)}")
             if c in owner:
-                raise ValueError(f"class {c!r} is in generator.groups.{owner[c]} and generator.groups.{name}; "
+                raise ValueError(f"class {c!r} is in granularity.groups.{owner[c]} and granularity.groups.{name}; "
                                  "each class belongs to exactly one group")
             owner[c] = name
     if missing := [c for c in classes if c not in owner]:
-        raise ValueError(f"classes {missing} are in no group of generator.groups (groups: {list(groups)})")
+        raise ValueError(f"classes {missing} are in no group of granularity.groups (groups: {list(groups)})")
     return {name: list(members) for name, members in groups.items()}
 
 
@@ -43,4 +39,4 @@ def key_for(granularity: str, class_name: str, groups: dict[str, list[str]] | No
     for name, members in (groups or {}).items():
         if class_name in members:
             return name
-    raise ValueError(f"class {class_name!r} is in no group of generator.groups (groups: {list(groups or {})})")
+    raise ValueError(f"class {class_name!r} is in no group of granularity.groups (groups: {list(groups or {})})")

@@ -1,4 +1,4 @@
-"""A generator trained on the server itself, from what sites send (the seeds' "generators in the federated
+"""A generator trained on the server itself, from what sites send (the predecessor's "generators in the federated
 server"): no site generators and no data. Its samples of class c start at the sites' pooled mean embedding
 of c and are trained so that (a) the adapters of the sites that trained c map them, on average, to the
 per-class adapter output those sites reported, and (b) their per-class mean and variance match the sites'
@@ -132,7 +132,7 @@ def sample_server_generator(gen: StatsGenerator, class_stats: dict, class_target
 def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, teachers: dict[int, AdapterSet],
                      class_stats: dict, class_targets: dict[str, torch.Tensor], classes: list[str], seed: int,
                      sample_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Train the server generator (one log line per class, as the seed's server did), then sample it:
+    """Train the server generator (one log line per class, as the predecessor's server did), then sample it:
     (x (N, K, D), y (N,), its figures for metrics.jsonl)."""
     per_class: dict = {}
     loss = train_server_generator(gen, teachers, class_stats, class_targets, spec, seed, report=per_class)
