@@ -20,7 +20,7 @@ GROUPS = sorted(p.name for p in C.CONF_DIR.iterdir() if p.is_dir())
 def test_every_group_option_composes_and_validates(group, option, make_cfg):
     needs = {"vae": ["granularity=per_class"], "kd": ["generator=gaussian"], "generator_training": ["generator=gaussian"],
              "use_pretrained": ["generator=gaussian"], "averaged": ["generator=gaussian"],
-             "sequential": ["generator=gaussian"]}.get(option, [])
+             "sequential": ["generator=gaussian"], "pool": ["evaluate.mode=server"]}.get(option, [])
     cfg = make_cfg(f"{group}={option}", "data.root=/data/ESC-50", *needs)
     C.validate(cfg)
     assert OmegaConf.select(cfg, f"{group}") is not None
