@@ -45,14 +45,17 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+NAME_MAX = 255  # bytes of one name on Linux, macOS and Windows file systems
+
+
 def check_folder(key: str, value: str) -> None:
     """The folder `value` of `key` exists or can be created, and can be written: every name on its way fits the
     file system, the nearest existing ancestor is a writable folder (not a file)."""
-    path, there = Path(value), existing_ancestor(Path(value))
-    limit = os.pathconf(there, "PC_NAME_MAX") if hasattr(os, "pathconf") and there.is_dir() else 255
-    if long := [part for part in path.parts if len(part.encode()) > limit]:
+    path = Path(value)
+    if long := [part for part in path.parts if len(part.encode()) > NAME_MAX]:
         raise ValueError(f"{key}={value[:60]!r}... cannot be created: a name on its way is {len(long[0].encode())} "
-                         f"bytes long, more than the file system's {limit}")
+                         f"bytes long, more than the file system's {NAME_MAX}")
+    there = existing_ancestor(path)
     if not there.is_dir():
         raise ValueError(f"{key}={value!r} cannot be created: {there} is a file, not a folder")
     if not os.access(there, os.W_OK | os.X_OK):

@@ -246,7 +246,7 @@ def launch(cfg: DictConfig) -> float | None:
     try:
         code = simulate(config_file, cfg, launch_id, run_dir / "run.log")
     except KeyboardInterrupt:
-        record_interrupted(run_dir, launch_id)
+        record_interrupted(run_dir, launch_id, cfg.num_rounds)
         raise
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -263,17 +263,19 @@ def stopped_line() -> str:
     return "every process of the run was stopped" if not LEFT else f"NOT everything was stopped: {', '.join(LEFT)}"
 
 
-def record_interrupted(run_dir: Path, launch_id: str) -> None:
+def record_interrupted(run_dir: Path, launch_id: str, rounds: int) -> None:
     """An interrupted launch in summary.json (`interrupted`, not failed sites: the failures of the round in
     progress are the interruption's, when the sites' processes were stopped first) and in run.log."""
     file = run_dir / "summary.json"
     old = json.loads(file.read_text()) if file.is_file() else {}
     summary = old if old.get("run_id") == launch_id else {"run_id": launch_id}
-    done = summary.get("rounds_done")
+    saved = [int(n) for p in (run_dir / "checkpoints").glob("server_round_*.safetensors")
+             if (n := p.stem.rsplit("_", 1)[1]).isdigit()]  # the ServerApp had no time to write its summary
+    done = summary.get("rounds_done", max(saved, default=0))
     how = "/".join(signal.Signals(s).name for s in SIGNALS) or "KeyboardInterrupt"
-    summary["failures"] = {r: f for r, f in (summary.get("failures") or {}).items() if done and int(r) <= done}
-    summary |= {"completed": False, "interrupted": True,
-                "error": f"interrupted by {how}" + (f" after round {done}" if done is not None else "")}
+    summary["failures"] = {r: f for r, f in (summary.get("failures") or {}).items() if int(r) <= done}
+    summary |= {"completed": False, "interrupted": True, "rounds_done": done, "rounds": rounds,
+                "error": f"interrupted by {how} after round {done} of {rounds}"}
     file.write_text(json.dumps(summary, indent=2))
     with open(run_dir / "run.log", "a") as out:
         out.write(f"run {launch_id} INTERRUPTED ({summary['error']}); {stopped_line()}; outputs in {run_dir}\n")
