@@ -35,6 +35,7 @@ _ENCODERS: dict = {}
 _SITES: dict = {}    # at most MEMO_SITES sites per process; the disk cache holds every site's embeddings
 _TARGETS: dict = {}  # run config sha1 -> class targets (on disk too: a node's next message may reach another actor)
 MEMO_SITES = 64
+RECEIVED_KEPT = 16  # class targets of that many run configs stay in <cache_dir>/received
 
 
 def _site(msg: Message, context: Context) -> tuple:
@@ -90,6 +91,7 @@ def received(msg: Message, cfg, site_id: int, name: str) -> dict[str, torch.Tens
         _TARGETS[key] = from_record(msg.content[name])
         if not cache.path(key).is_file():
             cache.put(key, _TARGETS[key])
+            cache.prune(keep=RECEIVED_KEPT)  # one entry per run config: the newest few are the runs going on
     if key not in _TARGETS and (found := cache.get(key)) is not None:
         _TARGETS[key] = found
     if key not in _TARGETS:
@@ -151,6 +153,8 @@ def train(msg: Message, context: Context) -> Message:
     if "synthetic" in msg.content:  # augmentation / replay: the server's samples of classes this site lacks
         syn = from_record(msg.content["synthetic"])
         x, y = torch.cat([x, syn["x"]]), torch.cat([y, syn["y"].long()])
+    if bad := int((~torch.isfinite(x)).flatten(1).any(1).sum()):  # e.g. a NaN embedding: never trained on
+        raise ValueError(f"site {site_id}: {bad} of {len(x)} training inputs hold NaN or Inf; refusing to train")
     calls, site.encoder_calls = site.encoder_calls, 0  # report each clip encoding once
     if replay is not None and replay.only:  # generator_only_mode: adapters untouched
         loss = 0.0

@@ -127,7 +127,8 @@ def data_spec(cfg: DictConfig) -> DataSpec:
     return DataSpec(cache_dir=cfg.paths.cache_dir, root=d.root,
                     classes=tuple(d.classes) if d.classes else None,
                     folds=tuple(d.folds) if d.get("folds") else None, clip_seconds=d.clip_seconds,
-                    splits=tuple(dict(d.splits).items()), synthetic=synthetic, seed=cfg.seed)
+                    splits=tuple(dict(d.splits).items()), synthetic=synthetic, seed=cfg.seed,
+                    duplicates=d.get("duplicates", "drop"))  # absent from configs saved before it existed
 
 
 def partition_spec(cfg: DictConfig) -> PartitionSpec:

@@ -16,6 +16,9 @@ def check_granularity(granularity: str) -> None:
                          f"expected one of {list(GRANULARITIES)}")
 
 
+MAX_BYTES = 200  # file systems allow 255; names get a prefix or suffix (a time stamp, _round_12.safetensors)
+
+
 def safe_name(value: str, what: str) -> str:
     """`value` if it can name a file inside its folder; ValueError naming `what` otherwise.
 
@@ -27,7 +30,9 @@ def safe_name(value: str, what: str) -> str:
            "contains a path separator" if any(s in text for s in _SEPARATORS) else
            "contains '..'" if ".." in text else
            "contains a control character" if any(ord(ch) < 32 or ord(ch) == 127 for ch in text) else
-           "starts with '.'" if text.startswith(".") else None)
+           "starts with '.'" if text.startswith(".") else
+           f"is {len(text.encode())} bytes long, more than {MAX_BYTES}" if len(text.encode()) > MAX_BYTES else None)
     if bad:
-        raise ValueError(f"{what}={text!r} cannot name a file: it {bad}; expected a plain name such as 'dog'")
+        shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}...({len(text)} characters)"
+        raise ValueError(f"{what}={shown} cannot name a file: it {bad}; expected a plain name such as 'dog'")
     return text

@@ -107,14 +107,16 @@ class FailureLog:
         return len(self.rounds.get(server_round, {}))
 
     def note(self, server_round: int, step: str, replies: list[Message], sent: list[Message],
-             site_of: dict[int, int]) -> set[int]:
-        """Record each site that failed `step` (an error reply, or no reply to a message in `sent`); return the
-        failed nodes. Raise RoundFailed when more sites failed this round than federation.min_sites allows."""
+             site_of: dict[int, int], rejected: dict[int, str] | None = None) -> set[int]:
+        """Record each site that failed `step` (an error reply, no reply to a message in `sent`, or a reply the
+        server `rejected`: node -> why); return the failed nodes. Raise RoundFailed when more sites failed this
+        round than federation.min_sites allows."""
         # by the message answered: the SuperLink's own error replies (node unavailable) come from node 1
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         answered = {node_of.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in replies}
         failed = {node: short_reason(m.error.reason) for node, m in answered.items() if m.has_error()}
         failed |= {n: "no reply within federation.timeout" for n in set(node_of.values()) - set(answered)}
+        failed |= rejected or {}
         row = self.rounds.setdefault(server_round, {})
         for node, reason in failed.items():
             who = f"site {site_of[node]}" if node in site_of else f"node {node}"

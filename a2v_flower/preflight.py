@@ -3,6 +3,8 @@ schedule, the generator checkpoints `mode=use_pretrained` will load, and the fol
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ from a2v_flower.models.text_encoders import head_shapes
 def check_run(cfg: DictConfig) -> None:
     """Raise ValueError (or FileNotFoundError) naming the key and value, or the file and what is wrong."""
     C.validate(cfg)
+    for key in ("paths.output_root", "paths.cache_dir"):  # before the synthetic dataset is written there
+        check_folder(key, cfg.paths[key.split(".")[1]])
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
     replay = C.replay_spec(cfg, classes)                                           # and bad generator groups
     check_schedule(C.schedule_of(cfg), held_classes(clips, sites), cfg.num_rounds)
@@ -32,6 +36,48 @@ def check_run(cfg: DictConfig) -> None:
             check_pretrained(cfg, replay, clips, classes, sites)
     if cfg.resume:
         check_resume(cfg)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+NAME_MAX = 255  # bytes of one name on Linux, macOS and Windows file systems
+
+
+def check_folder(key: str, value: str) -> None:
+    """The folder `value` of `key` exists or can be created, and can be written: every name on its way fits the
+    file system, the nearest existing ancestor is a writable folder (not a file)."""
+    path = Path(value)
+    if long := [part for part in path.parts if len(part.encode()) > NAME_MAX]:
+        raise ValueError(f"{key}={value[:60]!r}... cannot be created: a name on its way is {len(long[0].encode())} "
+                         f"bytes long, more than the file system's {NAME_MAX}")
+    there = existing_ancestor(path)
+    if not there.is_dir():
+        raise ValueError(f"{key}={value!r} cannot be created: {there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={value!r} is not writable: {there} does not allow this user to write in it")
+
+
+SECONDS_PER_ROUND = 2  # the fastest round seen (tests' tiny config, 2 sites, 2 CPU cores): a floor
+
+
+def long_run_warning(cfg: DictConfig, num_classes: int) -> str | None:
+    """A warning when `num_rounds` would take more than a day or its images fill half the free disk (floor
+    estimates: rounds x the fastest round, render rounds x images x raw pixels); None otherwise."""
+    d, rounds = cfg.diffusion, cfg.num_rounds
+    renders = rounds // d.render_every if d.render_every else 0
+    images = renders * (num_classes + d.clip_images * cfg.federation.num_sites)
+    size = images * d.height * d.width * 3
+    hours, free = rounds * SECONDS_PER_ROUND / 3600, shutil.disk_usage(existing_ancestor(Path(cfg.paths.output_root)))
+    if hours < 24 and size < free.free / 2:
+        return None
+    return (f"num_rounds={rounds} will take at least {hours:.0f} h ({SECONDS_PER_ROUND} s a round, the smallest "
+            f"config's pace) and write {images} images in {renders} render rounds, up to {size / 2**30:.1f} GiB "
+            f"({free.free / 2**30:.1f} GiB free under paths.output_root); checkpoints keep the last two rounds only")
 
 
 def token_shape(cfg: DictConfig) -> tuple[int, int]:

@@ -23,6 +23,12 @@ def cast(record: ArrayRecord, dtype: str) -> ArrayRecord:
     return record if all(a.dtype == dtype for a in record.values()) else to_record(from_record(record), dtype)
 
 
+def not_finite(record: ArrayRecord) -> list[str]:
+    """Names of the record's floating-point arrays that hold NaN or Inf."""
+    return [k for k, a in record.items() if np.issubdtype(a.numpy().dtype, np.floating) and
+            not np.isfinite(a.numpy()).all()]
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays in a message (serialised numpy, as they travel)."""
     return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())

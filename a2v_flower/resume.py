@@ -70,6 +70,8 @@ def load_server_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
         now = _plain(OmegaConf.select(cfg, key))
         if key == "adapter" and isinstance(saved, dict):  # written before input standardisation: it was off
             saved = {"normalise": False} | saved
+        if isinstance(saved, dict) and isinstance(now, dict):  # keys added since: the older run had no such key
+            now = {k: v for k, v in now.items() if k in saved}
         if now != saved:
             hint = ("; it was written before the adapters' input standardisation: resume it with "
                     "adapter.normalise=false") if key == "adapter" and not saved.get("normalise") else ""

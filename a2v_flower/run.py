@@ -12,8 +12,6 @@ Exit status: 0 every round of every job completed; 1 a run failed or stopped (th
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -31,7 +29,6 @@ import uuid
 from pathlib import Path
 
 import hydra
-import psutil
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
@@ -41,14 +38,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import resources
 from a2v_flower.schema import CONF_DIR  # also registers the config's schema with Hydra (no torch)
-from a2v_flower.guard import terminate
+from a2v_flower.processes import (become_subreaper, die_with_parent, end_stream_after_run, leftovers,  # noqa: F401
+                                  reap_orphans, run_process_alive, settle, signals_ignored, stop_local_superlink,
+                                  stop_processes)
 
 APP_DIR = resources.CHECKOUT  # the checkout (site-packages in a wheel install): the Flower processes' folder
 REFUSED, FAILED = 2, 1  # exit statuses
-REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+REFUSALS = (ValueError, OSError, HydraException, OmegaConfBaseException)  # OSError: a folder that cannot be made
 PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "hydra.run.dir")
 OUTCOMES: list[tuple[Path, bool]] = []  # (run folder, completed) of each job of this process
-LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # prctl, loaded before any fork
+SIGNALS: list[int] = []  # the signals that interrupted this process
+LEFT: list[str] = []     # what the last clean-up could not stop or remove (empty: everything)
 
 log = logging.getLogger(__name__)
 
@@ -117,69 +117,10 @@ def check(argv: list[str]) -> list[DictConfig]:
         cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
         preflight.check_run(cfg)
         C.check_gpus(cfg.federation.num_gpus)
+        if warning := preflight.long_run_warning(cfg, len(cfg.data.classes) if cfg.data.classes else 50):
+            print(f"a2v-run: warning: {warning}", file=sys.stderr)
         cfgs.append(cfg)
     return cfgs
-
-
-def die_with_parent() -> None:
-    """In a child before exec: SIGTERM it when this process dies, even by SIGKILL (Linux; elsewhere a no-op)."""
-    if LIBC is not None:
-        LIBC.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def become_subreaper() -> None:
-    """Orphans of this process's children (Ray's processes when flwr-simulation dies) re-parent to this
-    process instead of init, so `stop_processes` still finds them (Linux; elsewhere a no-op)."""
-    if LIBC is not None:
-        LIBC.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def stop_processes(roots: list[int] | None = None, grace: float = 10.0) -> int:
-    """SIGTERM the processes `roots` (PIDs) and all their descendants, or without `roots` every process this
-    one started (children, theirs, orphans re-parented to it); SIGKILL what is left after `grace` s, reap
-    them; return how many there were. Found by PID (psutil), never by name."""
-    def tree() -> list[psutil.Process]:
-        found = psutil.Process().children(recursive=True) if roots is None else []
-        for pid in roots or []:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                found += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        live = []
-        for p in found:
-            with contextlib.suppress(psutil.Error):
-                if p.status() != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
-                    live.append(p)
-        return live
-
-    seen: set[int] = set()
-    for _ in range(3):  # a process may start another while the first ones stop
-        procs = tree()
-        if not procs:
-            break
-        seen |= {p.pid for p in procs}
-        terminate(procs, grace)
-    if roots is None:
-        reap_orphans()
-    return len(seen)
-
-
-def stop_local_superlink(flwr_home: str | Path) -> int:
-    """Stop the SuperLink the Flower CLI started, detached, for `flwr_home` (plain `flwr run`: benchmarks,
-    tests; a2v-run never uses it) and everything it started; return how many processes there were."""
-    marker = str(Path(flwr_home) / "local-superlink")  # in its --log-file and --database paths
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "flower-superlink" in cmd and marker in cmd:
-            pids.append(proc.pid)
-    return stop_processes(pids) if pids else 0
-
-
-def reap_orphans(keep: set[int] = frozenset()) -> None:
-    """Collect exited processes re-parented to this one (a subreaper), except `keep` (Popen's own children)."""
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error, ChildProcessError):
-            if child.pid not in keep and child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, os.WNOHANG)
 
 
 def start_superlink(home: Path, log_file) -> subprocess.Popen:
@@ -264,44 +205,10 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
             settle(link.pid)
             return code
         finally:
-            log.info("stopped %d Flower/Ray processes of this run", stop_processes())
-            shutil.rmtree(home, ignore_errors=True)
-
-
-def settle(superlink: int, timeout: float = 15.0) -> None:
-    """After a finished stream, give Flower up to `timeout` s to end the run's process (SuperLink ->
-    superexec -> flwr-simulation, which shuts Ray down) by itself before the rest is stopped."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and run_process_alive(superlink):
-        time.sleep(0.5)
-
-
-def end_stream_after_run(superlink: int, flwr: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop `flwr run --stream` once the run's process (flwr-simulation: the ServerApp and Ray's driver) has been
-    gone for `grace` s: if it crashed, the stream would wait about a minute for Flower to notice. A run that
-    finished has written its summary, which is what decides the outcome, whatever the stream's exit."""
-    started, gone = False, None
-    while flwr.poll() is None:
-        if run_process_alive(superlink):
-            started, gone = True, None
-        elif started:
-            gone = gone or time.monotonic()
-            if time.monotonic() - gone > grace:
-                flwr.terminate()
-                return
-        time.sleep(0.5)
-
-
-def run_process_alive(superlink: int) -> bool:
-    """Whether a process two levels below the SuperLink (flwr-simulation under superexec) still runs. An exited
-    one counts as gone: superexec never reaps it, so it stays a zombie until the SuperLink is stopped."""
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(superlink).children():
-            for grandchild in child.children():
-                with contextlib.suppress(psutil.Error):
-                    if grandchild.status() != psutil.STATUS_ZOMBIE:
-                        return True
-    return False
+            with signals_ignored():  # a second Ctrl-C or kill must not cut the clean-up short
+                log.info("stopped %d Flower/Ray processes of this run", stop_processes())
+                shutil.rmtree(home, ignore_errors=True)
+                LEFT[:] = leftovers(home)
 
 
 def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
@@ -339,7 +246,11 @@ def launch(cfg: DictConfig) -> float | None:
     OmegaConf.save(cfg, config_file)
     launch_id = uuid.uuid4().hex[:12]
     log.info("run %s in %s", launch_id, run_dir)
-    code = simulate(config_file, cfg, launch_id, run_dir / "run.log")
+    try:
+        code = simulate(config_file, cfg, launch_id, run_dir / "run.log")
+    except KeyboardInterrupt:
+        record_interrupted(run_dir, launch_id, cfg.num_rounds)
+        raise
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     ok, line = outcome(summary, launch_id, code)
@@ -348,6 +259,37 @@ def launch(cfg: DictConfig) -> float | None:
     with open(run_dir / "run.log", "a") as out:
         out.write(f"{line}; outputs in {run_dir}\n")
     return summary.get("final_top1") if ok else None
+
+
+def stopped_line() -> str:
+    """Whether the clean-up stopped and removed everything, as the final line says it."""
+    return "every process of the run was stopped" if not LEFT else f"NOT everything was stopped: {', '.join(LEFT)}"
+
+
+def record_interrupted(run_dir: Path, launch_id: str, rounds: int) -> None:
+    """An interrupted launch in summary.json (`interrupted`, not failed sites: the failures of the round in
+    progress are the interruption's, when the sites' processes were stopped first) and in run.log."""
+    file = run_dir / "summary.json"
+    old = json.loads(file.read_text()) if file.is_file() else {}
+    summary = old if old.get("run_id") == launch_id else {"run_id": launch_id}
+    saved = [int(n) for p in (run_dir / "checkpoints").glob("server_round_*.safetensors")
+             if (n := p.stem.rsplit("_", 1)[1]).isdigit()]  # the ServerApp had no time to write its summary
+    done = summary.get("rounds_done", max(saved, default=0))
+    how = "/".join(signal.Signals(s).name for s in SIGNALS) or "KeyboardInterrupt"
+    summary["failures"] = {r: f for r, f in (summary.get("failures") or {}).items() if int(r) <= done}
+    summary |= {"completed": False, "interrupted": True, "rounds_done": done, "rounds": rounds,
+                "error": f"interrupted by {how} after round {done} of {rounds}"}
+    file.write_text(json.dumps(summary, indent=2))
+    with open(run_dir / "run.log", "a") as out:
+        out.write(f"run {launch_id} INTERRUPTED ({summary['error']}); {stopped_line()}; outputs in {run_dir}\n")
+
+
+def interrupt(signum: int, frame) -> None:
+    """SIGINT or SIGTERM: note which, and stop like Ctrl-C does (through every `finally`)."""
+    SIGNALS.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one, even before the clean-up starts, is ignored
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 class SweepReport(Callback):
@@ -369,12 +311,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(cfgs) == 1 and cfgs[0].resume:  # continue in the run's own folder: its run.log, no new folder
         argv += quote_paths([f"hydra.run.dir={cfgs[0].resume}"]) + ["hydra.output_subdir=null"]
     become_subreaper()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: through `finally`
+    for sig in (signal.SIGINT, signal.SIGTERM):  # `kill` stops like Ctrl-C: through `finally`
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+            signal.signal(sig, interrupt)
     sys.argv = [sys.argv[0], *argv]
     try:
         launch()
     except KeyboardInterrupt:
-        print("a2v-run: interrupted; every process of the run was stopped", file=sys.stderr)
+        print(f"a2v-run: interrupted; {stopped_line()}", file=sys.stderr)
         raise SystemExit(130) from None
     failed = [str(d) for d, ok in OUTCOMES if not ok]
     if failed:

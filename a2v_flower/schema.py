@@ -10,22 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
-
-
-def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
-    """ValueError naming `node.name` unless each `positive` field is > 0, `non_negative` >= 0, `fraction` in [0, 1]."""
-    rules = ((positive, "a number > 0", lambda v: v > 0), (non_negative, "a number >= 0", lambda v: v >= 0),
-             (fraction, "a fraction in [0, 1]", lambda v: 0 <= v <= 1))
-    for names, want, ok in rules:
-        for n in names:
-            if not ok(getattr(obj, n)):
-                raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected {want}")
-
-
-def _one_of(key: str, value, allowed: tuple) -> None:
-    """ValueError naming `key` unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+from a2v_flower.rules import numbers as _numbers, one_of as _one_of
 
 
 @dataclass
@@ -57,9 +42,11 @@ class Data:
     noise: float = 0.6
     overlap: float = 0.5
     variation: float = 0.25
+    duplicates: str = "drop"          # drop | refuse: clips whose audio repeats an earlier row's
 
     def __post_init__(self):
         _one_of("data.kind", self.kind, ("synthetic", "esc50"))
+        _one_of("data.duplicates", self.duplicates, ("drop", "refuse"))
         _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"),
                  non_negative=("noise", "variation"), fraction=("overlap",))
         if self.kind == "esc50" and self.root in (None, "???"):
@@ -366,7 +353,7 @@ class Config:
 
     def __post_init__(self):
         from a2v_flower.names import safe_name
-        _numbers("", self, positive=("num_rounds",))
+        _numbers("", self, positive=("num_rounds",), non_negative=("seed",))
         for key, value in (("name", self.name), ("generator_checkpoint.base_name", self.generator_checkpoint.base_name)):
             safe_name(value, key)  # both become parts of file names
         if "{}" not in self.prompt_template:

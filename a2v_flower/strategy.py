@@ -17,8 +17,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from a2v_flower.metrics import aggregate_metrics, pool_evaluations, summarise_training
-from a2v_flower.nodes import FailureLog, learn_sites, wait_for_sites
-from a2v_flower.records import cast, payload_bytes, to_record
+from a2v_flower.nodes import FailureLog, RoundFailed, learn_sites, wait_for_sites
+from a2v_flower.records import cast, not_finite, payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.tracking import RunTracker
 
@@ -110,9 +110,10 @@ class A2VStrategy(FedAvg):
         self.bytes_down_eval = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
         return messages
 
-    def note_failures(self, server_round: int, step: str, replies: list[Message], sent: list[Message]) -> None:
+    def note_failures(self, server_round: int, step: str, replies: list[Message], sent: list[Message],
+                      rejected: dict[int, str] | None = None) -> None:
         """Name the sites that failed `step` (FailureLog); a failed ClientApp kept nothing: resend its targets."""
-        self.has_targets -= self.failures.note(server_round, step, replies, sent, self.site_of_node)
+        self.has_targets -= self.failures.note(server_round, step, replies, sent, self.site_of_node, rejected)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -120,7 +121,10 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         # by site: the same float sums whatever order replies arrive in (a resumed run matches an uninterrupted one)
         replies = sorted(replies, key=lambda m: -1 if m.has_error() else int(m.content["metrics"]["site"]))
-        self.note_failures(server_round, "train", replies, self.sent)
+        rejected = {m.metadata.src_node_id: why for m in replies if not m.has_error() and (why := unfit(m))}
+        self.note_failures(server_round, "train", replies, self.sent, rejected)
+        answered = len(replies)
+        replies = [m for m in replies if m.metadata.src_node_id not in rejected]  # fails like any failed site
         sites, teachers = {}, {}
         for msg in replies:
             if msg.has_error():
@@ -135,8 +139,10 @@ class A2VStrategy(FedAvg):
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)} | report
         arrays, metrics = super().aggregate_train(server_round, replies)
+        check_finite(server_round, arrays, "averaging")
         arrays, server = self.generators.after_aggregation(server_round, arrays, teachers)
-        self.tracker.log(server_round, "train", server | summarise_training(sites, len(replies) - len(sites)))
+        check_finite(server_round, arrays, "server training")
+        self.tracker.log(server_round, "train", server | summarise_training(sites, answered - len(sites)))
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -157,3 +163,17 @@ class A2VStrategy(FedAvg):
         self.tracker.log(server_round, "eval", glob)
         return MetricRecord({k: glob[k] for k in ("top1", "top5", "cosine", "seen_top1", "forgetting")}
                             | {"num-examples": glob["num_examples"]})
+
+
+def unfit(reply: Message) -> str:
+    """Why a site's train reply cannot be used ('' if it can): adapters or class statistics not finite."""
+    bad = [f"{name}/{k}" for name in ("arrays", "class_stats") if name in reply.content
+           for k in not_finite(reply.content[name])]
+    return f"update not finite: NaN or Inf in {bad[:3]}" if bad else ""
+
+
+def check_finite(server_round: int, arrays: ArrayRecord | None, step: str) -> None:
+    """Stop the run (RoundFailed) when the global adapters hold NaN or Inf after `step`."""
+    if arrays is not None and (bad := not_finite(arrays)):
+        raise RoundFailed(f"round {server_round}: the global adapters are not finite after {step} (NaN or Inf in "
+                          f"{bad[:3]}); the run stops rather than save them")

@@ -619,3 +619,301 @@ def test_deploy_explains_a_tls_mismatch(tmp_path):
         assert "does not verify against" in deploy.tls_mismatch(port, other_ca)
     finally:
         deploy.stop(procs)
+
+
+# ---- issue 29: nothing poisons a run silently ------------------------------------------------------------------------
+
+def few_clips(base: list[str], n: int = 3) -> tuple[list, object]:
+    """The first `n` clips of the TINY dataset and the tiny encoder's spec."""
+    from a2v_flower.data.site import federation
+
+    cfg = C.absolute_paths(C.compose_config(base), Path.cwd())
+    clips, _, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    return clips[:n], C.audio_spec(cfg)
+
+
+def _overwrite_tail(path: Path, other: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN float32 bits behind a valid header
+    path.write_bytes(bytes(data))
+
+
+def _rename_tensor(path: Path, other: Path) -> None:
+    tensors, meta = load_tensors(path)
+    save_tensors(path, {"x": tensors["tokens"]}, meta)
+
+
+def _reshape(path: Path, other: Path) -> None:
+    from a2v_flower.cache import TensorCache
+
+    key = path.stem  # an entry that verifies as written, but not of the shape the encoder makes
+    TensorCache(path.parents[1]).put(key, {"tokens": load_tensors(path)[0]["tokens"][:1]})
+
+
+CACHE_DAMAGE = {  # case -> how clip 0's entry is damaged (clip 1's entry as `other`), what the warning says
+    "tail overwritten": (_overwrite_tail, "does not match its checksum"),
+    "wrong tensor name": (_rename_tensor, "are not the ones recorded"),
+    "wrong shape": (_reshape, "do not have the expected shapes"),
+    "another clip's entry": (lambda path, other: shutil.copy(other, path), "another entry copied over it"),
+    "older version": (lambda path, other: save_tensors(path, load_tensors(path)[0]), "no verification metadata"),
+}
+
+
+@pytest.mark.parametrize("case", CACHE_DAMAGE)
+def test_a_cache_entry_that_does_not_verify_is_recomputed_naming_the_file(case, base, tmp_path, caplog):
+    from a2v_flower.cache import TensorCache, file_sha1, sha1_of
+    from a2v_flower.data.site import embed_clips
+    from a2v_flower.models.audio_encoder import AudioEncoder
+
+    clips, spec = few_clips(base)
+    cache, n = TensorCache(tmp_path / "emb"), int(spec.sampling_rate)
+    x1, _, _ = embed_clips(AudioEncoder(spec), clips, cache, n)
+    path, other = (cache.path(sha1_of(AudioEncoder(spec).identity, file_sha1(c.path), n)) for c in clips[:2])
+    damage, why = CACHE_DAMAGE[case]
+    damage(path, other)
+    enc = AudioEncoder(spec)
+    x2, kept, _ = embed_clips(enc, clips, cache, n)
+    assert enc.calls == 1 and len(kept) == 3 and torch.isfinite(x2).all() and torch.equal(x1, x2)
+    assert any(str(path) in r.getMessage() and why in r.getMessage() for r in caplog.records), caplog.text
+    enc = AudioEncoder(spec)
+    embed_clips(enc, clips, cache, n)
+    assert enc.calls == 0  # the recomputed entry replaced the bad one
+
+
+class PoisonGrid(LocalGrid):
+    """A LocalGrid whose site 1 sends NaN adapters in every train reply."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from a2v_flower.records import from_record, to_record
+
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if not reply.has_error() and reply.metadata.message_type == "train" and reply.content["metrics"]["site"] == 1:
+                arrays = from_record(reply.content["arrays"])
+                reply.content["arrays"] = to_record({k: torch.full_like(v, float("nan")) for k, v in arrays.items()})
+        return replies
+
+
+def nan_inputs(monkeypatch) -> None:
+    """Site 1's first training embedding becomes NaN (as a bad embedding would be)."""
+    from a2v_flower import client_app
+
+    load_site = client_app.load_site
+
+    def poisoned(data, part, encoder, site_id):
+        site = load_site(data, part, encoder, site_id)
+        if site_id == 1:
+            site.splits["train"][0][0, 0, 0] = float("nan")
+        return site
+
+    monkeypatch.setattr(client_app, "load_site", poisoned)
+    monkeypatch.setattr(client_app, "_SITES", {})
+
+
+NOT_FINITE = {  # case -> (the grid, what the site's failure says)
+    "update": (lambda mp: PoisonGrid(2), r"train: update not finite: NaN or Inf in \['arrays/"),
+    "input": (lambda mp: nan_inputs(mp) or LocalGrid(2), r"train: ValueError: site 1: 1 of \d+ training inputs hold "
+                                                         r"NaN or Inf; refusing to train"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_FINITE)
+def test_a_site_that_is_not_finite_fails_its_round(case, base, cache_dir, tmp_path, task_identity, monkeypatch):
+    from a2v_flower.cache import TensorCache
+
+    received = TensorCache(Path(cache_dir) / "received")
+    for i in range(20):  # earlier runs' class targets: the folder keeps the newest 16
+        received.put(f"{i:040x}", {"t": torch.zeros(1)})
+    make_grid, why = NOT_FINITE[case]
+    cfg = C.absolute_paths(C.compose_config([*base, "federation.min_sites=1"]), Path.cwd())
+    run_server(cfg, tmp_path / "on", make_grid(monkeypatch), launch_id="on")
+    summary = json.loads((tmp_path / "on" / "summary.json").read_text())
+    assert summary["completed"] and re.match(why, summary["failures"]["1"]["site 1"]), summary["failures"]
+    adapters, _ = load_tensors(tmp_path / "on" / "adapters.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapters.values())  # site 0's adapters only
+    assert len(list(received.root.glob("*/*.safetensors"))) <= 16
+    cfg = C.absolute_paths(C.compose_config(base), Path.cwd())  # min_sites = all: the run stops, naming it
+    with pytest.raises(RoundFailed, match=r"round 1: 1 of 2 sites failed, .*first: site 1: " + why):
+        run_server(cfg, tmp_path / "off", make_grid(monkeypatch), launch_id="off")
+
+
+def test_global_adapters_that_are_not_finite_stop_the_run(base, tmp_path, task_identity, monkeypatch):
+    from a2v_flower.records import from_record, to_record
+    from a2v_flower.server_generators import ServerGenerators
+
+    def nan_training(self, server_round, arrays, teachers):
+        return to_record({k: torch.full_like(v, float("nan")) for k, v in from_record(arrays).items()}), {}
+
+    monkeypatch.setattr(ServerGenerators, "after_aggregation", nan_training)
+    cfg = C.absolute_paths(C.compose_config(base), Path.cwd())
+    with pytest.raises(RoundFailed, match="round 1: the global adapters are not finite after server training"):
+        run_server(cfg, tmp_path / "run", launch_id="nan")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ok, line = run.outcome(summary, "nan", 0)
+    assert not ok and "FAILED: round 1: the global adapters are not finite after server training" in line
+    assert not (tmp_path / "run" / "adapters.safetensors").exists()
+    assert not list((tmp_path / "run").rglob("server_round_*"))  # no checkpoint of NaN adapters
+
+
+def write_rows(meta: Path, rows: list[list[str]], bom: bool = False) -> None:
+    with meta.open("w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_duplicate_clips_are_dropped_naming_the_rows_or_refused(base, tmp_path, caplog, capsys):
+    from a2v_flower.data.site import federation
+
+    root = data_copy(base, tmp_path / "esc")
+    meta = root / "meta" / "esc50.csv"
+    rows = list(csv.reader(meta.open()))
+    original = len(rows) - 1
+    shutil.copy(root / "audio" / rows[2][0], root / "audio" / "copy.wav")  # same audio, another name
+    write_rows(meta, rows + rows[1:7] + [["copy.wav", *rows[2][1:]]])  # 6 repeated rows and the copy
+    clips = read_metadata(root)
+    assert len(clips) == original and len({c.path for c in clips}) == original
+    assert "7 duplicate clips dropped" in caplog.text and f"line {original + 2} ({rows[1][0]}) repeats line 2" in caplog.text
+    assert f"line {original + 8} (copy.wav) has the same audio as {rows[2][0]} on line 3" in caplog.text
+    overrides = [*base, "data=esc50", f"data.root={root}", "data.classes=null", "data.folds=null"]
+    cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
+    all_clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    from a2v_flower.data.site import split_site
+
+    used = [all_clips[i].path for s, idx in enumerate(sites) for part in split_site(
+        [classes.index(all_clips[i].category) for i in idx], C.data_spec(cfg), s).values() for i in [idx[j] for j in part]]
+    assert len(used) == len(set(used)) == original  # no clip in two splits or two sites
+    line = refuse([*overrides, "data.duplicates=refuse"], capsys)
+    assert re.search(r"data.duplicates='refuse': .*esc50.csv has 7 duplicate clips: line \d+ \(.*\) repeats line 2", line)
+
+
+def test_metadata_and_audio_errors_name_the_file_line_and_value(base, tmp_path, capsys):
+    from a2v_flower.data.esc50 import load_audio
+
+    root = data_copy(base, tmp_path / "esc")
+    meta = root / "meta" / "esc50.csv"
+    rows = list(csv.reader(meta.open()))
+    write_rows(meta, rows, bom=True)
+    assert len(read_metadata(root)) == len(rows) - 1  # the BOM is not part of 'filename'
+    rows[5][1] = "x"
+    write_rows(meta, rows, bom=True)
+    line = refuse([*base, "data=esc50", f"data.root={root}", "data.classes=null", "data.folds=null"], capsys)
+    assert f"{meta}, line 6: fold='x' is not allowed; expected a whole number" in line
+    with pytest.raises(FileNotFoundError, match=r"nowhere.wav: no such audio file"):
+        load_audio(root / "audio" / "nowhere.wav", 16000, 16000)
+
+
+ISSUE_29_REFUSED = [  # (overrides, with a file at <tmp>/file, what the one line must say)
+    (["seed=-1"], r"seed=-1 is not allowed; expected a number >= 0"),
+    (["data.duplicates=maybe"], r"data.duplicates='maybe' is not allowed; expected one of \['drop', 'refuse'\]"),
+    (["paths.output_root={file}/out"], r"paths.output_root='.*/file/out' cannot be created: .*/file is a file"),
+    (["paths.cache_dir={file}/cache"], r"paths.cache_dir='.*/file/cache' cannot be created: .*/file is a file"),
+    (["paths.cache_dir={file}/cache", "data=esc50", "data.root={tmp}"], r"paths.cache_dir=.* is a file, not a folder"),
+    ([f"name={'n' * 300}"], r"name='nnnn.*\(300 characters\) cannot name a file: it is 300 bytes long, more than 200"),
+    ([f"paths.output_root={{tmp}}/{'o' * 300}"], r"paths.output_root='.*'... cannot be created: a name on its way is 300 bytes long, more than the file system's 255"),
+    (["paths.output_root={tmp}/ro/out"], r"paths.output_root='.*/ro/out' is not writable: .*/ro does not allow"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", ISSUE_29_REFUSED, ids=[" ".join(o)[:40] for o, _ in ISSUE_29_REFUSED])
+def test_unusable_paths_and_unnamed_values_are_one_line_exit_2(overrides, match, base, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "ro").mkdir()
+    real = os.access  # root may write anywhere: the folder is made read-only for os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("/ro") else real(p, mode))
+    cache = tmp_path / "fresh-cache"  # a refused seed must not leave a synthetic .tmp-<pid> folder either
+    argv = [*base, f"paths.cache_dir={cache}", *(o.format(file=tmp_path / "file", tmp=tmp_path) for o in overrides)]
+    before = snapshot(tmp_path)
+    line = refuse(argv, capsys)
+    assert re.search(match, line), line
+    assert snapshot(tmp_path) == before  # nothing written: no cache, no run folder
+
+
+def test_a_failed_synthetic_generation_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import soundfile as sf
+
+    from a2v_flower.data import synthetic
+
+    spec = synthetic.SyntheticSpec(("dog", "rain"), clips_per_class=2, seconds=0.1)
+    stale = tmp_path / "data.tmp-999999999"  # a generator that died (no such process)
+    (stale / "audio").mkdir(parents=True)
+    written, write = [], sf.write
+
+    def full_disk(path, *args, **kwargs):
+        if written:  # the second file: the disk is full
+            raise sf.LibsndfileError(2, prefix="Error opening: ")  # what a full disk gave: "System error."
+        written.append(path)
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic.sf, "write", full_disk)
+    with pytest.raises(OSError, match=r"cannot write the synthetic dataset to .*/data \(\d+ MiB free there, about "):
+        synthetic.generate(tmp_path / "data", spec)
+    assert not list(tmp_path.iterdir())  # neither this attempt's .tmp-<pid> nor the stale one
+    monkeypatch.undo()
+    assert (synthetic.generate(tmp_path / "data", spec) / "meta" / "esc50.csv").is_file()
+
+
+def test_a_very_long_run_is_warned_about_before_it_starts(base, capsys):
+    assert run.check([*base, "num_rounds=100000", "diffusion.render_every=10"])
+    err = capsys.readouterr().err
+    assert re.search(r"a2v-run: warning: num_rounds=100000 will take at least 56 h .* 10000 render rounds", err), err
+    run.check(base)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_received_cache_keeps_the_newest_entries(tmp_path):
+    from a2v_flower.cache import TensorCache
+
+    cache = TensorCache(tmp_path)
+    for i in range(5):
+        cache.put(f"{i:040x}", {"t": torch.zeros(1)})
+        os.utime(cache.path(f"{i:040x}"), (1000 + i, 1000 + i))
+    cache.prune(keep=2)
+    assert sorted(p.stem[-1] for p in tmp_path.rglob("*.safetensors")) == ["3", "4"]
+
+
+def test_an_interruption_is_recorded_as_such_not_as_failed_sites(tmp_path, monkeypatch):
+    summary = {"run_id": "abc", "completed": False, "rounds_done": 1, "error": "round 2: 2 of 2 sites failed",
+               "failures": {"1": {"site 0": "train: x"}, "2": {"site 1": "train: The actor is dead because its "
+                                                                  "owner has died"}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(run, "SIGNALS", [signal.SIGTERM])
+    monkeypatch.setattr(run, "LEFT", [])
+    run.record_interrupted(tmp_path, "abc", 5)
+    got = json.loads((tmp_path / "summary.json").read_text())
+    assert got["interrupted"] and not got["completed"] and got["error"] == "interrupted by SIGTERM after round 1 of 5"
+    assert got["failures"] == {"1": {"site 0": "train: x"}}  # round 2's failures were the interruption's
+    assert "run abc INTERRUPTED (interrupted by SIGTERM after round 1 of 5); every process of the run was stopped" in \
+        (tmp_path / "run.log").read_text()
+
+
+def test_signals_are_ignored_during_clean_up_and_restored_after():
+    from a2v_flower.processes import signals_ignored
+
+    before = signal.getsignal(signal.SIGTERM)
+    with signals_ignored():
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest if it were not ignored
+        time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.slow
+def test_two_sigterms_neither_cut_the_clean_up_short_nor_blame_sites(cache_dir, tmp_path):
+    out = tmp_path / "outputs"
+    proc = start_a2v_run(tmp_path, f"paths.cache_dir={cache_dir}", f"paths.output_root={out}", "name=twice",
+                         "num_rounds=20")
+    text, seen = watch(proc, until="[ROUND 2/")
+    homes = {Path(a).parent for p in seen["tree"].values() if "flwr run" in command(p)
+             for a in p.cmdline() if a.endswith("/app")}
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # during the clean-up
+    rest, _ = watch(proc)
+    assert proc.wait(120) == 130, (text + rest)[-3000:]
+    assert rest.strip().splitlines()[-1] == "a2v-run: interrupted; every process of the run was stopped", rest[-2000:]
+    assert not alive(seen["tree"])
+    assert homes and not any(h.exists() for h in homes)  # the temporary a2v-flwr-* folder is gone
+    (run_dir,) = out.rglob("*_twice")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] and not summary["completed"] and summary["rounds_done"] >= 1
+    assert re.fullmatch(r"interrupted by SIGTERM after round \d+ of 20", summary["error"]), summary
+    assert "actor is dead" not in json.dumps(summary)
+    assert "INTERRUPTED (interrupted by SIGTERM" in (run_dir / "run.log").read_text()

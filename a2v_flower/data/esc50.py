@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from a2v_flower.cache import file_sha1
 from a2v_flower.names import safe_name
+
+log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
 
@@ -38,17 +42,19 @@ class Clip:
     fold: int
     target: int
     category: str
+    line: int = 0  # its line in meta/esc50.csv (the header is line 1)
 
 
-def read_metadata(root: str | Path, folds: list[int] | None = None,
-                  classes: list[str] | None = None) -> list[Clip]:
-    """Read meta/esc50.csv under `root`, keeping the given folds and classes (None = all)."""
+def read_metadata(root: str | Path, folds: list[int] | None = None, classes: list[str] | None = None,
+                  duplicates: str = "drop") -> list[Clip]:
+    """Read meta/esc50.csv under `root`, keeping the given folds and classes (None = all); clips whose audio
+    repeats an earlier row's are dropped or refused (`duplicates`, see `check_duplicates`)."""
     root = Path(root)
     meta = root / "meta" / "esc50.csv"
     if not meta.is_file():
         raise FileNotFoundError(f"data.root={str(root)!r}: no meta/esc50.csv there; expected the "
                                 "ESC-50 layout (audio/*.wav and meta/esc50.csv)")
-    with open(meta, newline="") as f:
+    with open(meta, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first column
         reader = csv.DictReader(f)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -58,10 +64,13 @@ def read_metadata(root: str | Path, folds: list[int] | None = None,
         try:  # class names become file names (images, generator checkpoints): no separators, no '..'
             safe_name(r["category"], "category")
             safe_name(r["filename"], "filename")
+            bad = next((k for k in ("fold", "target") if not str(r[k]).strip().isdigit()), None)
+            if bad:
+                raise ValueError(f"{bad}={r[bad]!r} is not allowed; expected a whole number >= 0")
         except ValueError as err:
             raise ValueError(f"{meta}, line {i}: {err}") from None
-    clips = [Clip(root / "audio" / r["filename"], int(r["fold"]), int(r["target"]), r["category"])
-             for r in rows]
+    clips = [Clip(root / "audio" / r["filename"], int(r["fold"]), int(r["target"]), r["category"], i)
+             for i, r in enumerate(rows, start=2)]
     present = sorted({c.category for c in clips})
     if classes is not None:
         unknown = [c for c in classes if c not in present]
@@ -72,7 +81,40 @@ def read_metadata(root: str | Path, folds: list[int] | None = None,
         clips = [c for c in clips if c.fold in set(folds)]
     if not clips:
         raise ValueError(f"{meta}: no clips left for folds={folds} classes={classes}")
-    return clips
+    return check_duplicates(clips, meta, duplicates)
+
+
+def check_duplicates(clips: list[Clip], meta: Path, policy: str) -> list[Clip]:
+    """`clips` less those whose audio (file content; the file name where it cannot be read) repeats an earlier
+    row's, so that no clip can land in two splits; each is named in a warning (policy "drop") or the first few
+    in a ValueError (policy "refuse")."""
+    first: dict[str, Clip] = {}
+    kept, repeats = [], []
+    for clip in clips:
+        ident = file_sha1(clip.path) if readable(clip.path) else f"name:{clip.path.name}"  # unreadable: skipped later
+        if ident in first:
+            same = first[ident]
+            how = "repeats" if same.path == clip.path else f"has the same audio as {same.path.name} on"
+            repeats.append(f"line {clip.line} ({clip.path.name}) {how} line {same.line}")
+        else:
+            first[ident] = clip
+            kept.append(clip)
+    if repeats and policy == "refuse":
+        raise ValueError(f"data.duplicates='refuse': {meta} has {len(repeats)} duplicate clips: "
+                         f"{'; '.join(repeats[:5])}; set data.duplicates=drop to keep the first of each")
+    if repeats:
+        more = f"; and {len(repeats) - 10} more" if len(repeats) > 10 else ""
+        log.warning("%s: %d duplicate clips dropped (data.duplicates=drop): %s%s", meta, len(repeats),
+                    "; ".join(repeats[:10]), more)
+    return kept
+
+
+def readable(path: Path) -> bool:
+    """Whether `path` is a file with an audio header soundfile reads (its content can identify a clip)."""
+    try:
+        return path.is_file() and sf.info(str(path)).frames > 0
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        return False
 
 
 def load_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:
@@ -83,6 +125,8 @@ def load_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarr
 def load_clip(path: str | Path, sample_rate: int, num_samples: int) -> tuple[np.ndarray, int]:
     """`load_audio`'s waveform and how many of its samples hold sound: the clip's length before padding, less
     trailing digital silence (ESC-50 pads short events with exact zeros), at least one sample."""
+    if not Path(path).is_file():  # libsndfile would only say "System error."
+        raise FileNotFoundError(f"{path}: no such audio file")
     wave, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), ints scaled to [-1, 1]
     wave = wave.mean(axis=1)                                         # downmix to mono
     sound = int(np.flatnonzero(wave)[-1]) + 1 if wave.any() else 1   # before resampling, whose ringing is not 0

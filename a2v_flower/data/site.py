@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from a2v_flower.cache import TensorCache, file_sha1, sha1_of
 from a2v_flower.data import partition as part_lib
 from a2v_flower.data.esc50 import Clip, load_clip, read_metadata
 from a2v_flower.data.synthetic import SyntheticSpec, generate
-from a2v_flower.models.audio_encoder import AudioEncoder
+from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class DataSpec:
     splits: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
     synthetic: SyntheticSpec | None = None  # set: generate the dataset first
     seed: int = 0
+    duplicates: str = "drop"  # clips whose audio repeats an earlier row's: drop | refuse
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,18 @@ def dataset_root(data: DataSpec) -> Path:
 
 def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[str], list[list[int]]]:
     """All clips, the class list (ESC-50 target order) and each site's clip indices; validates all. With
-    `part.held_out` a seeded, class-stratified share of the clips is in no site: the server's test set."""
+    `part.held_out` a seeded, class-stratified share of the clips is in no site: the server's test set.
+    Kept per process while the metadata file is unchanged: a simulated actor serves many sites of one run."""
+    meta = dataset_root(data) / "meta" / "esc50.csv"
+    stamp = (meta.stat().st_mtime_ns, meta.stat().st_size) if meta.is_file() else None
+    return _federation(data, part, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _federation(data: DataSpec, part: PartitionSpec, stamp) -> tuple[list[Clip], list[str], list[list[int]]]:
+    """`federation`, computed."""
     clips = read_metadata(dataset_root(data), list(data.folds) if data.folds else None,
-                          list(data.classes) if data.classes else None)
+                          list(data.classes) if data.classes else None, data.duplicates)
     classes = sorted({c.category for c in clips}, key=lambda n: min(c.target for c in clips if c.category == n))
     sites = [list(s) for s in part.sites] if part.sites else None
     held = set(part_lib.held_out([c.target for c in clips], part.held_out, part.seed)) if part.held_out else set()
@@ -111,10 +122,12 @@ def load_site(data: DataSpec, part: PartitionSpec, encoder: AudioEncoder, site_i
 
 def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, num_samples: int,
                 desc: str = "embedding") -> tuple[torch.Tensor, list[Clip], list[str]]:
-    """Embeddings (N, tokens, D) of `clips`, from the cache where possible; unreadable files skipped."""
-    keys = [sha1_of(encoder.identity, file_sha1(c.path), num_samples) if c.path.is_file() else None
-            for c in clips]
-    found = {i: cache.get(k) for i, k in enumerate(keys) if k is not None}
+    """Embeddings (N, tokens, D) of `clips`, from the cache where its entry verifies (else recomputed);
+    unreadable files and non-finite embeddings are skipped with a warning and counted."""
+    hashes = [file_sha1(c.path) if c.path.is_file() else None for c in clips]
+    keys = [sha1_of(encoder.identity, h, num_samples) if h else None for h in hashes]
+    shape = {"tokens": (encoder.spec.tokens, encoder_dim(encoder.spec))}
+    found = {i: cache.get(k, shape) for i, k in enumerate(keys) if k is not None}
     missing = [i for i, k in enumerate(keys) if k is None or found.get(i) is None]
     skipped = []
     for start in tqdm(range(0, len(missing), 64), desc=desc, disable=not missing):
@@ -134,7 +147,12 @@ def embed_clips(encoder: AudioEncoder, clips: list[Clip], cache: TensorCache, nu
             ok.append(i)
         if waves:
             for i, emb in zip(ok, encoder.encode(waves, lengths)):
-                cache.put(keys[i], {"tokens": emb.clone()})
+                if not torch.isfinite(emb).all():  # never cached, never trained on
+                    log.warning("Skipping audio file %s: its embedding holds NaN or Inf", clips[i].path)
+                    skipped.append(str(clips[i].path))
+                    continue
+                cache.put(keys[i], {"tokens": emb.clone()}, {"encoder": encoder.identity, "clip_sha1": hashes[i],
+                                                             "num_samples": num_samples, "file": clips[i].path.name})
                 found[i] = {"tokens": emb}
     kept = [i for i in range(len(clips)) if found.get(i) is not None]
     if not kept:

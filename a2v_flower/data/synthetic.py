@@ -82,15 +82,32 @@ def _render(p: dict, spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarra
     return (0.8 * x / (np.abs(x).max() + 1e-8)).astype(np.float32)
 
 
-def generate(root: str | Path, spec: SyntheticSpec) -> Path:
-    """Write the dataset to `root` (audio/*.wav, meta/esc50.csv) atomically; return `root`."""
-    root = Path(root)
-    if (root / "meta" / "esc50.csv").is_file():
-        return root
-    unknown = [c for c in spec.classes if c not in ESC50_CLASSES]
-    if unknown:
-        raise ValueError(f"data.classes: {unknown} are not ESC-50 categories; allowed: {ESC50_CLASSES}")
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+def expected_bytes(spec: SyntheticSpec) -> int:
+    """Bytes the dataset's 16-bit wav files take."""
+    return len(spec.classes) * spec.clips_per_class * (int(spec.seconds * spec.sample_rate) * 2 + 44)
+
+
+def remove_stale(root: Path) -> None:
+    """Remove `<root>.tmp-<pid>` folders of generators that died (a process still writing its own is left)."""
+    for tmp in root.parent.glob(f"{root.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid != 0
+
+
+def _write(tmp: Path, spec: SyntheticSpec) -> None:
+    """Write the dataset's audio and meta/esc50.csv into `tmp`."""
     (tmp / "audio").mkdir(parents=True, exist_ok=True)
     (tmp / "meta").mkdir(exist_ok=True)
     base = {c: _class_params(np.random.default_rng([spec.seed, ESC50_CLASSES.index(c)]))
@@ -110,6 +127,27 @@ def generate(root: str | Path, spec: SyntheticSpec) -> Path:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         w.writerows(rows)
+
+
+def generate(root: str | Path, spec: SyntheticSpec) -> Path:
+    """Write the dataset to `root` (audio/*.wav, meta/esc50.csv) atomically; return `root`."""
+    root = Path(root)
+    if (root / "meta" / "esc50.csv").is_file():
+        return root
+    unknown = [c for c in spec.classes if c not in ESC50_CLASSES]
+    if unknown:
+        raise ValueError(f"data.classes: {unknown} are not ESC-50 categories; allowed: {ESC50_CLASSES}")
+    remove_stale(root)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    try:
+        _write(tmp, spec)
+    except BaseException as err:  # a full disk, Ctrl-C: no partial copy is left to fill it
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (OSError, sf.LibsndfileError)):  # libsndfile says only "System error."
+            free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
+            raise OSError(f"cannot write the synthetic dataset to {root} ({free / 2**20:.0f} MiB free there, about "
+                          f"{expected_bytes(spec) / 2**20:.0f} MiB needed): {err}") from None
+        raise
     try:
         os.replace(tmp, root)  # atomic: concurrent generators race harmlessly
     except OSError:
