@@ -76,7 +76,12 @@ def prepare_sites(grid: Grid, nodes: list[int], run_yaml: str, tracker: RunTrack
         else:
             m = reply.content["metrics"]
             sites[int(m["site"])] = {k: int(m[k]) for k in ("clips", "encoder_calls", "skipped")}
-            moments.append(from_record(reply.content["input_moments"]))
+            got = from_record(reply.content["input_moments"])
+            if all(torch.isfinite(t).all() for t in got.values()):
+                moments.append(got)
+            else:  # it would poison every site's input standardisation; the site fails its round on its own
+                log.warning("site %s: its embedding moments hold NaN or Inf: left out of the input standardisation",
+                            m["site"])
     row = {k: sum(s[k] for s in sites.values()) for k in ("clips", "encoder_calls", "skipped")}
     row["seconds"] = round(time.monotonic() - start, 1)
     tracker.log(0, "prepare", row | {"sites": sites})
