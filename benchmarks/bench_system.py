@@ -79,8 +79,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 DATA = ["data.seconds=1.0", "data.clip_seconds=1.0", "model.audio.max_length=128"]
 BASE = ["diffusion.render_every=0", "wandb.mode=disabled"]
 SWEEP = ["partition=iid", "num_rounds=1", "train.local_epochs=1", "data.splits={train:0.5,val:0.0,test:0.5}"]
-# --scale: the default app (Dirichlet partition) with a tenth of the sites sampled per round, 4 clips per site on average
-SCALE = ["num_rounds=3", "strategy.fraction_train=0.1", "strategy.fraction_evaluate=0.1"]
+# --scale: cross-device, the same total data at every size: 10 classes x 300 clips of 1 s, of which the server keeps
+# 20 % as its test set (evaluate.mode=server) and every site draws 4 clips of the rest (partition=pool); 100 sites
+# sampled per round whatever the federation's size
+SCALE = ["num_rounds=3", "partition=pool", "evaluate.mode=server", "data.clips_per_class=300"]
+SCALE_SAMPLED = 100
 SERVER = "flwr-simulation (ServerApp + engine)"
 STRATEGY_RE = re.compile(r"Strategy execution finished in ([0-9.]+)s")
 
@@ -282,7 +285,7 @@ def launch(label: str, cmd: list[str], out: Path, args) -> dict:
                          f"log: {log_path}\n{text[-3000:]}")
     found = STRATEGY_RE.findall(text)
     print(f"[bench_system] {label}: {wall:.1f} s, peak RSS {memory['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
-    return {"label": label, "wall_s": wall, "exit_s": exit_s, "log": str(log_path), "memory": memory,
+    return {"label": label, "wall_s": wall, "exit_s": exit_s, "log": str(log_path), "memory": memory, "t0": t0,
             "leftover_processes": left,
             "strategy_s": float(found[-1]) if found else None}
 
@@ -329,7 +332,8 @@ def a2v_run(label: str, overrides: list[str], out: Path, args) -> dict:
                 "encoder_calls_per_clip": summary["encoder_calls"] / len(clips),
                 "encoder_calls_by_round": [r["encoder_calls"] for r in prepared + trains],  # [before round 1, 1, ...]
                 "prepare_s": prepared[0]["seconds"] if prepared else None,
-                "final_top1": summary.get("final_top1"),
+                "final_top1": summary.get("final_top1"), "eval_clips": summary.get("final_eval_clips"),
+                "to_round1_s": start - res["t0"] if start is not None else None,
                 "rounds": rounds_from_stamps(start, train_end, round_end), "bytes": bytes_by_round(trains),
                 "eval_message_bytes": eval_bytes(rows)})
     return res
@@ -530,8 +534,18 @@ def markdown(f: dict, runs: dict) -> str:
 
 
 def scale_overrides(n: int) -> list[str]:
-    """A --scale run of n sites: 10 classes x max(32, 0.4 n) clips of 1 s."""
-    return [*DATA, *BASE, *SCALE, f"federation.num_sites={n}", f"data.clips_per_class={max(32, math.ceil(0.4 * n))}"]
+    """A --scale run of n sites: SCALE, with SCALE_SAMPLED of them drawn per round."""
+    f = min(1.0, SCALE_SAMPLED / n)
+    return [*DATA, *BASE, *SCALE, f"federation.num_sites={n}", f"strategy.fraction_train={f}",
+            f"strategy.fraction_evaluate={f}"]
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion p of n."""
+    if not n:
+        return float("nan"), float("nan")
+    mid, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return mid - half, mid + half
 
 
 def scale_table(runs: list[dict]) -> tuple[list[dict], str]:
@@ -541,19 +555,25 @@ def scale_table(runs: list[dict]) -> tuple[list[dict], str]:
         server = run["memory"]["peak_rss_by_kind"].get(SERVER, 0)
         row = {"sites": run["sites"], "peak_rss_bytes": run["memory"]["peak_rss_bytes"], "server_rss_bytes": server,
                "server_rss_per_site": server / run["sites"], "round1_s": first(run), "later_s": later(run),
-               "sites_per_round": run["sites_per_round"], "wall_s": run["wall_s"], "server_marginal_per_site": None}
+               "sites_per_round": run["sites_per_round"], "wall_s": run["wall_s"], "server_marginal_per_site": None,
+               "to_round1_s": run.get("to_round1_s"), "final_top1": run.get("final_top1"),
+               "eval_clips": run.get("eval_clips"),
+               "top1_ci95": wilson(run.get("final_top1") or 0.0, run.get("eval_clips") or 0)}
         if run["sites"] > base["sites"]:
             row["server_marginal_per_site"] = ((server - base["memory"]["peak_rss_by_kind"].get(SERVER, 0))
                                                / (run["sites"] - base["sites"]))
         rows.append(row)
     head = ["sites", "sampled / round", "peak RSS, all processes", "ServerApp process peak RSS", "ServerApp RSS / site",
-            f"ServerApp RSS / site added beyond {base['sites']}", "round 1", "later rounds (mean)", "run wall"]
+            f"ServerApp RSS / site added beyond {base['sites']}", "launch to round 1", "round 1", "later rounds (mean)",
+            "run wall", "final top-1 [95 % CI] (server test clips)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         extra = "n/a" if r["server_marginal_per_site"] is None else f"{r['server_marginal_per_site'] / 2**10:,.0f} KiB"
         lines.append(f"| {r['sites']} | {r['sites_per_round']} | {mib(r['peak_rss_bytes'])} | {mib(r['server_rss_bytes'])}"
-                     f" | {r['server_rss_per_site'] / 2**10:,.0f} KiB | {extra} | {fmt_s(r['round1_s'])} | "
-                     f"{fmt_s(r['later_s'])} | {r['wall_s']:.0f} s |")
+                     f" | {r['server_rss_per_site'] / 2**10:,.0f} KiB | {extra} | {fmt_s(r['to_round1_s'])} | "
+                     f"{fmt_s(r['round1_s'])} | {fmt_s(r['later_s'])} | {r['wall_s']:.0f} s | "
+                     + (f"{r['final_top1']:.3f} [{r['top1_ci95'][0]:.3f}, {r['top1_ci95'][1]:.3f}] of "
+                        f"{r['eval_clips']}" if r["final_top1"] is not None else "n/a") + " |")
     return rows, "\n".join(lines) + "\n"
 
 
