@@ -38,6 +38,7 @@ class Clip:
     fold: int
     target: int
     category: str
+    group: str | None = None  # the class's group, from a Hugging Face dataset's group column (None: ESC50_GROUPS)
 
 
 def read_metadata(root: str | Path, folds: list[int] | None = None,

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from a2v_flower.cache import TensorCache, file_sha1, sha1_of
 from a2v_flower.data import partition as part_lib
 from a2v_flower.data.esc50 import Clip, load_audio, read_metadata
+from a2v_flower.data.hf import HFSpec, read_clips as read_hf_clips
 from a2v_flower.data.synthetic import SyntheticSpec, generate
 from a2v_flower.models.audio_encoder import AudioEncoder
 
@@ -31,6 +32,7 @@ class DataSpec:
     clip_seconds: float = 5.0
     splits: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
     synthetic: SyntheticSpec | None = None  # set: generate the dataset first
+    hf: HFSpec | None = None                # set: a Hugging Face dataset instead of an ESC-50 folder
     seed: int = 0
 
 
@@ -43,6 +45,9 @@ class PartitionSpec:
     sites: tuple[tuple[str, ...], ...] | None = None
     alpha: float = 0.5
     seed: int = 0
+    min_partition_size: int = 0   # dirichlet: Flower Datasets redraws until every site holds this many clips
+    classes_per_site: int = 2     # pathological
+    shards_per_site: int = 2      # shards
 
 
 @dataclass
@@ -70,13 +75,21 @@ def dataset_root(data: DataSpec) -> Path:
     return generate(root, data.synthetic)
 
 
+def read_clips(data: DataSpec) -> list[Clip]:
+    """The dataset's clips: a Hugging Face dataset's written into the cache, else an ESC-50 folder's metadata."""
+    classes = list(data.classes) if data.classes else None
+    if data.hf is not None:
+        return read_hf_clips(data.hf, Path(data.cache_dir) / "hf", classes)
+    return read_metadata(dataset_root(data), list(data.folds) if data.folds else None, classes)
+
+
 def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[str], list[list[int]]]:
     """All clips, the class list (ESC-50 target order) and each site's clip indices; validates all."""
-    clips = read_metadata(dataset_root(data), list(data.folds) if data.folds else None,
-                          list(data.classes) if data.classes else None)
+    clips = read_clips(data)
     classes = sorted({c.category for c in clips}, key=lambda n: min(c.target for c in clips if c.category == n))
     sites = [list(s) for s in part.sites] if part.sites else None
-    return clips, classes, part_lib.partition(clips, part.mode, part.num_sites, part.seed, sites, part.alpha)
+    return clips, classes, part_lib.partition(clips, part.mode, part.num_sites, part.seed, sites, part.alpha,
+                                              part.min_partition_size, part.classes_per_site, part.shards_per_site)
 
 
 def load_site(data: DataSpec, part: PartitionSpec, encoder: AudioEncoder, site_id: int) -> SiteData:
