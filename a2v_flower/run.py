@@ -34,12 +34,12 @@ import hydra
 import psutil
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower.schema import CONF_DIR  # also registers the config's schema with Hydra (no torch)
+from a2v_flower import sweeps
 from a2v_flower.guard import terminate
 
 APP_DIR = CONF_DIR.parent  # the checkout: the app Flower packs
@@ -332,6 +332,9 @@ def launch(cfg: DictConfig) -> float | None:
         cfg.wandb.name = hydra_cfg.job.override_dirname or cfg.name
     if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.wandb.group:  # a sweep's runs form one wandb group
         cfg.wandb.group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a parallel launcher's worker: its job's processes are its own to stop
+        become_subreaper()
+        sweeps.pin_gpu(hydra_cfg.job.num, str(OmegaConf.select(hydra_cfg, "launcher._target_")))
     config_file = run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml")
     OmegaConf.save(cfg, config_file)
     launch_id = uuid.uuid4().hex[:12]
@@ -341,17 +344,11 @@ def launch(cfg: DictConfig) -> float | None:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     ok, line = outcome(summary, launch_id, code)
     OUTCOMES.append((run_dir, ok))
+    sweeps.write_outcome(run_dir, launch_id, ok, line)  # what the sweep's launching process reads, whatever the launcher
     print(f"{line}; outputs in {run_dir}", flush=True)
     with open(run_dir / "run.log", "a") as out:
         out.write(f"{line}; outputs in {run_dir}\n")
     return summary.get("final_top1") if ok else None
-
-
-class SweepReport(Callback):
-    """After a multirun (`a2v-run -m ...`): one comparison table and plot of all its runs."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        subprocess.run([sys.executable, str(APP_DIR / "scripts" / "sweep_report.py"), str(config.hydra.sweep.dir)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,10 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("a2v-run: interrupted; every process of the run was stopped", file=sys.stderr)
         raise SystemExit(130) from None
-    failed = [str(d) for d, ok in OUTCOMES if not ok]
+    # a sweep's jobs may have run in other processes (joblib, submitit): their outcomes are read from their folders
+    outcomes = sweeps.read_outcomes(sweeps.SWEEPS[-1], len(cfgs)) if sweeps.SWEEPS else OUTCOMES
+    failed = [str(d) for d, ok in outcomes if not ok]
     if failed:
-        if len(OUTCOMES) > 1:
-            print(f"a2v-run: {len(failed)} of {len(OUTCOMES)} runs FAILED: {', '.join(failed)}", file=sys.stderr)
+        if len(outcomes) > 1:
+            print(f"a2v-run: {len(failed)} of {len(outcomes)} runs FAILED: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(FAILED)
 
 
