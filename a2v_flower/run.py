@@ -45,7 +45,7 @@ from a2v_flower.guard import terminate
 APP_DIR = CONF_DIR.parent  # the checkout: the app Flower packs
 REFUSED, FAILED = 2, 1  # exit statuses
 REFUSALS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
-PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "data.path", "hydra.run.dir")
+PATH_KEYS = ("resume", "paths.output_root", "paths.cache_dir", "data.root", "hydra.run.dir")
 OUTCOMES: list[tuple[Path, bool]] = []  # (run folder, completed) of each job of this process
 LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # prctl, loaded before any fork
 

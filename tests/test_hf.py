@@ -110,3 +110,8 @@ def test_federation_reads_hf_through_the_config_and_groups_partition(tmp_path, m
                                                                                               ["rain"]]
     with pytest.raises(ValueError, match=r"data.path is required for data=hf"):
         C.validate(make_cfg("data=hf"))
+
+
+def test_a_missing_local_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.path='/nowhere/sounds': no such folder"):
+        read_clips(HFSpec("/nowhere/sounds"), tmp_path / "cache")

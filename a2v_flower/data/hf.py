@@ -39,6 +39,8 @@ def load(spec: HFSpec, cache_dir: Path) -> dict:
     elif src.is_dir():
         with _paths_without_torchcodec():
             found = datasets.load_dataset("audiofolder", data_dir=str(src), cache_dir=str(cache_dir / "datasets"))
+    elif src.is_absolute() or spec.path.startswith((".", "~")):
+        raise FileNotFoundError(f"data.path={spec.path!r}: no such folder (a hub id reads like 'user/dataset')")
     else:  # a hub id: `datasets` downloads it (on a machine with internet) into the cache
         found = datasets.load_dataset(spec.path, cache_dir=str(cache_dir / "datasets"))
     found = {"train": found} if isinstance(found, datasets.Dataset) else dict(found)
@@ -88,7 +90,7 @@ def materialise(spec: HFSpec, splits: dict, folder: Path) -> list[dict]:
     names, by_name = label_names(spec, splits)
     rows, seen, duplicates = [], set(), 0
     for split, d in splits.items():
-        i = -1
+        i, group_names = -1, getattr(d.features.get(spec.group_column), "names", None)  # a ClassLabel's names
         for batch in d.iter(batch_size=64):  # a batch's bytes in memory at a time, not the dataset's
             for audio, label, group in zip(batch[spec.audio_column], batch[spec.label_column],
                                            batch[spec.group_column] if spec.group_column else [None] * 64):
@@ -106,7 +108,7 @@ def materialise(spec: HFSpec, splits: dict, folder: Path) -> list[dict]:
                     write_once(folder / file, data)
                 seen.add(file)
                 rows.append({"file": file, "target": names.index(category), "category": category,
-                             "group": None if group is None else str(group)})
+                             "group": None if group is None else group_names[group] if group_names else str(group)})
     if duplicates:
         log.warning("%s: dropped %d clips whose audio repeats an earlier clip's bytes", spec.path, duplicates)
     return rows
