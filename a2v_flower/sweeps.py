@@ -28,7 +28,8 @@ def read_outcomes(sweep: Path, jobs: int) -> list[tuple[str, bool]]:
     """(run folder, completed) of the `jobs` jobs of the multirun in `sweep`. A job counts as completed only by the
     outcome it wrote; one that wrote none (killed, or its process lost) or left no folder at all counts as failed."""
     found = []
-    for run in sorted(p.parent.parent for p in sweep.glob("*/.hydra/config.yaml")):
+    started = {p.parent.parent for p in sweep.rglob(".hydra/config.yaml")}  # hydra.output_subdir=null: none
+    for run in sorted(started | {p.parent for p in sweep.rglob(OUTCOME)}):
         file = run / OUTCOME
         found.append((str(run), file.is_file() and json.loads(file.read_text()).get("completed") is True))
     return found + [(f"{sweep}/<job {i}: no run folder>", False) for i in range(len(found), jobs)]
