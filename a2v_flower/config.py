@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from a2v_flower import schema
 from a2v_flower.schema import CONF_DIR
 from a2v_flower.data.esc50 import ESC50_GROUPS
+from a2v_flower.data.hf import HFSpec
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
 from a2v_flower.models.audio_encoder import AudioEncoderSpec
@@ -78,6 +79,9 @@ def absolute_paths(cfg: DictConfig, base: str | Path) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value not in (None, "???"):
             OmegaConf.update(cfg, key, str((Path(base) / value).resolve()))
+    hf = OmegaConf.select(cfg, "data.path")  # a local dataset folder, or else a hub id (kept as given)
+    if hf and (Path(base) / hf).exists():
+        OmegaConf.update(cfg, "data.path", str((Path(base) / hf).resolve()))
     return cfg
 
 
@@ -87,8 +91,9 @@ def validate(cfg: DictConfig) -> None:
     The rules live beside their fields in `a2v_flower.schema`; a config loaded from a file is checked
     against the schema's types and keys here too.
     """
-    try:
-        schema.check(cfg)
+    try:  # the config as typed objects: types and keys checked against the schema, then every rule run
+        plain = OmegaConf.create(OmegaConf.to_container(cfg))  # keys added with `+key=` are checked too
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema.Config), plain))
     except OmegaConfBaseException as err:  # unknown key, wrong type, missing value
         msg = str(err.msg).strip().splitlines()[0]
         raise ValueError(f"{err.full_key}: {msg}" if getattr(err, "full_key", None) else msg) from None
@@ -124,10 +129,13 @@ def data_spec(cfg: DictConfig) -> DataSpec:
     if d.kind == "synthetic":
         synthetic = SyntheticSpec(tuple(d.classes), d.clips_per_class, d.seconds, d.sample_rate,
                                   d.noise, d.overlap, d.variation, cfg.seed)
+    hf = None
+    if d.kind == "hf":
+        hf = HFSpec(d.path, tuple(d.hf_splits) if d.hf_splits else None, d.audio_column, d.label_column, d.group_column)
     return DataSpec(cache_dir=cfg.paths.cache_dir, root=d.root,
                     classes=tuple(d.classes) if d.classes else None,
                     folds=tuple(d.folds) if d.get("folds") else None, clip_seconds=d.clip_seconds,
-                    splits=tuple(dict(d.splits).items()), synthetic=synthetic, seed=cfg.seed,
+                    splits=tuple(dict(d.splits).items()), synthetic=synthetic, hf=hf, seed=cfg.seed,
                     duplicates=d.get("duplicates", "drop"))  # absent from configs saved before it existed
 
 
@@ -136,8 +144,9 @@ def partition_spec(cfg: DictConfig) -> PartitionSpec:
     p = cfg.partition
     sites = tuple(tuple(s) for s in p.sites) if p.get("sites") else None
     held = cfg.evaluate.server_share if cfg.evaluate.get("mode", "federated") == "server" else 0.0
-    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed, held,
-                         p.get("clips_per_site", 4))
+    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed,
+                         p.get("min_partition_size", 0), p.get("classes_per_site", 2), p.get("shards_per_site", 2),
+                         held, p.get("clips_per_site", 4))
 
 
 def audio_spec(cfg: DictConfig) -> AudioEncoderSpec:

@@ -31,7 +31,6 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,6 +40,7 @@ from a2v_flower.schema import CONF_DIR  # also registers the config's schema wit
 from a2v_flower.processes import (become_subreaper, die_with_parent, end_stream_after_run, leftovers,  # noqa: F401
                                   reap_orphans, run_process_alive, settle, signals_ignored, stop_local_superlink,
                                   stop_processes)
+from a2v_flower import sweeps
 
 APP_DIR = resources.CHECKOUT  # the checkout (site-packages in a wheel install): the Flower processes' folder
 REFUSED, FAILED = 2, 1  # exit statuses
@@ -242,6 +242,9 @@ def launch(cfg: DictConfig) -> float | None:
         cfg.wandb.name = hydra_cfg.job.override_dirname or cfg.name
     if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.wandb.group:  # a sweep's runs form one wandb group
         cfg.wandb.group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a parallel launcher's worker: its job's processes are its own to stop
+        become_subreaper()
+        sweeps.pin_gpu(hydra_cfg.job.num, str(OmegaConf.select(hydra_cfg, "launcher._target_")))
     config_file = run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml")
     OmegaConf.save(cfg, config_file)
     launch_id = uuid.uuid4().hex[:12]
@@ -255,6 +258,7 @@ def launch(cfg: DictConfig) -> float | None:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     ok, line = outcome(summary, launch_id, code)
     OUTCOMES.append((run_dir, ok))
+    sweeps.write_outcome(run_dir, launch_id, ok, line)  # what the sweep's launching process reads, whatever the launcher
     print(f"{line}; outputs in {run_dir}", flush=True)
     with open(run_dir / "run.log", "a") as out:
         out.write(f"{line}; outputs in {run_dir}\n")
@@ -292,13 +296,6 @@ def interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-class SweepReport(Callback):
-    """After a multirun (`a2v-run -m ...`): one comparison table and plot of all its runs."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        subprocess.run([sys.executable, "-m", "a2v_flower.sweep_report", str(config.hydra.sweep.dir)])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: refuse a bad config in one line (exit 2) before anything is written, then run
     every job; exit 1 unless all of them completed."""
@@ -320,10 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"a2v-run: interrupted; {stopped_line()}", file=sys.stderr)
         raise SystemExit(130) from None
-    failed = [str(d) for d, ok in OUTCOMES if not ok]
+    # a sweep's jobs may have run in other processes (joblib, submitit): their outcomes are read from their folders
+    outcomes = sweeps.read_outcomes(sweeps.SWEEPS[-1], len(cfgs)) if sweeps.SWEEPS else OUTCOMES
+    failed = [str(d) for d, ok in outcomes if not ok]
     if failed:
-        if len(OUTCOMES) > 1:
-            print(f"a2v-run: {len(failed)} of {len(OUTCOMES)} runs FAILED: {', '.join(failed)}", file=sys.stderr)
+        if len(outcomes) > 1:
+            print(f"a2v-run: {len(failed)} of {len(outcomes)} runs FAILED: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(FAILED)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
 from a2v_flower.rules import numbers as _numbers, one_of as _one_of
@@ -21,17 +21,20 @@ class Splits:
 
     def __post_init__(self):
         parts = {"train": self.train, "val": self.val, "test": self.test}
-        _numbers("data.splits.", self, fraction=tuple(parts))
+        _numbers("data.splits.", self, positive=("train",), fraction=tuple(parts))  # sites need training clips
         if abs(sum(parts.values()) - 1) > 1e-6:
             raise ValueError(f"data.splits={parts} is not allowed; expected fractions summing to 1")
-        if self.train == 0:
-            raise ValueError("data.splits.train=0 is not allowed; sites need training clips")
 
 
 @dataclass
 class Data:
-    kind: str = MISSING               # synthetic | esc50
+    kind: str = MISSING               # synthetic | esc50 | hf
     root: Optional[str] = None
+    path: Optional[str] = None        # hf, from here on: hub id, save_to_disk folder or audiofolder directory
+    hf_splits: Optional[list[str]] = None
+    audio_column: str = "audio"
+    label_column: str = "label"
+    group_column: Optional[str] = None
     classes: Optional[list[str]] = None
     folds: Optional[list[int]] = None
     clip_seconds: float = MISSING
@@ -45,25 +48,30 @@ class Data:
     duplicates: str = "drop"          # drop | refuse: clips whose audio repeats an earlier row's
 
     def __post_init__(self):
-        _one_of("data.kind", self.kind, ("synthetic", "esc50"))
+        _one_of("data.kind", self.kind, ("synthetic", "esc50", "hf"))
         _one_of("data.duplicates", self.duplicates, ("drop", "refuse"))
         _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"),
                  non_negative=("noise", "variation"), fraction=("overlap",))
-        if self.kind == "esc50" and self.root in (None, "???"):
-            raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 "
-                             "(the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
+        need = {"esc50": ("root", "set data.root=/path/to/ESC-50 (the folder with audio/ and meta/esc50.csv) or "
+                          "export ESC50_ROOT"), "hf": ("path", "a hub id, a save_to_disk folder or an audiofolder")}
+        if self.kind in need and getattr(self, need[self.kind][0]) in (None, "???"):
+            raise ValueError(f"data.{need[self.kind][0]} is required for data={self.kind}: {need[self.kind][1]}")
 
 
 @dataclass
 class Partition:
-    mode: str = MISSING               # classes | groups | iid | dirichlet | pool
+    mode: str = MISSING               # classes | groups | iid | dirichlet | pathological | shards | pool
     sites: Optional[list[list[str]]] = None
     alpha: float = 0.5
+    min_partition_size: int = 0
+    classes_per_site: int = 2
+    shards_per_site: int = 2
     clips_per_site: int = 4           # pool
 
     def __post_init__(self):
-        _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet", "pool"))
-        _numbers("partition.", self, positive=("alpha", "clips_per_site"))
+        _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet", "pathological", "shards", "pool"))
+        _numbers("partition.", self, positive=("alpha", "classes_per_site", "shards_per_site", "clips_per_site"),
+                 non_negative=("min_partition_size",))
 
 
 @dataclass
@@ -78,8 +86,7 @@ class Audio:
     def __post_init__(self):
         from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
         _numbers("model.audio.", self, positive=("sampling_rate", "max_length", "batch_size"))
-        most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length,
-                                                 tiny=tuple((self.tiny or {}).items())))
+        most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length, tiny=tuple((self.tiny or {}).items())))
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
             raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a "
                              f"summary token and 1..{most - 1} pooled patch tokens: expected 2..{most} "
@@ -386,10 +393,4 @@ class Config:
                              "choose generator=gaussian|vae|cvae|gan or sharing=none")
 
 
-ConfigStore.instance().store(name="schema", node=Config)
-
-
-def check(cfg: DictConfig) -> Config:
-    """The config as typed objects: types and keys checked against the schema, then every rule run."""
-    plain = OmegaConf.create(OmegaConf.to_container(cfg))  # keys added with `+key=` are checked too
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
+ConfigStore.instance().store(name="schema", node=Config)  # config.validate checks a config against it

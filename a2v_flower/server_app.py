@@ -138,6 +138,9 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
     """Run `num_rounds` of adapter federation; save the global adapters and complete `summary`."""
     log.info("run folder: %s", run_dir)
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
+    # the partition this run used, site -> clip ids (ESC-50 file names; a Hugging Face clip's content hash)
+    (run_dir / "partition.json").write_text(json.dumps({"mode": cfg.partition.mode, "seed": cfg.seed, "sites": {
+        str(s): [clips[i].path.name for i in idx] for s, idx in enumerate(sites)}}, indent=1))
     held, schedule = held_classes(clips, sites), C.schedule_of(cfg)  # both checked by preflight.check_run
     sizes = [len(s) for s in sites]
     log.info("%d clips, %d classes, sites hold %s clips", len(clips), len(classes),

@@ -111,18 +111,20 @@ def over_seeds(rows: list[dict], settings: list[str]) -> list[dict]:
 
 
 def wall_seconds(run: Path) -> int | None:
-    """Seconds from the job's start (Hydra writes .hydra/config.yaml first) to summary.json; None without .hydra."""
+    """Seconds from the job's start (Hydra writes .hydra/config.yaml first) to summary.json; None without either."""
     started = run / ".hydra" / "config.yaml"
-    if not started.is_file():
+    if not started.is_file() or not (run / "summary.json").is_file():
         return None
     return round((run / "summary.json").stat().st_mtime - started.stat().st_mtime)
 
 
 def collect(root: Path) -> tuple[list[dict], list[str]]:
     """One row per run folder under `root` (a failed run's row says why, its summary's error, and has no
-    scores), and the config keys that differ between them."""
-    runs = sorted(summary.parent for summary in root.rglob("summary.json"))
-    cfgs = [yaml.safe_load((run / "config.yaml").read_text()) for run in runs]
+    scores), and the config keys that differ between them. A job that started (Hydra wrote its .hydra/) but left no
+    summary, e.g. a parallel launcher's worker that died, has a FAILED row too."""
+    runs = sorted({p.parent for p in root.rglob("summary.json")} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")})
+    cfgs = [yaml.safe_load((run / "config.yaml" if (run / "config.yaml").is_file() else run / ".hydra" / "config.yaml")
+                           .read_text()) for run in runs]
     varying = varying_keys(cfgs) if len(runs) > 1 else []
     rows = []
     for run, cfg in zip(runs, cfgs):
@@ -130,7 +132,11 @@ def collect(root: Path) -> tuple[list[dict], list[str]]:
         metrics = run / "metrics.jsonl"
         lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         evals = [e for e in lines if e["kind"] == "eval"]
-        s = json.loads(summary.read_text())
+        s = json.loads(summary.read_text()) if summary.is_file() else {
+            "error": "no summary.json: the run stopped before its ServerApp wrote one (see its run.log)"}
+        verdict = json.loads((run / "outcome.json").read_text()) if (run / "outcome.json").is_file() else {}
+        if verdict.get("completed") is False and s.get("completed"):  # a summary left by an earlier launch
+            s = {"error": verdict.get("line")}
         why = s.get("error") or f"{s.get('rounds_done')} of {s.get('rounds')} rounds done"
         rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in dict.fromkeys([*KEYS, *varying])},
                      "outcome": "completed" if s.get("completed") else f"FAILED: {why}",

@@ -20,7 +20,8 @@ GROUPS = sorted(p.name for p in C.CONF_DIR.iterdir() if p.is_dir())
 def test_every_group_option_composes_and_validates(group, option, make_cfg):
     needs = {"vae": ["granularity=per_class"], "kd": ["generator=gaussian"], "generator_training": ["generator=gaussian"],
              "use_pretrained": ["generator=gaussian"], "averaged": ["generator=gaussian"],
-             "sequential": ["generator=gaussian"], "pool": ["evaluate.mode=server"]}.get(option, [])
+             "sequential": ["generator=gaussian"], "pool": ["evaluate.mode=server"],
+             "hf": ["data.path=/data/my_audiofolder"]}.get(option, [])
     cfg = make_cfg(f"{group}={option}", "data.root=/data/ESC-50", *needs)
     C.validate(cfg)
     assert OmegaConf.select(cfg, f"{group}") is not None
@@ -142,7 +143,7 @@ def test_generator_groups_are_checked_against_classes(make_cfg):
     ("train.lr=fast", r"train.lr: Value 'fast' .* could not be converted to Float"),
     ("federation.num_cpus=1.5", r"federation.num_cpus: .* could not be converted to Integer"),
     ("data.splits={train: 0.5, val: 0.3, tst: 0.2}", r"data.splits.tst: Key 'tst' not in 'Splits'"),
-    ("data=nope", r"Could not find 'data/nope'; Available options in 'data': esc50, synthetic"),
+    ("data=nope", r"Could not find 'data/nope'; Available options in 'data': esc50, hf, synthetic"),
 ])
 def test_schema_refuses_unknown_keys_and_wrong_types_at_compose_time(override, match, make_cfg):
     with pytest.raises(ValueError, match=match):

@@ -124,3 +124,48 @@ def test_pooled_held_out_sets_keep_the_class_mix(mode, num_sites):
         expected = n / len(CLASSES)
         worst = max(abs(counts[t] - expected) for t in range(len(CLASSES)))
         assert worst <= 4 * expected ** 0.5 + 1, (name, dict(counts))  # 4 sd of a binomial count: noise, not bias
+
+
+def test_dirichlet_seeds_give_sensible_site_sizes():
+    """The default run's shape (10 classes x 32 clips, 3 sites, alpha 0.5) through Flower Datasets'
+    DirichletPartitioner: for seeds 0-4 no site is starved or holds most clips, and each sees most classes."""
+    ten = ["dog", "rooster", "rain", "sea_waves", "crying_baby", "sneezing", "clock_tick", "crackling_fire",
+           "helicopter", "chainsaw"]
+    cs = [Clip(Path(f"{c}-{k}.wav"), 1, t, c) for t, c in enumerate(ten) for k in range(32)]
+    for seed in range(5):
+        parts = partition(cs, "dirichlet", 3, seed)
+        assert sum(map(len, parts)) == 320 and all(32 <= len(p) <= 176 for p in parts), (seed, list(map(len, parts)))
+        assert all(len({cs[i].category for i in p}) >= 7 for p in parts)
+    assert partition(cs, "dirichlet", 3, 0) != partition(cs, "dirichlet", 3, 1)
+
+
+def test_dirichlet_min_partition_size_redraws_or_says_why():
+    cs = clips()
+    assert min(map(len, partition(cs, "dirichlet", 3, 0, alpha=0.5, min_partition_size=15))) >= 15
+    with pytest.raises(ValueError, match=r"partition.mode='dirichlet' \(DirichletPartitioner: alpha=0.5, "
+                                         r"min_partition_size=30.*60 clips, 3 sites\) failed"):
+        partition(cs, "dirichlet", 3, 0, alpha=0.5, min_partition_size=30)
+
+
+def test_pathological_gives_each_site_its_classes_and_covers_them():
+    cs = clips()
+    parts = partition(cs, "pathological", 6, seed=0, classes_per_site=2)
+    check_disjoint(parts, len(cs))
+    held = [{cs[i].category for i in p} for p in parts]
+    assert all(len(h) <= 2 for h in held) and [CLASSES[s] in held[s] for s in range(6)] == [True] * 6
+
+
+def test_shards_deal_equal_sorted_shards():
+    cs = clips()
+    parts = partition(cs, "shards", 3, seed=0, shards_per_site=2)
+    check_disjoint(parts, len(cs))
+    assert [len(p) for p in parts] == [20, 20, 20] and all(len({cs[i].category for i in p}) <= 2 for p in parts)
+
+
+def test_groups_come_from_the_clips_when_they_carry_them():
+    """A Hugging Face dataset's group column names the groups partition=groups deals (not ESC-50's)."""
+    cs = [Clip(c.path, c.fold, c.target, c.category, group="pets" if c.category == "dog" else "other") for c in clips()]
+    parts = partition(cs, "groups", 2, 0, sites=[["pets"], ["other"]])
+    assert {cs[i].category for i in parts[0]} == {"dog"} and len(parts[1]) == 50
+    with pytest.raises(ValueError, match=r"unknown groups \['animals'\]; allowed: \['pets', 'other'\]"):
+        partition(cs, "groups", 2, 0, sites=[["animals"], ["other"]])

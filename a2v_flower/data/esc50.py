@@ -43,6 +43,7 @@ class Clip:
     target: int
     category: str
     line: int = 0  # its line in meta/esc50.csv (the header is line 1)
+    group: str | None = None  # the class's group, from a Hugging Face dataset's group column (None: ESC50_GROUPS)
 
 
 def read_metadata(root: str | Path, folds: list[int] | None = None, classes: list[str] | None = None,
@@ -69,7 +70,7 @@ def read_metadata(root: str | Path, folds: list[int] | None = None, classes: lis
                 raise ValueError(f"{bad}={r[bad]!r} is not allowed; expected a whole number >= 0")
         except ValueError as err:
             raise ValueError(f"{meta}, line {i}: {err}") from None
-    clips = [Clip(root / "audio" / r["filename"], int(r["fold"]), int(r["target"]), r["category"], i)
+    clips = [Clip(root / "audio" / r["filename"], int(r["fold"]), int(r["target"]), r["category"], line=i)
              for i, r in enumerate(rows, start=2)]
     present = sorted({c.category for c in clips})
     if classes is not None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from a2v_flower.cache import TensorCache, file_sha1, sha1_of
 from a2v_flower.data import partition as part_lib
 from a2v_flower.data.esc50 import Clip, load_clip, read_metadata
+from a2v_flower.data.hf import HFSpec, read_clips as read_hf_clips
 from a2v_flower.data.synthetic import SyntheticSpec, generate
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 
@@ -32,6 +33,7 @@ class DataSpec:
     clip_seconds: float = 5.0
     splits: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
     synthetic: SyntheticSpec | None = None  # set: generate the dataset first
+    hf: HFSpec | None = None                # set: a Hugging Face dataset instead of an ESC-50 folder
     seed: int = 0
     duplicates: str = "drop"  # clips whose audio repeats an earlier row's: drop | refuse
 
@@ -45,6 +47,9 @@ class PartitionSpec:
     sites: tuple[tuple[str, ...], ...] | None = None
     alpha: float = 0.5
     seed: int = 0
+    min_partition_size: int = 0   # dirichlet: Flower Datasets redraws until every site holds this many clips
+    classes_per_site: int = 2     # pathological
+    shards_per_site: int = 2      # shards
     held_out: float = 0.0  # evaluate.mode=server: share of each class's clips no site holds (the server's test set)
     per_site: int = 4      # partition=pool: clips each site draws from the shared pool
 
@@ -74,26 +79,33 @@ def dataset_root(data: DataSpec) -> Path:
     return generate(root, data.synthetic)
 
 
+def read_clips(data: DataSpec) -> list[Clip]:
+    """The dataset's clips: a Hugging Face dataset's written into the cache, else an ESC-50 folder's metadata."""
+    classes = list(data.classes) if data.classes else None
+    if data.hf is not None:
+        return read_hf_clips(data.hf, Path(data.cache_dir) / "hf", classes)
+    return read_metadata(dataset_root(data), list(data.folds) if data.folds else None, classes)
+
+
 def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[str], list[list[int]]]:
     """All clips, the class list (ESC-50 target order) and each site's clip indices; validates all. With
     `part.held_out` a seeded, class-stratified share of the clips is in no site: the server's test set.
     Kept per process while the metadata file is unchanged: a simulated actor serves many sites of one run."""
-    meta = dataset_root(data) / "meta" / "esc50.csv"
-    stamp = (meta.stat().st_mtime_ns, meta.stat().st_size) if meta.is_file() else None
+    meta = dataset_root(data) / "meta" / "esc50.csv" if data.hf is None else None
+    stamp = (meta.stat().st_mtime_ns, meta.stat().st_size) if meta is not None and meta.is_file() else None
     return _federation(data, part, stamp)
 
 
 @functools.lru_cache(maxsize=4)
 def _federation(data: DataSpec, part: PartitionSpec, stamp) -> tuple[list[Clip], list[str], list[list[int]]]:
     """`federation`, computed."""
-    clips = read_metadata(dataset_root(data), list(data.folds) if data.folds else None,
-                          list(data.classes) if data.classes else None, data.duplicates)
+    clips = read_clips(data)
     classes = sorted({c.category for c in clips}, key=lambda n: min(c.target for c in clips if c.category == n))
     sites = [list(s) for s in part.sites] if part.sites else None
     held = set(part_lib.held_out([c.target for c in clips], part.held_out, part.seed)) if part.held_out else set()
     keep = [i for i in range(len(clips)) if i not in held]
     parts = part_lib.partition([clips[i] for i in keep], part.mode, part.num_sites, part.seed, sites, part.alpha,
-                               part.per_site)
+                               part.min_partition_size, part.classes_per_site, part.shards_per_site, part.per_site)
     return clips, classes, [[keep[j] for j in p] for p in parts]
 
 
