@@ -115,7 +115,7 @@ def check(argv: list[str]) -> list[DictConfig]:
     for overrides in jobs:
         cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
         preflight.check_run(cfg)
-        C.check_gpus(cfg.federation.num_gpus)
+        C.check_devices(cfg)
         cfgs.append(cfg)
     return cfgs
 

@@ -10,23 +10,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from a2v_flower.rules import numbers as _numbers, one_of as _one_of  # torch-free, like this module
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the YAML whose types this module holds
-
-
-def _numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
-    """ValueError naming `node.name` unless each `positive` field is > 0, `non_negative` >= 0, `fraction` in [0, 1]."""
-    rules = ((positive, "a number > 0", lambda v: v > 0), (non_negative, "a number >= 0", lambda v: v >= 0),
-             (fraction, "a fraction in [0, 1]", lambda v: 0 <= v <= 1))
-    for names, want, ok in rules:
-        for n in names:
-            if not ok(getattr(obj, n)):
-                raise ValueError(f"{node}{n}={getattr(obj, n)!r} is not allowed; expected {want}")
-
-
-def _one_of(key: str, value, allowed: tuple) -> None:
-    """ValueError naming `key` unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
 
 
 @dataclass
@@ -87,10 +73,12 @@ class Audio:
     tokens: int = MISSING
     batch_size: int = MISSING
     tiny: Any = None                  # ASTConfig overrides of the tiny model, e.g. {hidden_size: 64}
+    dtype: str = "float32"            # float16 | bfloat16 only on a GPU (preflight: devices.check_placement)
 
     def __post_init__(self):
         from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
         _numbers("model.audio.", self, positive=("sampling_rate", "max_length", "batch_size"))
+        _one_of("model.audio.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length,
                                                  tiny=tuple((self.tiny or {}).items())))
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
@@ -229,6 +217,16 @@ class Federation:
 
 
 @dataclass
+class Device:                         # auto | cpu | cuda | cuda:N; auto: the GPU this process was handed, else CPU
+    site: str = "auto"                # every model of a site (a Ray actor sees only the GPU Ray gave it)
+    server: str = "auto"              # the ServerApp's models (Ray's driver: it sees every GPU) and a2v-generate
+
+    def __post_init__(self):
+        from a2v_flower.devices import check_setting
+        check_setting("device.site", self.site), check_setting("device.server", self.server)
+
+
+@dataclass
 class Adapter:
     width: int = MISSING
     heads: int = MISSING
@@ -350,6 +348,7 @@ class Config:
     schedule: Any = None              # {site: [{from_round, classes}]}; checked by data.schedule.check_schedule
     resume: Optional[str] = None
     federation: Federation = MISSING
+    device: Device = field(default_factory=Device)  # a run config saved before devices existed loads as auto
     adapter: Adapter = MISSING
     train: Train = MISSING
     replay: Replay = MISSING

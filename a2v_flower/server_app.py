@@ -122,7 +122,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
     n, low, run_yaml = cfg.federation.num_sites, C.min_sites(cfg), OmegaConf.to_yaml(cfg)
     generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
                                   cfg.seed, C.replay_spec(cfg, classes), C.server_generator_spec(cfg),
-                                  kd=cfg.strategy.aggregation == "kd")
+                                  kd=cfg.strategy.aggregation == "kd", device=C.server_device(cfg))
     strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes, generators,
                            fraction_train=cfg.strategy.fraction_train,
                            fraction_evaluate=cfg.strategy.fraction_evaluate,
@@ -148,8 +148,9 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         from a2v_flower.diffusion import Renderer
         from a2v_flower.rendering import RoundRenderer
 
-        render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
-                               classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
+        device = C.server_device(cfg)
+        render = RoundRenderer(Renderer(C.diffusion_spec(cfg, device)), every, run_dir / "images",
+                               classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render, device)
     strategy.clip_images = lambda rnd: cfg.diffusion.clip_images if render and render.due(rnd, cfg.num_rounds) else 0
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

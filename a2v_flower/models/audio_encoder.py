@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from a2v_flower.cache import model_identity, sha1_of
 
 log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION = "sdpa"  # torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on a GPU)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class AudioEncoderSpec:
     batch_size: int = 16
     tiny: tuple[tuple[str, int], ...] | None = None  # ASTConfig overrides of the tiny model
     seed: int = 0
+    dtype: str = "float32"  # the network's weights and activations (float16 | bfloat16 on a GPU only)
 
 
 def compact_tokens(hidden: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -37,20 +40,24 @@ def compact_tokens(hidden: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 class AudioEncoder:
-    """ASTFeatureExtractor + frozen ASTModel, loaded on first use; `encode` maps waveforms to (N, tokens, D).
+    """ASTFeatureExtractor + frozen ASTModel on `device` in `spec.dtype`, loaded on first use; `encode` maps
+    waveforms to (N, tokens, D) float32 CPU tensors (what the cache holds, whatever ran the network).
 
     Its `identity` needs no weights, so a process whose clips are all cached never loads the model.
     """
 
-    def __init__(self, spec: AudioEncoderSpec):
+    def __init__(self, spec: AudioEncoderSpec, device: torch.device | str = "cpu"):
         if spec.tokens < 2:
             raise ValueError(f"model.audio.tokens={spec.tokens} must be >= 2 (summary + pooled patches)")
-        self.spec = spec
+        self.spec, self.device, self.dtype = spec, torch.device(device), DTYPES[spec.dtype]
         self.model = None      # transformers ASTModel, built on first use
         self.extractor = None  # ASTFeatureExtractor
         self.calls = 0  # clips this instance has run through the network
+        # tokens made in bfloat16 or on a GPU differ slightly: their own cache entries. float32 on a CPU adds
+        # nothing, so embeddings cached before devices existed stay valid
+        placement = () if (spec.dtype, self.device.type) == ("float32", "cpu") else (spec.dtype, self.device.type)
         self.identity = sha1_of(model_identity(spec.name_or_path, {"tiny": spec.tiny, "seed": spec.seed}),
-                                spec.max_length, spec.tokens, spec.sampling_rate)
+                                spec.max_length, spec.tokens, spec.sampling_rate, *placement)
 
     def load(self) -> AudioEncoder:
         """Build the tiny random AST (seeded: same weights in every process) or load the named one."""
@@ -62,14 +69,14 @@ class AudioEncoder:
         if spec.name_or_path is None:
             torch.manual_seed(spec.seed)
             config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, **dict(spec.tiny or ()))
-            self.model = ASTModel(config)
+            self.model = ASTModel._from_config(config, attn_implementation=ATTENTION)
             self.extractor = ASTFeatureExtractor(num_mel_bins=128, max_length=spec.max_length,
                                                  sampling_rate=spec.sampling_rate)
         else:
-            self.model = ASTModel.from_pretrained(spec.name_or_path)
+            self.model = ASTModel.from_pretrained(spec.name_or_path, attn_implementation=ATTENTION)
             self.extractor = AutoFeatureExtractor.from_pretrained(spec.name_or_path)
-        self.model.eval().requires_grad_(False)
-        log.info("Loaded audio encoder %s", spec.name_or_path or "tiny-random-AST")
+        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        log.info("Loaded audio encoder %s on %s (%s)", spec.name_or_path or "tiny-random-AST", self.device, spec.dtype)
         return self
 
     @torch.no_grad()
@@ -80,8 +87,9 @@ class AudioEncoder:
         for i in range(0, len(waves), self.spec.batch_size):
             batch = waves[i:i + self.spec.batch_size]
             feats = self.extractor(batch, sampling_rate=self.spec.sampling_rate, return_tensors="pt")
+            feats = {k: v.to(self.device, self.dtype) for k, v in feats.items()}        # input_values (B, F, 128)
             hidden = self.model(**feats).last_hidden_state                               # (B, T, D)
-            out.append(compact_tokens(hidden, self.spec.tokens))
+            out.append(compact_tokens(hidden, self.spec.tokens).float().cpu())          # the cache's form
             self.calls += len(batch)
         return torch.cat(out)
 
