@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class RoundRenderer:
         if not present:
             log.warning("round %s: no class statistics yet, nothing to render", server_round)
             return {}
-        out = adapters.eval()(audio)                                    # per head (C', ...)
+        model = copy.deepcopy(adapters).to(self.device).eval()          # the server's own copy stays on the CPU
+        out = model(audio.to(self.device))                              # per head (C', ...)
         oracle = {h: t[present] for h, t in self.targets.items()}       # true class text embeddings
         images = self.renderer.render_images(out, desc=f"round {server_round}: images from audio")
         oracle_images = self.renderer.render_images(oracle, desc=f"round {server_round}: oracle images")
