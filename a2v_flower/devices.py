@@ -85,3 +85,14 @@ def reset_peak_memory(device: torch.device | str) -> None:
     """Start a new peak for `peak_memory` (nothing on a CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for a CUDA device's queued work (timings); nothing on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device: torch.device | str) -> str:
+    """The GPU's name for a CUDA device ("NVIDIA H100 80GB HBM3"), else "cpu"."""
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
