@@ -299,3 +299,30 @@ def test_a2v_generate_puts_encoder_adapters_and_pipeline_on_one_device(gpu, tmp_
     assert gpu.strays() == []
     with pytest.raises(ValueError, match=r"diffusion.dtype='float16' is not allowed on a CPU \(a2v-generate"):
         A2VPipeline.from_run(run, ["device.server=cpu", "diffusion.dtype=float16"])
+
+
+# ---- docs/gpu.md ----------------------------------------------------------------------------------------------
+
+def gpu_doc_commands() -> list[list[str]]:
+    """The overrides of every `a2v-run` line of docs/gpu.md's command block."""
+    text = (PACKAGE.parent / "docs" / "gpu.md").read_text()
+    return [line.split("#")[0].split()[1:] for line in re.findall(r"^\.venv/bin/a2v-run.*$", text, flags=re.M)]
+
+
+@pytest.mark.parametrize("overrides", gpu_doc_commands())
+def test_every_gpu_doc_command_composes(overrides, make_cfg, monkeypatch):
+    from a2v_flower import config as C
+
+    cfg = make_cfg(*overrides)
+    C.validate(cfg)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)  # the machine the page is about
+    C.check_devices(cfg)
+
+
+def test_gpu_doc_has_its_commands_and_the_actor_table():
+    from benchmarks.bench_gpu import actors_per_gpu
+
+    assert len(gpu_doc_commands()) == 4
+    text = (PACKAGE.parent / "docs" / "gpu.md").read_text()
+    for fraction, actors in actors_per_gpu().items():  # the page's table is what Flower's formula gives
+        assert re.search(rf"^\| {re.escape(fraction)} \| (\*\*)?{actors}\b", text, flags=re.M), fraction
