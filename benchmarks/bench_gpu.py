@@ -145,30 +145,40 @@ def bench_judge(device: torch.device, quick: bool, repeats: int) -> dict:
     return row("CLIP judge", device, took, 8, "image")
 
 
-def ray_placement() -> dict:
-    """4 actors at num_gpus=0.25 and one at 0 on a local Ray: what each sees, and Flower's pool size."""
+def ray_placement(gpus: int | None = None) -> dict:
+    """4 actors at num_gpus=0.25 and one at 0 on a local Ray (`gpus`: the GPUs Ray is told of, None: it counts
+    them): what each sees, and Flower's pool size."""
     import ray
 
     def seen() -> dict:
         return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "cuda_count": devices.cuda_count(),
                 "auto": str(devices.resolve("auto"))}
 
-    ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=5, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         probe = ray.remote(type("Probe", (), {"seen": lambda self: seen()}))
         actors = [probe.options(num_cpus=1, num_gpus=g).remote() for g in (0.25,) * 4 + (0,)]
         rows = [{"num_gpus": g, **s} for g, s in zip((0.25,) * 4 + (0,), ray.get([a.seen.remote() for a in actors]))]
         from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
-        pool = {str(f): pool_size_from_resources({"num_cpus": 1, "num_gpus": f}) for f in (0.5, 0.25, 0.2)}
+        pool = {str(f): pool_size_from_resources({"num_cpus": 1, "num_gpus": as_flower_passes_it(f)})
+                for f in (0.5, 0.25, 0.2)}
         return {"actors": rows, "flower_pool_size_per_num_gpus": pool}
     finally:
         ray.shutdown()
 
 
+def as_flower_passes_it(num_gpus: float) -> float:
+    """`client-resources-num-gpus` as the simulation receives it: through a 32-bit protobuf float (0.2 ->
+    0.20000000298...), so int(1 / it) is one less than 1 / 0.2."""
+    from flwr.proto.federation_config_pb2 import SimulationConfig
+
+    return SimulationConfig(client_resources_num_gpus=num_gpus).client_resources_num_gpus
+
+
 def actors_per_gpu() -> dict:
-    """Actors per GPU Flower's pool gets for a fraction: int(GPUs / num_gpus), num_gpus passed as a float32."""
-    return {str(f): int(1 / float(np.float32(f))) for f in (0.5, 0.33, 0.25, 0.2, 0.125, 0.1)}
+    """Actors per GPU Flower's pool gets for a fraction: int(GPUs / num_gpus) on the value it receives."""
+    return {str(f): int(1 / as_flower_passes_it(f)) for f in (0.5, 0.33, 0.25, 0.2, 0.125, 0.1)}
 
 
 def table(rows: list[dict], device: torch.device) -> list[str]:
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", "| actor num_gpus | CUDA_VISIBLE_DEVICES | GPUs seen | device auto |", "|---|---|---|---|",
                   *(f"| {a['num_gpus']} | {a['CUDA_VISIBLE_DEVICES']} | {a['cuda_count']} | {a['auto']} |"
                     for a in placement["actors"])]
-    lines += ["", "Actors per GPU for a num_gpus fraction (Flower: int(GPUs / num_gpus) on a float32): "
+    lines += ["", "Actors per GPU for a num_gpus fraction (Flower: int(GPUs / num_gpus), num_gpus a 32-bit float): "
               + ", ".join(f"{f} -> {n}" for f, n in result["actors_per_gpu"].items())]
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
