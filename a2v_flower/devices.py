@@ -9,18 +9,10 @@ sees no GPU at all. The ServerApp runs in Ray's driver, which Ray does not accou
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
-SETTING = re.compile(r"auto|cpu|cuda(:\d+)?")
-ALLOWED = "auto | cpu | cuda | cuda:N"
-
-
-def check_setting(key: str, value: str) -> None:
-    """ValueError naming `key` unless `value` is a device setting (its form only: no GPU is looked for)."""
-    if not isinstance(value, str) or not SETTING.fullmatch(value):
-        raise ValueError(f"{key}={value!r} is not allowed; expected one of {ALLOWED}")
+from a2v_flower.rules import device_setting as check_setting  # torch-free: the schema runs it too
 
 
 def cuda_count() -> int:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from a2v_flower.rules import numbers as _numbers, one_of as _one_of  # torch-free, like this module
+from a2v_flower.rules import device_setting as _device, numbers as _numbers, one_of as _one_of  # torch-free
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the YAML whose types this module holds
 
@@ -222,8 +222,7 @@ class Device:                         # auto | cpu | cuda | cuda:N; auto: the GP
     server: str = "auto"              # the ServerApp's models (Ray's driver: it sees every GPU) and a2v-generate
 
     def __post_init__(self):
-        from a2v_flower.devices import check_setting
-        check_setting("device.site", self.site), check_setting("device.server", self.server)
+        _device("device.site", self.site), _device("device.server", self.server)
 
 
 @dataclass

@@ -68,8 +68,9 @@ class AudioEncoder:
         spec = self.spec
         if spec.name_or_path is None:
             torch.manual_seed(spec.seed)
-            config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, **dict(spec.tiny or ()))
-            self.model = ASTModel._from_config(config, attn_implementation=ATTENTION)
+            config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, attn_implementation=ATTENTION,
+                               **dict(spec.tiny or ()))
+            self.model = ASTModel(config)
             self.extractor = ASTFeatureExtractor(num_mel_bins=128, max_length=spec.max_length,
                                                  sampling_rate=spec.sampling_rate)
         else:
