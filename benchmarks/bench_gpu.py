@@ -2,8 +2,8 @@
 
     python benchmarks/bench_gpu.py                         # a GPU machine: CPU vs cuda, Ray placement, peak memory
     python benchmarks/bench_gpu.py --device cpu --quick    # anywhere, in seconds (tiny configs): what the test runs
-    python benchmarks/bench_gpu.py --device cpu --only ast --batches 1 --dtypes float32 --cpu-clips 3
-                                                           # the real AST's CPU cost per clip, nothing else
+    python benchmarks/bench_gpu.py --device cpu --only ast,extractor --batches 1,4 --dtypes float32 --cpu-clips 4 \
+        --repeats 1                                        # the real AST's CPU cost per clip (BENCHMARKS.md)
 
 Random weights of the real configs, so a GPU machine without network can run it: the AST of
 MIT/ast-finetuned-audioset-10-10-0.4593 (transformers' ASTConfig() defaults, 1024 frames), saved with save_pretrained
@@ -34,7 +34,7 @@ import torch
 
 from a2v_flower import devices
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec
+from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, encoder_dim
 from a2v_flower.training import TrainSpec, predict, train_adapters
 
 TINY_AST = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, notes = [], [] if device.type != "cpu" else [f"no GPU (--device {args.device} -> cpu): CPU figures only"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_ast(Path(tmp) / "ast", args.quick)
-        dim = AudioEncoder(AudioEncoderSpec(str(folder))).load().model.config.hidden_size
+        dim = encoder_dim(AudioEncoderSpec(str(folder)))  # the adapters' input width: 768 for the real AST
         for where in targets:
             if "ast" in only:
                 rows += bench_ast(folder, where, batches, args.dtypes.split(","), args.cpu_clips, repeats, seconds)
