@@ -88,7 +88,8 @@ class AudioEncoder:
         for i in range(0, len(waves), self.spec.batch_size):
             batch = waves[i:i + self.spec.batch_size]
             feats = self.extractor(batch, sampling_rate=self.spec.sampling_rate, return_tensors="pt")
-            feats = {k: v.to(self.device, self.dtype) for k, v in feats.items()}        # input_values (B, F, 128)
+            feats = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)  # masks keep theirs
+                     for k, v in feats.items()}                                          # input_values (B, F, 128)
             hidden = self.model(**feats).last_hidden_state                               # (B, T, D)
             out.append(compact_tokens(hidden, self.spec.tokens).float().cpu())          # the cache's form
             self.calls += len(batch)
