@@ -82,11 +82,11 @@ class A2VPipeline:
         if heads != need:
             raise ValueError(f"{run_dir / 'adapters.safetensors'} has adapter heads {heads} but diffusion.type="
                              f"{cfg.diffusion.type!r} needs {need}")
-        targets = class_targets(meta["classes"], cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                                C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
         audio, device = C.audio_spec(cfg), C.server_device(cfg)  # a2v-generate: one process, every GPU in sight
         devices.check_placement(device.type, audio.dtype, cfg.diffusion.dtype, cfg.diffusion.cpu_offload,
                                 who=f"a2v-generate (device.server={str(device)!r})")
+        targets = class_targets(meta["classes"], cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
+                                C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"), device)
         adapters = build_adapters(encoder_dim(audio), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed,
                                   OmegaConf.select(cfg, "adapter.kind", default="attention"),  # runs before issue 15
                                   OmegaConf.select(cfg, "adapter.rank", default=64))

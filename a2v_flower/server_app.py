@@ -110,7 +110,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                     cfg.evaluate.split, no_eval[:5])
     summary["sites_without_eval_clips"] = len(no_eval)
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                            C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
+                            C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"), C.server_device(cfg))
     dim = encoder_dim(C.audio_spec(cfg))
 
     def make_adapters():

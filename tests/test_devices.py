@@ -214,12 +214,13 @@ SITE = ("generator=cvae", "generator.epochs=2", "generator.hidden=32", "train.lo
 
 
 @pytest.mark.parametrize("where", ["cpu", "gpu"])
-def test_site_handlers_put_every_model_on_the_site_device(where, make_cfg, task_identity, monkeypatch, request):
-    placement = request.getfixturevalue(where)
-    monkeypatch.setattr(client_app, "_SITES", {})  # embedded afresh: the encoder runs too
+def test_site_handlers_put_every_model_on_the_site_device(where, make_cfg, task_identity, monkeypatch, request,
+                                                         tmp_path):
+    monkeypatch.setattr(client_app, "_SITES", {})  # embedded afresh (a cache of its own): the encoder runs too
     monkeypatch.setattr(client_app, "_ENCODERS", {})
-    cfg = make_cfg(*SITE, f"device.site={'cuda' if where == 'gpu' else 'cpu'}")
-    _, targets, adapters = setup(cfg)
+    cfg = make_cfg(*SITE, f"device.site={'cuda' if where == 'gpu' else 'cpu'}", f"paths.cache_dir={tmp_path}/cache")
+    _, targets, adapters = setup(cfg)  # what the server sends (its text encoders run before the site's handlers)
+    placement = request.getfixturevalue(where)
     node = context()
     reply = client_app.train(message(cfg, adapters, targets), node)
     assert reply.content["metrics"]["gen_classes_measured"] > 0  # generators trained and sampled
@@ -230,7 +231,19 @@ def test_site_handlers_put_every_model_on_the_site_device(where, make_cfg, task_
     assert placement.devices == {"cpu"}  # and what travels: on the CPU (the reply's arrays are numpy)
 
 
-# ---- placement: the server's kd, refinement and generators ---------------------------------------------------------
+# ---- placement: the server's kd, refinement, generators and class targets ---------------------------------------
+
+@pytest.mark.parametrize("diffusion", ["sd", "flux"])
+def test_class_targets_are_made_on_the_server_device(diffusion, gpu, tmp_path):
+    from a2v_flower.cache import TensorCache
+    from a2v_flower.models.text_encoders import TextSpec, class_targets
+
+    targets = class_targets(["dog", "rain"], "a photo of a {}", diffusion, TextSpec(None, "", None, "", 0), 16,
+                            TensorCache(tmp_path), device="cuda")
+    want = {"CLIPTextModel"} | ({"T5EncoderModel"} if diffusion == "flux" else set())
+    assert gpu.names() == want and gpu.strays() == []
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in targets.values())  # cached, sent
+
 
 def server_generators(device) -> tuple[ServerGenerators, dict]:
     """Two sites' statistics and cvae generators, a server generator, kd and refinement: (server, teachers)."""
