@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from a2v_flower.models.generators.stats import ServerGeneratorSpec
 from a2v_flower.site_generators import check_reset_layers
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -111,11 +114,14 @@ def check_gpus(num_gpus: float) -> None:
 def check_devices(cfg: DictConfig) -> None:
     """A simulation on this machine: its GPUs suit federation.num_gpus and the device keys, and no float16/bfloat16
     model, pipeline or CPU offload lands on a CPU (sites: in Ray's actors; the server: in Ray's driver)."""
-    check_gpus(cfg.federation.num_gpus)
-    site = devices.site_device_class(cfg.device.site, cfg.federation.num_gpus)
-    d = cfg.diffusion
+    f, d = cfg.federation.num_gpus, cfg.diffusion
+    check_gpus(f)
+    if 0 < f < 1 and (per := devices.actors_per_gpu(f)) < round(1 / f):  # legal, but not what it says
+        log.warning("federation.num_gpus=%s puts %d sites on a GPU, not %d (Flower receives it as a 32-bit float); "
+                    "a fraction such as 0.25 or 0.125 gives the count it says", f, per, round(1 / f))
+    site = devices.site_device_class(cfg.device.site, f)
     devices.check_placement(site, cfg.model.audio.dtype, d.dtype if d.clip_images and d.render_every else None,
-                            who=f"a site (device.site={cfg.device.site!r}, federation.num_gpus={cfg.federation.num_gpus})")
+                            who=f"a site (device.site={cfg.device.site!r}, federation.num_gpus={f})")
     server = server_device(cfg).type
     devices.check_placement(server, diffusion_dtype=d.dtype if d.render_every else None,
                             cpu_offload=d.cpu_offload and bool(d.render_every),

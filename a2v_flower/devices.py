@@ -9,6 +9,7 @@ sees no GPU at all. The ServerApp runs in Ray's driver, which Ray does not accou
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -46,6 +47,12 @@ def site_device_class(setting: str, num_gpus: float) -> str:
                f"a site's actor sees {visible} GPU(s) (federation.num_gpus={num_gpus}, {cuda_count()} on this machine)")
         raise ValueError(f"device.site={setting!r} is not allowed with {why}; use device.site=auto or cpu")
     return "cpu" if setting == "cpu" else "cuda"
+
+
+def actors_per_gpu(num_gpus: float) -> int:
+    """Sites Flower's actor pool puts on one GPU for a fraction: int(1 / num_gpus), num_gpus as the simulation
+    receives it, a 32-bit protobuf float (0.2 arrives as 0.2000000030: 4 sites, not 5)."""
+    return int(1 / struct.unpack("f", struct.pack("f", num_gpus))[0])
 
 
 def check_placement(device_class: str, audio_dtype: str | None = None, diffusion_dtype: str | None = None,

@@ -187,8 +187,9 @@ def table(rows: list[dict], device: torch.device) -> list[str]:
     for name in dict.fromkeys(r["figure"] for r in rows):
         by = {r["device"]: r for r in rows if r["figure"] == name}
         cpu, dev = by.get("cpu"), by.get(str(device)) if device.type != "cpu" else None
-        cells = ["%.1f (%.1f)" % (cpu["ms"], cpu["cpu_ms"]) if cpu else "not run (--cpu-clips)", "%.1f" % dev["ms"] if dev else "no GPU",
-                 "%.1fx" % (cpu["ms"] / dev["ms"]) if cpu and dev else "n/a", "%.0f" % dev["peak_mb"] if dev else "-"]
+        cells = ["%.1f (%.1f)" % (cpu["ms"], cpu["cpu_ms"]) if cpu else "not run (--cpu-clips)",
+                 "%.1f" % dev["ms"] if dev else "no GPU", "%.1fx" % (cpu["ms"] / dev["ms"]) if cpu and dev else "n/a",
+                 "%.0f" % dev["peak_mb"] if dev else "-"]
         lines.append(f"| {name} (per {(cpu or dev)['per']}) | " + " | ".join(cells) + " |")
     return lines
 
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "gpu.json").write_text(json.dumps(result, indent=2))
     gpu = f", {info['gpu']}" if info["gpu"] else ""
     lines = [f"`{info['command']}` ({info['cpus']} CPUs, {info['torch_threads']} torch threads, load average "
-             f"{info['load_avg']:.1f} at the end, device {device}{gpu}, torch {torch.__version__}):", "", *table(rows, device), "", *(f"- {n}" for n in notes)]
+             f"{info['load_avg']:.1f} at the end, device {device}{gpu}, torch {torch.__version__}):", "",
+             *table(rows, device), "", *(f"- {n}" for n in notes)]
     if placement:
         lines += ["", "| actor num_gpus | CUDA_VISIBLE_DEVICES | GPUs seen | device auto |", "|---|---|---|---|",
                   *(f"| {a['num_gpus']} | {a['CUDA_VISIBLE_DEVICES']} | {a['cuda_count']} | {a['auto']} |"

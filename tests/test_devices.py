@@ -120,6 +120,18 @@ def test_a_sites_device_follows_what_ray_shows_its_actor(monkeypatch):
         devices.site_device_class("cuda:1", 0.25)
 
 
+def test_an_odd_gpu_fraction_is_run_with_a_warning(make_cfg, monkeypatch, caplog):
+    from a2v_flower import config as C
+    from benchmarks.bench_gpu import actors_per_gpu
+
+    assert {str(f): devices.actors_per_gpu(f) for f in (0.5, 0.33, 0.25, 0.2, 0.125, 0.1)} == actors_per_gpu()
+    monkeypatch.setattr(devices, "cuda_count", lambda: 1)
+    C.check_devices(make_cfg("federation.num_gpus=0.25"))
+    assert not caplog.records
+    C.check_devices(make_cfg("federation.num_gpus=0.2"))
+    assert "federation.num_gpus=0.2 puts 4 sites on a GPU, not 5" in caplog.text
+
+
 def cuda_queries(source: str) -> list[str]:
     """Every use of torch.cuda in `source`: `<x>.cuda.<attr>` chains and imports of torch.cuda or its names."""
     found = []
@@ -136,7 +148,8 @@ def cuda_queries(source: str) -> list[str]:
 def test_only_the_resolver_asks_torch_about_gpus():
     planted = "import torch\nfrom torch import cuda\nok = torch.cuda.is_available() or torch.cuda.device_count()\n"
     assert cuda_queries(planted) == ["from torch import cuda", "torch.cuda.is_available", "torch.cuda.device_count"]
-    users = {str(p.relative_to(PACKAGE)): q for p in sorted(PACKAGE.rglob("*.py")) if (q := cuda_queries(p.read_text()))}
+    users = {str(p.relative_to(PACKAGE)): q for p in sorted(PACKAGE.rglob("*.py"))
+             if (q := cuda_queries(p.read_text()))}
     assert set(users) == {"devices.py"}, users
     assert "torch.cuda.is_available" in users["devices.py"]
 
@@ -271,7 +284,7 @@ def test_server_training_runs_on_the_server_device(where, request):
     glob = build_adapters(8, TARGETS, 16, 2, 0)
     placement.ran.clear()
     arrays, out = server.server_training(1, ArrayRecord(glob.state_dict()), teachers)
-    assert out["server/kd_loss"] >= 0 and out["server/adapter_finetuning_loss"] >= 0 and out["server/generator_loss"] >= 0
+    assert min(out[f"server/{k}"] for k in ("kd_loss", "adapter_finetuning_loss", "generator_loss")) >= 0
     assert {"AdapterSet", "StatsGenerator", "Sequential"} <= {type(m).__name__ for m in placement.ran.values()}
     if where == "gpu":
         assert {"AdapterSet", "StatsGenerator", "CVAEGenerator"} <= placement.names() and placement.strays() == []
@@ -286,7 +299,8 @@ def test_render_rounds_use_the_server_device_and_keep_one_judge(gpu, tmp_path, m
 
     built = []
     real = diffusion.ImageJudge.tiny.__func__
-    monkeypatch.setattr(diffusion.ImageJudge, "tiny", classmethod(lambda cls, **kw: built.append(kw) or real(cls, **kw)))
+    monkeypatch.setattr(diffusion.ImageJudge, "tiny",
+                        classmethod(lambda cls, **kw: built.append(kw) or real(cls, **kw)))
     classes, targets = ["dog", "rain"], {"clip": torch.randn(2, 77, 768)}
     rr = RoundRenderer(Renderer(DiffusionSpec("sd", device="cuda")), 1, tmp_path, classes, targets, None,
                        device="cuda")
