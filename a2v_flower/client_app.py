@@ -50,10 +50,10 @@ def _site(msg: Message, context: Context) -> tuple:
     n = context.node_config.get("num-partitions")
     if n is not None and int(n) != cfg.federation.num_sites:
         raise ValueError(f"SuperNode num-partitions={n} but federation.num_sites={cfg.federation.num_sites}")
-    data, part, aspec = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
-    if aspec not in _ENCODERS:  # setdefault would build (and hash) a new encoder on every message
-        _ENCODERS[aspec] = AudioEncoder(aspec)
-    encoder = _ENCODERS[aspec]
+    data, part, aspec, device = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg), C.site_device(cfg)
+    if (aspec, device) not in _ENCODERS:  # setdefault would build (and hash) a new encoder on every message
+        _ENCODERS[aspec, device] = AudioEncoder(aspec, device)
+    encoder = _ENCODERS[aspec, device]
     key = (data, part, aspec, site_id)
     if key not in _SITES:
         if len(_SITES) >= MEMO_SITES:  # a simulated actor serves many of 1000 sites: keep the latest only
@@ -77,7 +77,7 @@ def _setup(msg: Message, context: Context):
     own = cfg.strategy.aggregation == "none" and "adapters" in context.state
     if own or "arrays" in msg.content:  # "train.generators" messages carry no adapters
         adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
-    adapters.to("cuda" if torch.cuda.is_available() else "cpu")  # each process picks CUDA when present
+    adapters.to(C.site_device(cfg))  # device.site: auto = the GPU Ray handed this actor, else the CPU
     return cfg, site_id, site, targets, adapters
 
 
@@ -144,7 +144,8 @@ def train(msg: Message, context: Context) -> Message:
             extra["generators"] = to_record(flatten({k: site_generators.weights_only(v) for k, v in states.items()}))
         elif replay.sharing == "averaged":
             extra["generators"] = to_record(flatten(states))
-        figures |= site_generators.generator_quality(states, x, y, adapters, site.classes, replay, targets)
+        figures |= site_generators.generator_quality(states, x, y, adapters, site.classes, replay, targets,
+                                                     C.site_device(cfg))
         per_key = {k[4:]: v for k, v in figures.items() if k.startswith("gen/")}  # "<key>/<figure>"
         figures = {k: v for k, v in figures.items() if not k.startswith("gen/")}
         extra["generator_report"] = ConfigRecord(per_key)  # keys differ between sites: not a MetricRecord
@@ -254,7 +255,7 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
         states, losses = site_generators.train_site_generators(
             states, seen, x, y, classes, replay.granularity, replay.groups, replay.generator, targets,
             replay.reset_on_new_classes, scheduled_reset=scheduled, layers=replay.reset_layers, val=val, resets=resets,
-            moments=kept, site=site_id)
+            moments=kept, site=site_id, device=C.site_device(cfg))
         context.state["class_moments"] = to_record(kept | site_generators.class_moments(x, y))
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
@@ -297,7 +298,7 @@ def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, 
     root = (Path(str(context.node_config["image-dir"])) if "image-dir" in context.node_config
             else Path(OmegaConf.select(cfg, "paths.run_dir") or cfg.paths.output_root) / "images")
     folder = root / f"round_{rnd:03d}" / f"site_{site_id}"
-    renderer = Renderer(C.diffusion_spec(cfg))
+    renderer = Renderer(C.diffusion_spec(cfg, C.site_device(cfg)))
     images = renderer.render_images(predict(adapters, x[order]), desc=f"site {site_id}: held-out clip images")
     renderer.free()
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from a2v_flower import schema
+from a2v_flower import devices, schema
 from a2v_flower.schema import CONF_DIR
 from a2v_flower.data.esc50 import ESC50_GROUPS
 from a2v_flower.data.hf import HFSpec
@@ -23,6 +25,8 @@ from a2v_flower.models.generators.stats import ServerGeneratorSpec
 from a2v_flower.site_generators import check_reset_layers
 from a2v_flower.models.text_encoders import TextSpec
 from a2v_flower.training import TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -107,11 +111,36 @@ def min_sites(cfg: DictConfig) -> int:
 
 def check_gpus(num_gpus: float) -> None:
     """A GPU fraction on a machine without CUDA fails inside Ray with 'ActorPool is empty': say why first."""
-    import torch
-
-    if num_gpus > 0 and not torch.cuda.is_available():
+    if num_gpus > 0 and not devices.cuda_count():
         raise ValueError(f"federation.num_gpus={num_gpus} but this machine has no CUDA GPU; "
                          "use federation.num_gpus=0 here")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """A simulation on this machine: its GPUs suit federation.num_gpus and the device keys, and no float16/bfloat16
+    model, pipeline or CPU offload lands on a CPU (sites: in Ray's actors; the server: in Ray's driver)."""
+    f, d = cfg.federation.num_gpus, cfg.diffusion
+    check_gpus(f)
+    if 0 < f < 1 and (per := devices.actors_per_gpu(f)) < round(1 / f):  # legal, but not what it says
+        log.warning("federation.num_gpus=%s puts %d sites on a GPU, not %d (Flower receives it as a 32-bit float); "
+                    "a fraction such as 0.25 or 0.125 gives the count it says", f, per, round(1 / f))
+    site = devices.site_device_class(cfg.device.site, f)
+    devices.check_placement(site, cfg.model.audio.dtype, d.dtype if d.clip_images and d.render_every else None,
+                            who=f"a site (device.site={cfg.device.site!r}, federation.num_gpus={f})")
+    server = server_device(cfg).type
+    devices.check_placement(server, diffusion_dtype=d.dtype if d.render_every else None,
+                            cpu_offload=d.cpu_offload and bool(d.render_every),
+                            who=f"the server (device.server={cfg.device.server!r})")
+
+
+def site_device(cfg: DictConfig) -> torch.device:
+    """The device of every model of a site in this process (device.site; auto: the GPU Ray handed it, else CPU)."""
+    return devices.resolve(OmegaConf.select(cfg, "device.site", default="auto"), "device.site")
+
+
+def server_device(cfg: DictConfig) -> torch.device:
+    """The device of the ServerApp's models and of a2v-generate (device.server; auto: the first GPU, else CPU)."""
+    return devices.resolve(OmegaConf.select(cfg, "device.server", default="auto"), "device.server")
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -153,7 +182,8 @@ def audio_spec(cfg: DictConfig) -> AudioEncoderSpec:
     """Audio encoder spec from `model.audio.*`."""
     a = cfg.model.audio
     tiny = tuple(sorted(dict(a.tiny).items())) if a.get("tiny") else None
-    return AudioEncoderSpec(a.name_or_path, a.sampling_rate, a.max_length, a.tokens, a.batch_size, tiny, cfg.seed)
+    return AudioEncoderSpec(a.name_or_path, a.sampling_rate, a.max_length, a.tokens, a.batch_size, tiny, cfg.seed,
+                            a.get("dtype", "float32"))  # a run saved before model.audio.dtype: float32
 
 
 def text_spec(cfg: DictConfig) -> TextSpec:
@@ -174,13 +204,13 @@ def t5_seq_len(cfg: DictConfig) -> int:
     return int(cfg.diffusion.get("t5_seq_len", 16))
 
 
-def diffusion_spec(cfg: DictConfig):
-    """Rendering pipeline spec from `diffusion.*` (diffusers is imported only where images are made)."""
+def diffusion_spec(cfg: DictConfig, device: torch.device):
+    """Rendering pipeline spec from `diffusion.*`, on `device` (diffusers is imported only where images are made)."""
     from a2v_flower.diffusion import DiffusionSpec
 
     d = cfg.diffusion
     return DiffusionSpec(d.type, d.name_or_path, d.steps, d.guidance_scale, d.height, d.width, cfg.seed, d.dtype,
-                         d.cpu_offload, d.attention_slicing)
+                         d.cpu_offload, d.attention_slicing, str(device))
 
 
 def server_generator_spec(cfg: DictConfig) -> ServerGeneratorSpec | None:

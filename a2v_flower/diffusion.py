@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from a2v_flower import devices
 from a2v_flower.models.text_encoders import CLIP_DIM, CLIP_SEQ_LEN, T5_DIM, tiny_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,13 @@ class DiffusionSpec:
     dtype: str = "float32"
     cpu_offload: bool = False         # model CPU offload; only with CUDA
     attention_slicing: bool = False   # SD UNet only; FLUX has no sliced attention
-    device: str = "auto"              # "auto" = cuda if available, else cpu
+    device: str = "auto"              # a device setting (devices.py): auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
         if self.type not in ("sd", "flux"):
             raise ValueError(f"diffusion.type={self.type!r} is not allowed; expected 'sd' or 'flux'")
         if self.dtype not in DTYPES:
             raise ValueError(f"diffusion.dtype={self.dtype!r} is not allowed; expected one of {list(DTYPES)}")
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when CUDA is available, else "cpu"; anything else unchanged."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _counted(pipe):
@@ -113,10 +109,12 @@ def load_pipeline(spec: DiffusionSpec):
         pipe = _counted(FluxPipeline.from_pretrained(
             spec.name_or_path, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
             torch_dtype=dtype))
-    if spec.cpu_offload and torch.cuda.is_available():
-        pipe.enable_model_cpu_offload()  # moves each model to the GPU only while it runs
+    device = devices.resolve(spec.device)
+    if spec.cpu_offload:  # preflight refuses it without CUDA; a library call is told here, not ignored
+        devices.check_placement(device.type, cpu_offload=True, who=f"the pipeline (device {device})")
+        pipe.enable_model_cpu_offload(device=device)  # moves each model to the GPU only while it runs
     else:
-        pipe.to(resolve_device(spec.device))
+        pipe.to(device)
     if spec.attention_slicing:
         if spec.type == "flux":
             log.warning("diffusion.attention_slicing has no effect on FLUX (its transformer has no sliced attention)")
@@ -174,7 +172,7 @@ class Renderer:
     """Holds a DiffusionSpec and builds its pipeline only when the first image is asked for."""
 
     def __init__(self, spec: DiffusionSpec):
-        self.spec = spec
+        self.spec, self.device = spec, devices.resolve(spec.device)
         self.pipe = None
 
     def render_images(self, embeds: dict[str, torch.Tensor], batch_size: int = 8,
@@ -196,8 +194,7 @@ class Renderer:
         del self.pipe
         self.pipe = None
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        devices.empty_cache(self.device)
 
 
 def save_grid(rows: list[tuple[str, list[Image.Image]]], path: str | Path,
@@ -267,16 +264,17 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, f
 class ImageJudge:
     """CLIP zero-shot classifier of rendered images: "This is a photo of {class}."."""
 
-    def __init__(self, model: CLIPModel, processor: CLIPProcessor, device: str = "cpu"):
-        self.model, self.processor, self.device = model.eval().to(device), processor, device
+    def __init__(self, model: CLIPModel, processor: CLIPProcessor, device: torch.device | str = "cpu"):
+        self.model, self.processor, self.device = model.eval().to(device), processor, torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str = "cpu") -> ImageJudge:
+    def from_pretrained(cls, name_or_path: str, device: torch.device | str = "cpu") -> ImageJudge:
         """A real CLIP from a hub id or local folder."""
         return cls(CLIPModel.from_pretrained(name_or_path), CLIPProcessor.from_pretrained(name_or_path), device)
 
     @classmethod
-    def tiny(cls, seed: int = 0, image_size: int = 32, patch_size: int = 8, device: str = "cpu") -> ImageJudge:
+    def tiny(cls, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+             device: torch.device | str = "cpu") -> ImageJudge:
         """A random 32-d, 1-layer CLIP with the offline character tokenizer (for tests)."""
         tok = tiny_clip_tokenizer()
         tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

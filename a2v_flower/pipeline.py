@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from a2v_flower import config as C
+from a2v_flower import devices
 from a2v_flower.cache import TensorCache
 from a2v_flower.checkpoints import load_tensors
 from a2v_flower.data.esc50 import load_clip
@@ -47,12 +48,15 @@ class A2VPipelineOutput:
 
 
 class A2VPipeline:
-    """A run's global adapters between its frozen audio encoder and its diffusion pipeline (SD or FLUX)."""
+    """A run's global adapters between its frozen audio encoder and its diffusion pipeline (SD or FLUX), all three
+    on one device (the adapters' device; from_run: device.server)."""
 
     def __init__(self, adapters: AdapterSet, encoder: AudioEncoder, renderer: Renderer,
                  targets: dict[str, torch.Tensor], classes: list[str], num_samples: int):
         self.adapters, self.encoder, self.renderer = adapters.eval(), encoder, renderer
-        self.targets, self.classes, self.num_samples = targets, classes, num_samples
+        self.device = next(adapters.parameters()).device
+        self.targets = {h: t.to(self.device) for h, t in targets.items()}
+        self.classes, self.num_samples = classes, num_samples
 
     @classmethod
     def from_run(cls, run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> A2VPipeline:
@@ -66,6 +70,8 @@ class A2VPipeline:
                 raise FileNotFoundError(f"run folder {str(run_dir)!r} has no {name}; expected the folder of a "
                                         "finished run (a2v-run prints it on its last line)")
         cfg = OmegaConf.load(run_dir / "config.yaml")
+        cfg = OmegaConf.merge({"device": {"site": "auto", "server": "auto"}, "model": {"audio": {"dtype": "float32"}}},
+                              cfg)  # a run saved before these keys existed: their defaults, so overrides may set them
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep or OmegaConf.select(cfg, key, default=_UNSET) is _UNSET:
@@ -80,16 +86,18 @@ class A2VPipeline:
         if heads != need:
             raise ValueError(f"{run_dir / 'adapters.safetensors'} has adapter heads {heads} but diffusion.type="
                              f"{cfg.diffusion.type!r} needs {need}")
+        audio, device = C.audio_spec(cfg), C.server_device(cfg)  # a2v-generate: one process, every GPU in sight
+        devices.check_placement(device.type, audio.dtype, cfg.diffusion.dtype, cfg.diffusion.cpu_offload,
+                                who=f"a2v-generate (device.server={str(device)!r})")
         targets = class_targets(meta["classes"], cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                                C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
-        audio = C.audio_spec(cfg)
+                                C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"), device)
         adapters = build_adapters(encoder_dim(audio), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed,
                                   OmegaConf.select(cfg, "adapter.kind", default="attention"),  # older runs lack it
                                   OmegaConf.select(cfg, "adapter.rank", default=64))
         adapters.load_state_dict(state)  # the target space (shift, scale) comes from the same targets
         adapters.set_input_norm(norm or None)  # the federation's input standardisation, saved beside the weights
-        return cls(adapters, AudioEncoder(audio), Renderer(C.diffusion_spec(cfg)), targets, meta["classes"],
-                   int(cfg.data.clip_seconds * audio.sampling_rate))
+        return cls(adapters.to(device), AudioEncoder(audio, device), Renderer(C.diffusion_spec(cfg, device)), targets,
+                   meta["classes"], int(cfg.data.clip_seconds * audio.sampling_rate))
 
     def load(self, clip: str | Path | np.ndarray) -> tuple[np.ndarray, int]:
         """A clip as the encoder takes it and its samples holding sound: any file `load_clip` reads, or a mono
@@ -111,7 +119,7 @@ class A2VPipeline:
     def __call__(self, audio: str | Path | np.ndarray | list) -> A2VPipelineOutput:
         """One image per clip; every clip is read before anything is computed, so a bad one fails first."""
         waves, lengths = zip(*[self.load(clip) for clip in (audio if isinstance(audio, list) else [audio])])
-        out = self.adapters(self.encoder.encode(list(waves), list(lengths)))  # per head (N, ...)
+        out = self.adapters(self.encoder.encode(list(waves), list(lengths)).to(self.device))  # per head (N, ...)
         sim = similarity(out, self.targets)                                  # (N, C)
         images = self.renderer.render_images(out, desc="images from audio")
         return A2VPipelineOutput(images, [self.classes[i] for i in sim.argmax(1).tolist()],

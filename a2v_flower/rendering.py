@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -16,12 +17,23 @@ log = logging.getLogger(__name__)
 
 
 class RoundRenderer:
-    """Renders, saves and judges one image per class each `every` rounds; the pipeline loads lazily."""
+    """Renders, saves and judges one image per class each `every` rounds; the pipeline loads lazily, the judge
+    (CLIP, on `device`) on the first render round and is kept for the later ones."""
 
     def __init__(self, renderer: Renderer, every: int, out_dir: Path, classes: list[str],
-                 targets: dict[str, torch.Tensor], judge_id: str | None, free_after: bool = True):
+                 targets: dict[str, torch.Tensor], judge_id: str | None, free_after: bool = True,
+                 device: torch.device | str = "cpu"):
         self.renderer, self.every, self.out_dir = renderer, every, Path(out_dir)
         self.classes, self.targets, self.judge_id, self.free_after = classes, targets, judge_id, free_after
+        self.device, self._judge = torch.device(device), None
+
+    @property
+    def judge(self) -> ImageJudge:
+        """The CLIP judge, built on first use and kept (it is small beside a pipeline, and slow to load)."""
+        if self._judge is None:
+            self._judge = (ImageJudge.from_pretrained(self.judge_id, self.device) if self.judge_id
+                           else ImageJudge.tiny(device=self.device))
+        return self._judge
 
     def due(self, server_round: int, last_round: int) -> bool:
         """Render in every `every`-th round and in the last one (never when every = 0)."""
@@ -41,14 +53,14 @@ class RoundRenderer:
         if not present:
             log.warning("round %s: no class statistics yet, nothing to render", server_round)
             return {}
-        out = adapters.eval()(audio)                                    # per head (C', ...)
+        model = copy.deepcopy(adapters).to(self.device).eval()          # the server's own copy stays on the CPU
+        out = model(audio.to(self.device))                              # per head (C', ...)
         oracle = {h: t[present] for h, t in self.targets.items()}       # true class text embeddings
         images = self.renderer.render_images(out, desc=f"round {server_round}: images from audio")
         oracle_images = self.renderer.render_images(oracle, desc=f"round {server_round}: oracle images")
         if self.free_after:
             self.renderer.free()
-        judge = ImageJudge.from_pretrained(self.judge_id) if self.judge_id else ImageJudge.tiny()
-        cos, oracle_cos = judge.scores(images, self.classes), judge.scores(oracle_images, self.classes)  # (C', C)
+        cos, oracle_cos = (self.judge.scores(im, self.classes) for im in (images, oracle_images))  # (C', C) each
         metrics = {f"images/{k}": v for k, v in judge_metrics(cos, present).items()}
         metrics |= {f"oracle_images/{k}": v for k, v in judge_metrics(oracle_cos, present).items()}
         folder = self.out_dir / f"round_{server_round:03d}"

@@ -1,6 +1,10 @@
-"""The two rules most config fields follow, worded the one way every refusal is: key, value, what is allowed."""
+"""The schema's rule helpers: a ValueError that names the key, the value and what is allowed (no torch)."""
 
 from __future__ import annotations
+
+import re
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # a device setting (a2v_flower.devices resolves it)
 
 
 def numbers(node: str, obj, positive: tuple = (), non_negative: tuple = (), fraction: tuple = ()) -> None:
@@ -17,3 +21,9 @@ def one_of(key: str, value, allowed: tuple) -> None:
     """ValueError naming `key` unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def device_setting(key: str, value) -> None:
+    """ValueError naming `key` unless `value` is a device setting (its form only: no GPU is looked for)."""
+    if not isinstance(value, str) or not DEVICE.fullmatch(value):
+        raise ValueError(f"{key}={value!r} is not allowed; expected one of auto | cpu | cuda | cuda:N")

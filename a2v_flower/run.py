@@ -116,7 +116,7 @@ def check(argv: list[str]) -> list[DictConfig]:
     for overrides in jobs:
         cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
         preflight.check_run(cfg)
-        C.check_gpus(cfg.federation.num_gpus)
+        C.check_devices(cfg)
         if warning := preflight.long_run_warning(cfg, len(cfg.data.classes) if cfg.data.classes else 50):
             print(f"a2v-run: warning: {warning}", file=sys.stderr)
         cfgs.append(cfg)

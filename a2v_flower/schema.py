@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
-from a2v_flower.rules import numbers as _numbers, one_of as _one_of
+from a2v_flower.rules import device_setting as _device, numbers as _numbers, one_of as _one_of  # torch-free
 
 
 @dataclass
@@ -82,10 +82,12 @@ class Audio:
     tokens: int = MISSING
     batch_size: int = MISSING
     tiny: Any = None                  # ASTConfig overrides of the tiny model, e.g. {hidden_size: 64}
+    dtype: str = "float32"            # float16 | bfloat16 only on a GPU (preflight: devices.check_placement)
 
     def __post_init__(self):
         from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
         _numbers("model.audio.", self, positive=("sampling_rate", "max_length", "batch_size"))
+        _one_of("model.audio.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length, tiny=tuple((self.tiny or {}).items())))
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
             raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a "
@@ -223,6 +225,15 @@ class Federation:
 
 
 @dataclass
+class Device:                         # auto | cpu | cuda | cuda:N; auto: the GPU this process was handed, else CPU
+    site: str = "auto"                # every model of a site (a Ray actor sees only the GPU Ray gave it)
+    server: str = "auto"              # the ServerApp's models (Ray's driver: it sees every GPU) and a2v-generate
+
+    def __post_init__(self):
+        _device("device.site", self.site), _device("device.server", self.server)
+
+
+@dataclass
 class Adapter:
     width: int = MISSING
     heads: int = MISSING
@@ -349,6 +360,7 @@ class Config:
     schedule: Any = None              # {site: [{from_round, classes}]}; checked by data.schedule.check_schedule
     resume: Optional[str] = None
     federation: Federation = MISSING
+    device: Device = field(default_factory=Device)  # a run config saved before devices existed loads as auto
     adapter: Adapter = MISSING
     train: Train = MISSING
     replay: Replay = MISSING

@@ -152,7 +152,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                     cfg.evaluate.split, no_eval[:5])
     summary["sites_without_eval_clips"] = len(no_eval)
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                            C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
+                            C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"), C.server_device(cfg))
     dim = encoder_dim(C.audio_spec(cfg))
     tracker = RunTracker(run_dir, OmegaConf.to_container(cfg), cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name,
                          cfg.wandb.group)
@@ -173,7 +173,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
     adapters = make_adapters()
     generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
                                   cfg.seed, C.replay_spec(cfg, classes), C.server_generator_spec(cfg),
-                                  kd=cfg.strategy.aggregation == "kd")
+                                  kd=cfg.strategy.aggregation == "kd", device=C.server_device(cfg))
     strategy = A2VStrategy(cfg.strategy.aggregation, targets, tracker, classes, generators,
                            fraction_train=cfg.strategy.fraction_train,
                            fraction_evaluate=cfg.strategy.fraction_evaluate,
@@ -202,8 +202,9 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         from a2v_flower.diffusion import Renderer
         from a2v_flower.rendering import RoundRenderer
 
-        render = RoundRenderer(Renderer(C.diffusion_spec(cfg)), every, run_dir / "images",
-                               classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render)
+        device = C.server_device(cfg)
+        render = RoundRenderer(Renderer(C.diffusion_spec(cfg, device)), every, run_dir / "images",
+                               classes, targets, cfg.diffusion.judge, cfg.diffusion.free_after_render, device)
     strategy.clip_images = lambda rnd: cfg.diffusion.clip_images if render and render.due(rnd, cfg.num_rounds) else 0
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

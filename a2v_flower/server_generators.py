@@ -27,11 +27,13 @@ class ServerGenerators:
 
     def __init__(self, classes: list[str], class_targets: dict[str, torch.Tensor], token_shape: tuple[int, int],
                  make_adapters: Callable[[], AdapterSet], train_spec: TrainSpec, seed: int = 0,
-                 replay: ReplaySpec | None = None, server_gen: ServerGeneratorSpec | None = None, kd: bool = False):
+                 replay: ReplaySpec | None = None, server_gen: ServerGeneratorSpec | None = None, kd: bool = False,
+                 device: torch.device | str = "cpu"):
         self.classes, self.class_targets, self.token_shape, self.kd = classes, class_targets, token_shape, kd
         self.make_adapters, self.train_spec, self.seed, self.replay = make_adapters, train_spec, seed, replay
+        self.device = torch.device(device)  # device.server: generators, server generator, kd and refinement
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
-        self.stats_generator = StatsGenerator(token_shape, self.server_gen) if self.server_gen else None
+        self.stats_generator = StatsGenerator(token_shape, self.server_gen).to(device) if self.server_gen else None
         self.class_stats: dict[int, dict[str, torch.Tensor]] = {}            # site -> last per-class statistics
         self.generators: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # site -> key -> weights
         self.shared: dict[str, dict[str, torch.Tensor]] = {}                 # sharing: key -> the one state
@@ -65,7 +67,7 @@ class ServerGenerators:
         """Samples of the sites' generators: (x (N, K, D), y (N,))."""
         r = self.replay
         return synthesize(self.generators, self.owners(seen=True), self.classes, r.granularity, r.groups,
-                          r.generator, self.token_shape, self.class_targets, per_class, wanted, seed)
+                          r.generator, self.token_shape, self.class_targets, per_class, wanted, seed, self.device)
 
     def outgoing(self, site: int | None, server_round: int) -> dict[str, ArrayRecord]:
         """Records for a site's train message: the shared generators, and (augmentation) samples of the
@@ -120,7 +122,7 @@ class ServerGenerators:
         site_samples = r is not None and bool(self.generators)
         if opts is None or not (site_samples or sg) or not (self.kd or opts.refine_epochs):
             return arrays, {}
-        glob, models = self.make_adapters(), {site: self.make_adapters() for site in teachers}
+        glob, models = self.make_adapters().to(self.device), {s: self.make_adapters().to(self.device) for s in teachers}
         glob.load_state_dict(arrays.to_torch_state_dict())
         for site, state in teachers.items():
             models[site].load_state_dict(state)
@@ -144,7 +146,7 @@ class ServerGenerators:
             log.info("Adapter fine-tuning completed. Average loss: %.4f", out["server/adapter_finetuning_loss"])
         log.info("round %s: server training %s", server_round,
                  {k: round(v, 4) for k, v in out.items() if isinstance(v, float)})
-        return ArrayRecord(glob.state_dict()), out
+        return ArrayRecord(glob.cpu().state_dict()), out
 
     # ---- resume: everything carried from one round to the next ------------------------------------------
 
@@ -156,7 +158,7 @@ class ServerGenerators:
         else:
             t |= {f"gen/{site}/{k}": v for site, g in self.generators.items() for k, v in flatten(g).items()}
         if self.stats_generator is not None:
-            t |= {f"server_gen/{k}": v for k, v in self.stats_generator.state_dict().items()}
+            t |= {f"server_gen/{k}": v.cpu() for k, v in self.stats_generator.state_dict().items()}
         return t
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -208,8 +210,10 @@ def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) 
 def synthesize(site_states: dict[int, dict[str, dict[str, torch.Tensor]]], owners: dict[int, list[int]],
                classes: list[str], granularity: str, groups: dict | None, spec: GeneratorSpec,
                token_shape: tuple[int, int], class_targets: dict[str, torch.Tensor], per_class: int,
-               wanted: list[int] | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` samples of every wanted class, split over the generators of the sites owning it."""
+               wanted: list[int] | None = None, seed: int = 0, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` samples of every wanted class, split over the generators of the sites owning it, drawn on
+    `device` (the noise from one seeded CPU generator) and returned on the CPU."""
     rng = torch.Generator().manual_seed(seed)
     xs, ys, cache = [], [], {}
     for c in (wanted if wanted is not None else sorted(owners)):
@@ -218,11 +222,11 @@ def synthesize(site_states: dict[int, dict[str, dict[str, torch.Tensor]]], owner
             n = per_class // len(sites) + (j < per_class % len(sites))
             key = key_for(granularity, classes[c], groups)
             if (site, key) not in cache:
-                gen = build_generator(spec, token_shape)
+                gen = build_generator(spec, token_shape, device=device)
                 gen.load_state_tensors(site_states[site][key])
                 cache[site, key] = gen.eval()
             with torch.no_grad():
-                xs.append(sample_classes(cache[site, key], class_targets, torch.full((n,), c), generator=rng))
+                xs.append(sample_classes(cache[site, key], class_targets, torch.full((n,), c), generator=rng).cpu())
             ys.append(torch.full((n,), c))
     if not xs:
         return torch.empty(0, *token_shape), torch.empty(0, dtype=torch.long)

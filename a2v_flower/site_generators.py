@@ -23,7 +23,8 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
                           spec: GeneratorSpec, class_targets: dict[str, torch.Tensor], reset_on_new: bool, *,
                           scheduled_reset: bool = False, layers: tuple[str, ...] = (),
                           val: tuple[torch.Tensor, torch.Tensor] | None = None, resets: dict | None = None,
-                          moments: dict[str, torch.Tensor] | None = None, site: int | None = None
+                          moments: dict[str, torch.Tensor] | None = None, site: int | None = None,
+                          device: torch.device | str = "cpu"
                           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, float]]]:
     """Train (or continue) one generator per key on the site's (x, y); reset keys that meet new classes
     (`reset_on_new`: the site has trained before, on `seen`, and the key's state never saw some of this
@@ -34,6 +35,7 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
     diagonal Fréchet) just before the reset, on the classes the old state knew, and after retraining, on
     this round's classes, both against the classes' mean/variance: `moments` ("mean/<c>", "var/<c>", from
     `class_moments`) kept by the site for classes no longer in its data, this round's data for the others.
+    The generators train on `device`; the states returned are CPU tensors.
     """
     keys = generator_keys(granularity, classes, groups)
     out, losses, tag = dict(states), {}, "" if site is None else f"[Client {site}] "
@@ -42,7 +44,7 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
         mask = torch.isin(y, torch.tensor(ids))
         if not mask.any():
             continue
-        gen = build_generator(spec, tuple(x.shape[1:]))
+        gen = build_generator(spec, tuple(x.shape[1:]), device=device)
         old = states.get(key)
         # classes this state was ever trained on, kept in the state (a shared generator remembers every site's);
         # never forgotten, so each class resets a generator at most once in a run
@@ -56,7 +58,7 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
                 "per_group": f"generator for group {key!r}"}[granularity]
         if old is not None and why:
             ref = (moments or {}) | class_moments(x[mask], y[mask])
-            before = _quality(old, spec, ref, sorted(key_seen), class_targets)
+            before = _quality(old, spec, ref, sorted(key_seen), class_targets, device)
             fresh = gen.state_tensors()
             gen.load_state_tensors(partial_reset(old, fresh, layers) if layers else fresh)
             log.info("%sResetting %s (%s, %s): quality before %s", tag, what, why,
@@ -69,7 +71,7 @@ def train_site_generators(states: dict[str, dict[str, torch.Tensor]], seen: set[
         out[key] = gen.state_tensors() | {"seen": torch.tensor(sorted(key_seen | now), dtype=torch.long)}
         losses[key] = {k: float(v) for k, v in history[-1].items() if k != "epoch"}
         if old is not None and why:
-            after = _quality(out[key], spec, ref, sorted(now), class_targets)
+            after = _quality(out[key], spec, ref, sorted(now), class_targets, device)
             log.info("%sGenerator reset complete: %s retrained, quality after %s", tag, what, _fmt(after))
             if resets is not None:
                 resets[key] = {"why": why, "before": before, "after": after}
@@ -135,32 +137,32 @@ def check_reset_layers(spec: GeneratorSpec, layers: tuple[str, ...]) -> None:
 
 
 def _quality(state: dict, spec: GeneratorSpec, moments: dict[str, torch.Tensor], ids: list[int],
-             class_targets: dict, n: int = 64) -> dict:
+             class_targets: dict, device: torch.device | str = "cpu", n: int = 64) -> dict:
     """Sample quality of a generator state on the classes `ids` that `moments` knows: mean over classes of
     mean_l2 and diagonal frechet between `n` samples (seeded by class) and the class's mean/variance."""
     ids = [c for c in ids if f"mean/{c}" in moments]
     if not ids:
         return {}
-    gen = build_generator(spec, tuple(moments[f"mean/{ids[0]}"].shape))
+    gen = build_generator(spec, tuple(moments[f"mean/{ids[0]}"].shape), device=device)
     gen.load_state_tensors(state)
     rows = []
     for c in ids:
         with torch.no_grad():
             fake = sample_classes(gen.eval(), class_targets, torch.full((n,), c),
-                                  generator=torch.Generator().manual_seed(c))
+                                  generator=torch.Generator().manual_seed(c)).cpu()
         rows.append(moment_quality(moments[f"mean/{c}"], moments[f"var/{c}"], fake))
     return {k: sum(r[k] for r in rows) / len(rows) for k in ("mean_l2", "frechet")}
 
 
-def _class_sample(state: dict, spec: GeneratorSpec, real: torch.Tensor, c: int, class_targets: dict
-                  ) -> tuple[torch.Tensor, dict]:
-    """As many samples of class `c` from a generator state as `real` has rows (seeded by c), and their
-    quality against `real` (mean distance, Fréchet, precision, coverage)."""
-    gen = build_generator(spec, tuple(real.shape[1:]))
+def _class_sample(state: dict, spec: GeneratorSpec, real: torch.Tensor, c: int, class_targets: dict,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict]:
+    """As many samples of class `c` from a generator state (on `device`) as `real` has rows (seeded by c), on the
+    CPU, and their quality against `real` (mean distance, Fréchet, precision, coverage)."""
+    gen = build_generator(spec, tuple(real.shape[1:]), device=device)
     gen.load_state_tensors(state)
     with torch.no_grad():
         fake = sample_classes(gen.eval(), class_targets, torch.full((len(real),), c),
-                              generator=torch.Generator().manual_seed(c))
+                              generator=torch.Generator().manual_seed(c)).cpu()
     return fake, sample_quality(real, fake)
 
 
@@ -173,7 +175,8 @@ def _mean(values: list[float]) -> float:
 
 
 def generator_quality(states: dict, x: torch.Tensor, y: torch.Tensor, adapters: AdapterSet, classes: list[str],
-                      replay: ReplaySpec, class_targets: dict[str, torch.Tensor]) -> dict[str, float]:
+                      replay: ReplaySpec, class_targets: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+                      ) -> dict[str, float]:
     """Per class: synthetic vs real embeddings (mean distance, Fréchet, precision, coverage, diversity), averaged
     over the site's classes; retrieval top-1 of the current adapters on the synthetic samples; and per key
     ("gen/<key>/...") the samples' mean, std, range and diversity (mean pairwise L2, over its classes)."""
@@ -183,7 +186,7 @@ def generator_quality(states: dict, x: torch.Tensor, y: torch.Tensor, adapters: 
         real = x[y == c]
         if key not in states or len(real) < 2:
             continue
-        fake, quality = _class_sample(states[key], replay.generator, real, c, class_targets)
+        fake, quality = _class_sample(states[key], replay.generator, real, c, class_targets, device)
         rows.append(quality)
         xs.append(fake), ys.append(torch.full((len(fake),), c))
         by_key.setdefault(key, []).append((fake, quality["diversity_fake"]))

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from a2v_flower.cache import model_identity, sha1_of
 
 log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION = "sdpa"  # torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on a GPU)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class AudioEncoderSpec:
     batch_size: int = 16
     tiny: tuple[tuple[str, int], ...] | None = None  # ASTConfig overrides of the tiny model
     seed: int = 0
+    dtype: str = "float32"  # the network's weights and activations (float16 | bfloat16 on a GPU only)
 
 
 def compact_tokens(hidden: torch.Tensor, tokens: int, columns: list[int] | None = None, grid_time: int = 0
@@ -55,20 +58,24 @@ def sound_columns(lengths: list[int], max_length: int, ast: dict) -> list[int]:
 
 
 class AudioEncoder:
-    """ASTFeatureExtractor + frozen ASTModel, loaded on first use; `encode` maps waveforms to (N, tokens, D).
+    """ASTFeatureExtractor + frozen ASTModel on `device` in `spec.dtype`, loaded on first use; `encode` maps
+    waveforms to (N, tokens, D) float32 CPU tensors (what the cache holds, whatever ran the network).
 
     Its `identity` needs no weights, so a process whose clips are all cached never loads the model.
     """
 
-    def __init__(self, spec: AudioEncoderSpec):
+    def __init__(self, spec: AudioEncoderSpec, device: torch.device | str = "cpu"):
         if spec.tokens < 2:
             raise ValueError(f"model.audio.tokens={spec.tokens} must be >= 2 (summary + pooled patches)")
-        self.spec = spec
+        self.spec, self.device, self.dtype = spec, torch.device(device), DTYPES[spec.dtype]
         self.model = None      # transformers ASTModel, built on first use
         self.extractor = None  # ASTFeatureExtractor
         self.calls = 0  # clips this instance has run through the network
+        # tokens made in bfloat16 or on a GPU differ slightly: their own cache entries. float32 on a CPU adds
+        # nothing, so embeddings cached before devices existed stay valid
+        placement = () if (spec.dtype, self.device.type) == ("float32", "cpu") else (spec.dtype, self.device.type)
         self.identity = sha1_of(model_identity(spec.name_or_path, {"tiny": spec.tiny, "seed": spec.seed}),
-                                spec.max_length, spec.tokens, spec.sampling_rate, "pool: sound columns")
+                                spec.max_length, spec.tokens, spec.sampling_rate, "pool: sound columns", *placement)
 
     def load(self) -> AudioEncoder:
         """Build the tiny random AST (seeded: same weights in every process) or load the named one."""
@@ -79,15 +86,16 @@ class AudioEncoder:
         spec = self.spec
         if spec.name_or_path is None:
             torch.manual_seed(spec.seed)
-            config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, **dict(spec.tiny or ()))
+            config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, attn_implementation=ATTENTION,
+                               **dict(spec.tiny or ()))
             self.model = ASTModel(config)
             self.extractor = ASTFeatureExtractor(num_mel_bins=128, max_length=spec.max_length,
                                                  sampling_rate=spec.sampling_rate)
         else:
-            self.model = ASTModel.from_pretrained(spec.name_or_path)
+            self.model = ASTModel.from_pretrained(spec.name_or_path, attn_implementation=ATTENTION)
             self.extractor = AutoFeatureExtractor.from_pretrained(spec.name_or_path)
-        self.model.eval().requires_grad_(False)
-        log.info("Loaded audio encoder %s", spec.name_or_path or "tiny-random-AST")
+        self.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        log.info("Loaded audio encoder %s on %s (%s)", spec.name_or_path or "tiny-random-AST", self.device, spec.dtype)
         return self
 
     @torch.no_grad()
@@ -96,15 +104,18 @@ class AudioEncoder:
         that hold sound; default: all of it) keep the pooled patch tokens to the clip's own time columns."""
         self.load()
         ast = {k: getattr(self.model.config, k) for k in AST_DEFAULTS}
-        columns = sound_columns([len(w) for w in waves] if lengths is None else list(lengths),
-                                self.spec.max_length, ast)
-        grid_time = (self.spec.max_length - ast["patch_size"]) // ast["time_stride"] + 1
+        frames = self.model.config.max_length  # the model's window (a loaded model's own, whatever the config says)
+        columns = sound_columns([len(w) for w in waves] if lengths is None else list(lengths), frames, ast)
+        grid_time = (frames - ast["patch_size"]) // ast["time_stride"] + 1
         out = []
         for i in range(0, len(waves), self.spec.batch_size):
             batch = waves[i:i + self.spec.batch_size]
             feats = self.extractor(batch, sampling_rate=self.spec.sampling_rate, return_tensors="pt")
+            feats = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)  # masks keep theirs
+                     for k, v in feats.items()}                                          # input_values (B, F, 128)
             hidden = self.model(**feats).last_hidden_state                               # (B, T, D)
-            out.append(compact_tokens(hidden, self.spec.tokens, columns[i:i + len(batch)], grid_time))
+            out.append(compact_tokens(hidden, self.spec.tokens, columns[i:i + len(batch)], grid_time)
+                       .float().cpu())                                                    # the cache's form
             self.calls += len(batch)
         return torch.cat(out)
 

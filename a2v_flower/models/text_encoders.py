@@ -87,26 +87,28 @@ def build_t5(spec: TextSpec):
 
 
 @torch.no_grad()
-def encode_prompts(prompts: list[str], diffusion: str, spec: TextSpec, t5_seq_len: int = 16
-                   ) -> dict[str, torch.Tensor]:
-    """Text-conditioning embeddings of `prompts`, as the diffusers pipelines compute them."""
+def encode_prompts(prompts: list[str], diffusion: str, spec: TextSpec, t5_seq_len: int = 16,
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Text-conditioning embeddings of `prompts`, as the diffusers pipelines compute them; the encoders run on
+    `device`, the embeddings come back as float32 CPU tensors (they are cached and travel)."""
     head_shapes(diffusion, t5_seq_len)  # validates `diffusion`
     tok, clip = build_clip(spec)
     ids = tok(prompts, padding="max_length", max_length=CLIP_SEQ_LEN, truncation=True,
               return_tensors="pt").input_ids
-    out = clip(ids)
+    out = clip.to(device)(ids.to(device))
     if diffusion == "sd":
-        return {"clip": out.last_hidden_state.float()}                          # (C, 77, 768)
+        return {"clip": out.last_hidden_state.float().cpu()}                    # (C, 77, 768)
     t5_tok, t5 = build_t5(spec)
     t5_ids = t5_tok(prompts, padding="max_length", max_length=t5_seq_len, truncation=True,
                     return_tensors="pt").input_ids
-    return {"t5": t5(t5_ids).last_hidden_state.float(),                         # (C, L, 4096)
-            "pooled": out.pooler_output.float()}                                 # (C, 768)
+    return {"t5": t5.to(device)(t5_ids.to(device)).last_hidden_state.float().cpu(),  # (C, L, 4096)
+            "pooled": out.pooler_output.float().cpu()}                           # (C, 768)
 
 
 def class_targets(classes: list[str], template: str, diffusion: str, spec: TextSpec,
-                  t5_seq_len: int, cache: TensorCache) -> dict[str, torch.Tensor]:
-    """Targets per head, (C, ...) in `classes` order; computed once, then read from `cache`."""
+                  t5_seq_len: int, cache: TensorCache, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Targets per head, (C, ...) in `classes` order; computed once (on `device`, in float32: the same targets
+    up to rounding wherever they are made, so the cache key leaves the device out), then read from `cache`."""
     prompts = [template.format(c.replace("_", " ")) for c in classes]
     ident = [model_identity(spec.clip, {"sub": spec.clip_subfolder, "seed": spec.seed})]
     if diffusion == "flux":
@@ -114,6 +116,6 @@ def class_targets(classes: list[str], template: str, diffusion: str, spec: TextS
     key = sha1_of("targets", ident, prompts, diffusion, t5_seq_len)
     targets = cache.get(key)
     if targets is None:
-        targets = encode_prompts(prompts, diffusion, spec, t5_seq_len)
+        targets = encode_prompts(prompts, diffusion, spec, t5_seq_len, device)
         cache.put(key, targets)
     return targets

@@ -147,13 +147,13 @@ class BaseGenerator(nn.Module):
         opt.step()
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Weights and buffers ("model."), AdamW state ("optim.<opt>.<param>.<key>") and noise RNG ("rng")."""
-        out = {f"model.{k}": v.detach().clone() for k, v in self.state_dict().items()}
+        """Weights and buffers ("model."), AdamW state ("optim.<opt>.<param>.<key>"), noise RNG ("rng"); on the CPU."""
+        out = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()}  # they travel
         names = {id(p): n for n, p in self.named_parameters()}
         for opt_name, opt in self.optimizers.items():
             for p in _params(opt):
                 for key, value in opt.state.get(p, {}).items():
-                    out[f"optim.{opt_name}.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone()
+                    out[f"optim.{opt_name}.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
         return {**out, "rng": self.rng.get_state()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:

@@ -76,7 +76,7 @@ class GaussianGenerator(BaseGenerator):
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Resize the per-class buffers to the saved number of classes, then load."""
         for name in ("keys", "count", "total", "total_sq"):
-            setattr(self, name, torch.empty_like(tensors[f"model.{name}"]))
+            setattr(self, name, torch.empty_like(tensors[f"model.{name}"], device=self.norm.mean.device))
         super().load_state_tensors(tensors)
 
 

@@ -66,7 +66,7 @@ class StatsGenerator(nn.Module):
 
     def forward(self, y: torch.Tensor, cond: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(len(y), self.latent_dim, generator=generator)
+        z = torch.randn(len(y), self.latent_dim, generator=generator).to(mean.device)  # CPU noise: runs repeat
         return mean + std * self.net(torch.cat([z, cond], 1)).view(len(y), *self.token_shape)
 
 
@@ -74,16 +74,18 @@ def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
                            class_stats: dict[int, dict[str, torch.Tensor]], class_targets: dict[str, torch.Tensor],
                            spec: ServerGeneratorSpec, seed: int, report: dict | None = None) -> float:
     """`spec.epochs` AdamW steps on teacher agreement + moment matching; returns the last step's loss and fills
-    `report` (if given) with the last step's components per class: {class: {"loss", "agree", "moment"}}."""
-    num_classes = len(next(iter(class_targets.values())))
+    `report` (if given) with the last step's components per class: {class: {"loss", "agree", "moment"}}.
+    Runs where `gen` is (the teachers must be there too); the statistics come from the CPU."""
+    num_classes, dev = len(next(iter(class_targets.values()))), next(gen.parameters()).device
     present, mean, var = class_moments(class_stats, num_classes)
     if not present:
         return float("nan")
     for t in teachers.values():
         t.eval().requires_grad_(False)
+    mean, var = mean.to(dev), var.to(dev)
     ids = torch.tensor(present).repeat_interleave(spec.batch_per_class)       # (B,)
-    slot = torch.arange(len(present)).repeat_interleave(spec.batch_per_class)
-    cond = class_condition(class_targets, ids)
+    slot = torch.arange(len(present)).repeat_interleave(spec.batch_per_class).to(dev)
+    cond = class_condition(class_targets, ids).to(dev)
     rng = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(gen.parameters(), lr=spec.lr)
     loss = torch.tensor(float("nan"))
@@ -100,7 +102,7 @@ def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
                 scale = class_targets[head].float().var(0).mean().clamp_min(1e-8)
                 for j, c in enumerate(present):
                     if (want := stats.get(f"out/{head}/{c}")) is not None:
-                        agree[j].append(F.mse_loss(o[slot == j].mean(0), want) / scale)
+                        agree[j].append(F.mse_loss(o[slot == j].mean(0), want.to(dev)) / scale.to(dev))
         terms = sum(len(a) for a in agree)
         loss = sum(sum(a) for a in agree) / max(1, terms) + spec.moment_weight * moment.mean()
         opt.zero_grad(set_to_none=True)
@@ -118,15 +120,16 @@ def train_server_generator(gen: StatsGenerator, teachers: dict[int, AdapterSet],
 @torch.no_grad()
 def sample_server_generator(gen: StatsGenerator, class_stats: dict, class_targets: dict[str, torch.Tensor],
                             per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` samples of every class some site holds: (x (N, K, D), y (N,))."""
-    num_classes = len(next(iter(class_targets.values())))
+    """`per_class` samples of every class some site holds, drawn where `gen` is: (x (N, K, D), y (N,)) on the CPU."""
+    num_classes, dev = len(next(iter(class_targets.values()))), next(gen.parameters()).device
     present, mean, var = class_moments(class_stats, num_classes)
     if not present:
         return torch.empty(0, *gen.token_shape), torch.empty(0, dtype=torch.long)
     y = torch.tensor(present).repeat_interleave(per_class)
     slot = torch.arange(len(present)).repeat_interleave(per_class)
-    x = gen(y, class_condition(class_targets, y), mean[slot], var[slot].sqrt(), torch.Generator().manual_seed(seed))
-    return x, y
+    x = gen(y, class_condition(class_targets, y).to(dev), mean[slot].to(dev), var[slot].sqrt().to(dev),
+            torch.Generator().manual_seed(seed))
+    return x.cpu(), y
 
 
 def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, teachers: dict[int, AdapterSet],

@@ -21,11 +21,13 @@ GENERATOR_TYPES: dict[str, type[BaseGenerator]] = {
 }
 
 
-def build_generator(spec: GeneratorSpec, token_shape: tuple[int, int], cond_dim: int = CONDITION_DIM) -> BaseGenerator:
-    """A fresh generator of `spec.type`, weights seeded by `spec.seed` (global RNG left untouched)."""
+def build_generator(spec: GeneratorSpec, token_shape: tuple[int, int], cond_dim: int = CONDITION_DIM,
+                    device: torch.device | str = "cpu") -> BaseGenerator:
+    """A fresh generator of `spec.type` on `device`, weights seeded by `spec.seed` and drawn on the CPU (the same
+    on every device; global RNG left untouched). Its noise RNG stays a CPU generator, so runs repeat anywhere."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        return GENERATOR_TYPES[spec.type](tuple(token_shape), cond_dim, spec)
+        return GENERATOR_TYPES[spec.type](tuple(token_shape), cond_dim, spec).to(device)
 
 
 def condition_for(gen: BaseGenerator, class_targets: dict[str, Tensor], class_ids: Tensor) -> Cond:
@@ -62,7 +64,9 @@ def train_generator(gen: BaseGenerator, x: Tensor, y: Tensor, class_targets: dic
                     spec.early_stopping_patience)
     if not bool(gen.norm.fitted):
         gen.norm.fit(x)
+    dev = gen.norm.mean.device  # data follow the model: moved once, not per batch
     cond = condition_for(gen, class_targets, y)                         # (N, cond_dim) or None
+    x, cond = x.to(dev), None if cond is None else cond.to(dev)
     val_cond = condition_for(gen, class_targets, val[1]) if val is not None else None
     order_rng = torch.Generator().manual_seed(spec.seed)
     history, best, best_state, stale = [], math.inf, None, 0
