@@ -18,6 +18,7 @@ from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 from a2v_flower.models.text_encoders import class_targets
 from a2v_flower.training import predict, train_adapters
 from benchmarks import real_recordings
+from benchmarks.bench_quality import GROUPS, HARD, select
 
 EPOCHS = 80  # the in-process budget: more than the default run's 8 rounds x 8 local epochs
 
@@ -60,3 +61,11 @@ def test_centralised_training_fits_real_recordings(small, make_cfg):
     print(f"real recordings, centralised: train fit {fit:.3f} ({len(y)} clips), test top-1 {test:.3f} "
           f"({len(yt)} clips), {time.perf_counter() - t0:.0f} s")
     assert fit >= 0.9, f"train fit {fit:.3f} on {len(y)} training clips of real recordings (test top-1 {test:.3f})"
+
+
+def test_label_skew_replaces_the_groups_partition():
+    skew = ("partition=classes", "partition.sites=[[dog,cow],[owl]]")
+    assert [s.overrides for s in select("non-IID", skew)] == [skew]
+    assert [s.overrides for s in select("hard", skew)][:1] == [skew + HARD]   # the data difficulty stays
+    assert select("class-incremental", skew)[0].overrides[0] == "partition=iid"  # no groups there: unchanged
+    assert [s.overrides for s in select("non-IID")] == [GROUPS]
