@@ -34,6 +34,7 @@ import copy
 import csv
 import hashlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -504,7 +505,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", default="outputs/bench_quality")
     ap.add_argument("--scenario", default="", help="run only the scenario of this name (or whose names contain it)")
-    ap.add_argument("--only", default="", help="run only methods whose name contains this text")
+    ap.add_argument("--only", default="", help="run only methods whose name matches this regular expression "
+                    "(re.search: plain text matches where it occurs), e.g. '^centralised$|^FedAvg$'")
     ap.add_argument("--label-skew", default="", help="overrides that replace the ESC-50 groups partition of the "
                     "non-IID scenarios, e.g. \"partition=classes partition.sites=[[a,b],[c]]\" (classes not ESC-50's)")
     args = ap.parse_intermixed_args()
@@ -529,7 +531,7 @@ def main() -> None:
         for seed in range(seeds):
             sites = None
             for m in methods(sc, args.quick):
-                if args.only not in m.name or (sc.name, m.name, seed) in done:
+                if not re.search(args.only, m.name) or (sc.name, m.name, seed) in done:
                     continue
                 sites = sites or load(base, sc.overrides, seed, encoder)
                 classes = sites[0].classes
