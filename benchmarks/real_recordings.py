@@ -34,16 +34,16 @@ time-adjacent chunks land on both sides; this script prints how often a test cli
 chunks: 0.90 of the test clips). Figures on this folder measure fitting and telling these ten recordings apart,
 not generalisation to new recordings of the same animal.
 
-"Before" figures (BENCHMARKS.md, "Real recordings"), the commands to rerun after a change:
+"Before" figures (BENCHMARKS.md, "Real recordings"), the commands to rerun after a change (2 cores: ~25 min):
 
     python benchmarks/real_recordings.py outputs/real
     SKEW="partition=classes partition.sites=[[dog,rooster],[pig,cow],[frog,cat],[duck,horse],[owl]]"
+    ONLY='^linear probe|^centralised$|^FedAvg$|^\\+ kd \\(gaussian\\)$'
     for s in 0.5 5.0; do
-      python benchmarks/bench_quality.py --scenario non-IID --label-skew "$SKEW" --out outputs/real_quality_$s \\
-          data=esc50 data.root=outputs/real data.clip_seconds=$s
+      python benchmarks/bench_quality.py --scenario non-IID --only "$ONLY" --label-skew "$SKEW" \\
+          --out outputs/real_quality_$s data=esc50 data.root=outputs/real data.clip_seconds=$s
     done
-    python benchmarks/bench_tokens.py --out outputs/real_tokens_0.5 data=esc50 data.root=outputs/real \\
-        data.clip_seconds=0.5 "data.splits={train: 0.5, val: 0.1, test: 0.4}"
+    python benchmarks/bench_tokens.py --out outputs/real_tokens data=esc50 data.root=outputs/real data.clip_seconds=0.5
 """
 
 from __future__ import annotations
