@@ -4,11 +4,14 @@
     python benchmarks/bench_quality.py --quick               # smoke size (under 2 minutes)
     python benchmarks/bench_quality.py --scenario non-IID --only kd   # a subset
     python benchmarks/bench_quality.py data=esc50 data.root=/data/ESC-50 model=pretrained   # real data
+    python benchmarks/bench_quality.py --scenario non-IID data=esc50 data.root=outputs/real data.clip_seconds=0.5 \
+        --label-skew "partition=classes partition.sites=[[dog,cow],[owl]]"   # classes not in ESC-50 groups
 
 Protocol (the same for every row):
-- Sites: 5, one ESC-50 semantic group each; sites are simulated in one process with the functions the
-  Flower apps call (`load_site`, `train_adapters`, the replay and server-generator functions, FedAvg's
-  example-weighted mean), so a row's number is what its Flower run gives, minus transport.
+- Sites: 5, one ESC-50 semantic group each (--label-skew: other class sets); sites are simulated in one
+  process with the functions the Flower apps call (`load_site`, `train_adapters`, the replay and
+  server-generator functions, FedAvg's example-weighted mean), so a row's number is what its Flower run
+  gives, minus transport.
 - Budget: every method trains `--rounds` rounds of `train.local_epochs` local epochs. Centralised (one
   site holding every training clip) trains rounds x (local epochs + replay.kd_epochs) epochs, the most any
   server-side method adds, and its "train fit" column shows whether that budget fits its training set.
@@ -31,6 +34,8 @@ import copy
 import csv
 import hashlib
 import json
+import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -45,7 +50,7 @@ from a2v_flower import site_generators as SR
 from a2v_flower.models.generators.stats import (ServerGeneratorSpec, StatsGenerator, sample_server_generator,
                                                  train_server_generator)
 from a2v_flower.cache import TensorCache
-from a2v_flower.data.site import SiteData, load_site
+from a2v_flower.data.site import SiteData, federation, load_site
 from a2v_flower.metrics import similarity
 from a2v_flower.models.adapters import build_adapters, embedding_moments, input_norm
 from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
@@ -97,6 +102,13 @@ class Scenario:
 
 SCENARIOS = [Scenario("non-IID", GROUPS), Scenario("non-IID, hard data", GROUPS + HARD),
              Scenario("class-incremental, hard data", IID + HARD, incremental=True, reference="FedAvg")]
+
+
+def select(name: str, skew: tuple[str, ...] = ()) -> list[Scenario]:
+    """The scenario called `name` (else those whose names contain it); `skew` replaces the ESC-50 groups partition."""
+    scenarios = [replace(s, overrides=skew + s.overrides[len(GROUPS):]) if skew and s.overrides[:len(GROUPS)] == GROUPS
+                 else s for s in SCENARIOS]
+    return [s for s in scenarios if s.name == name] or [s for s in scenarios if name in s.name]
 
 
 def methods(scenario: Scenario, quick: bool) -> list[Method]:
@@ -447,7 +459,7 @@ def summarise(rows: list[dict], order: list[tuple[str, str]], references: dict[s
     return out
 
 
-def markdown(summary: list[dict], scenarios: list[Scenario], header: str) -> str:
+def markdown(summary: list[dict], scenarios: list[Scenario], header: str, chance: float = 0.1) -> str:
     """One table per scenario."""
     lines = [header]
     for sc in scenarios:
@@ -455,7 +467,7 @@ def markdown(summary: list[dict], scenarios: list[Scenario], header: str) -> str
         rows = [s for s in summary if s["scenario"] == sc.name]
         if not rows:
             continue
-        lines += ["", f"**{sc.name}**: chance 0.100; seeds = data splits scored (each: the same test clips for "
+        lines += ["", f"**{sc.name}**: chance {chance:.3f}; seeds = data splits scored (each: the same test clips for "
                   "every row)", "",
                   f"| method | seeds | top-1 [95 % CI] | vs {ref}: diff [95 % CI], p | train fit | "
                   + ("forgetting (val) [95 % CI] | " if incremental else "within site | ")
@@ -494,7 +506,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", default="outputs/bench_quality")
     ap.add_argument("--scenario", default="", help="run only the scenario of this name (or whose names contain it)")
-    ap.add_argument("--only", default="", help="run only methods whose name contains this text")
+    ap.add_argument("--only", default="", help="run only methods whose name matches this regular expression "
+                    "(re.search: plain text matches where it occurs), e.g. '^centralised$|^FedAvg$'")
+    ap.add_argument("--label-skew", default="", help="overrides that replace the ESC-50 groups partition of the "
+                    "non-IID scenarios, e.g. \"partition=classes partition.sites=[[a,b],[c]]\" (classes not ESC-50's)")
     args = ap.parse_intermixed_args()
     torch.set_num_threads(1)  # the machine is shared; one thread per process scales best here
     seeds, rounds = (1, 2) if args.quick else (args.seeds, args.rounds)
@@ -504,12 +519,12 @@ def main() -> None:
     encoder = AudioEncoder(C.audio_spec(cfg))
     spec, rspec = C.train_spec(cfg), cfg.replay
     settings = [o for o in base if not o.startswith("paths.")]  # where caches live does not change a result
-    setup = hashlib.sha1(json.dumps([settings, rounds]).encode()).hexdigest()[:10]
+    skew = tuple(shlex.split(args.label_skew))
+    setup = hashlib.sha1(json.dumps([settings, rounds, *([skew] if skew else [])]).encode()).hexdigest()[:10]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path, done = out / "quality.csv", finished(out / "quality.csv", setup)
-    exact = [s for s in SCENARIOS if s.name == args.scenario]
-    scenarios = exact or [s for s in SCENARIOS if args.scenario in s.name]
+    scenarios = select(args.scenario, skew)
     order = [(s.name, m.name) for s in scenarios for m in methods(s, args.quick)]
     references = {s.name: s.reference for s in scenarios}
     t_start = time.perf_counter()
@@ -517,7 +532,7 @@ def main() -> None:
         for seed in range(seeds):
             sites = None
             for m in methods(sc, args.quick):
-                if args.only not in m.name or (sc.name, m.name, seed) in done:
+                if not re.search(args.only, m.name) or (sc.name, m.name, seed) in done:
                     continue
                 sites = sites or load(base, sc.overrides, seed, encoder)
                 classes = sites[0].classes
@@ -548,9 +563,11 @@ def main() -> None:
                 print(f"{sc.name:30s} {m.name:50s} seed {seed} top1 {row['top1']} fit {row['train_fit']} "
                       f"forgetting {row['mean_forgetting'] or '-'} {row['s_per_round']} s/round", flush=True)
     header = (f"{rounds} rounds x {cfg.train.local_epochs} local epochs, loss {cfg.train.loss}; "
-              f"settings {' '.join(settings)}; this invocation {(time.perf_counter() - t_start) / 60:.1f} min")
+              f"settings {' '.join([*settings, *skew])}; "
+              f"this invocation {(time.perf_counter() - t_start) / 60:.1f} min")
     summary = summarise([r for r in done.values()], order, references)
-    table = markdown(summary, scenarios, header)
+    chance = 1 / len(federation(C.data_spec(cfg), replace(C.partition_spec(cfg), mode="iid", sites=None))[1])
+    table = markdown(summary, scenarios, header, chance)
     (out / "quality.md").write_text(table)
     print(table)
 
