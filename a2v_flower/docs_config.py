@@ -71,17 +71,21 @@ def all_comments() -> dict[str, str]:
 
 
 def schema_comments() -> dict[str, str]:
-    """`Class.field` -> the comment beside that field in schema.py (the allowed values, where a group sets them)."""
-    source = Path(schema.__file__).read_text()
-    lines = source.splitlines()
+    """`Class.field` -> the comment beside that field in schema.py or generator_schema.py (the allowed values,
+    where a group sets them)."""
+    from a2v_flower import generator_schema
+
     out = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef):
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                    _, hash_, comment = lines[item.lineno - 1].partition("  #")
-                    if hash_:
-                        out[f"{node.name}.{item.target.id}"] = comment.strip()
+    for module in (schema, generator_schema):
+        source = Path(module.__file__).read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                        _, hash_, comment = lines[item.lineno - 1].partition("  #")
+                        if hash_:
+                            out[f"{node.name}.{item.target.id}"] = comment.strip()
     return out
 
 

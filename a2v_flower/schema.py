@@ -9,6 +9,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from a2v_flower.generator_schema import (Generator, GeneratorCheckpoint, Granularity, Mode, Replay, Reset,  # noqa: F401
+                                         ServerGenerator, Sharing)
 from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
 from a2v_flower.rules import device_setting as _device, numbers as _numbers, one_of as _one_of  # torch-free
 
@@ -154,61 +156,6 @@ class Strategy:
 
 
 @dataclass
-class Generator:
-    type: str = MISSING               # none | gaussian | vae | cvae | gan
-    latent_dim: int = 16
-    hidden: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    epochs: int = 30
-    batch_size: int = 32
-    grad_clip: float = 1.0
-    kl_weight: float = 1e-2
-    kl_warmup: float = 0.5
-    early_stopping_patience: int = 0
-
-    def __post_init__(self):
-        _one_of("generator.type", self.type, ("none", "gaussian", "vae", "cvae", "gan"))
-        _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size"),
-                 non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"),
-                 fraction=("kl_warmup",))
-
-
-@dataclass
-class Granularity:
-    granularity: str = MISSING        # unified | per_class | per_group
-    groups: Any = None                # {group: [classes]}; checked against the classes by generator_keys
-
-    def __post_init__(self):
-        _one_of("granularity.granularity", self.granularity, ("unified", "per_class", "per_group"))
-
-
-@dataclass
-class Mode:
-    generator_training_mode: bool = MISSING
-    generator_only_mode: bool = MISSING
-    use_pretrained_generators: bool = MISSING
-
-
-@dataclass
-class Sharing:
-    mode: str = MISSING               # none | averaged | sequential
-
-    def __post_init__(self):
-        _one_of("sharing.mode", self.mode, ("none", "averaged", "sequential"))
-
-
-@dataclass
-class Reset:
-    reset_generator_on_class_change: bool = MISSING
-    every_rounds: int = 0
-    layers: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        _numbers("reset.", self, non_negative=("every_rounds",))
-
-
-@dataclass
 class Federation:
     num_sites: int = MISSING
     num_cpus: int = MISSING
@@ -270,43 +217,6 @@ class Train:
         if self.absent_scale > 1 or (self.absent_scale != 1 and self.loss == "mse"):
             raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; "
                              "expected a number in [0, 1] and a loss with a contrastive term")
-
-
-@dataclass
-class Replay:
-    samples_per_class: int = MISSING
-    refine_epochs: int = MISSING
-    synthetic_samples_per_class: int = MISSING
-    kd_epochs: int = MISSING
-
-    def __post_init__(self):
-        _numbers("replay.", self,
-                 non_negative=("samples_per_class", "refine_epochs", "synthetic_samples_per_class", "kd_epochs"))
-
-
-@dataclass
-class ServerGenerator:
-    epochs: int = MISSING
-    hidden: int = MISSING
-    latent_dim: int = MISSING
-    lr: float = MISSING
-    batch_per_class: int = MISSING
-    moment_weight: float = MISSING
-
-    def __post_init__(self):
-        _numbers("server_generator.", self, positive=("hidden", "latent_dim", "lr", "batch_per_class"),
-                 non_negative=("epochs", "moment_weight"))
-
-
-@dataclass
-class GeneratorCheckpoint:
-    dir: str = MISSING
-    base_name: str = MISSING
-    frequency: int = MISSING
-    save: bool = True                 # the predecessor's generator_save_checkpoint
-
-    def __post_init__(self):
-        _numbers("generator_checkpoint.", self, non_negative=("frequency",))
 
 
 @dataclass

@@ -163,6 +163,10 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
     moments = prepare_sites(grid, nodes, run_yaml, tracker, cfg.federation.timeout) if (
         nodes := prepare_nodes(grid, cfg, norm is not None)) else []
     if cfg.adapter.normalise and norm is None:  # the federation's moments: sent once per node, with the targets
+        if not moments:
+            raise RuntimeError(f"no site sent its embedding moments before round 1 ({len(nodes)} asked, none answered "
+                               f"within federation.timeout={cfg.federation.timeout} s): the adapters' input "
+                               "standardisation needs them (adapter.normalise=false runs without)")
         norm = input_norm(moments)
         log.info("adapter inputs standardised with the moments of %d sites' training embeddings", len(moments))
 

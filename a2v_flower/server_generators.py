@@ -22,6 +22,9 @@ from a2v_flower.training import TrainSpec, predict, train_adapters
 log = logging.getLogger(__name__)
 
 
+HANDED_ON = ("config", "targets", "run-config", "input_norm")  # a train message's records the sequential pass repeats
+
+
 class ServerGenerators:
     """Per-site class statistics and generators, shared states, and the server's own generator."""
 
@@ -88,8 +91,7 @@ class ServerGenerators:
         """sharing=sequential: hand the one shared state per key to the sites one after another (by site id);
         each trains it on its data and returns it. Weights, AdamW moments and step counts pass on intact."""
         for msg in sorted(messages, key=lambda m: site_of(m.metadata.dst_node_id)):
-            content = RecordDict({k: msg.content[k] for k in ("config", "targets", "run-config", "input_norm")
-                                  if k in msg.content})
+            content = RecordDict({k: msg.content[k] for k in HANDED_ON if k in msg.content})
             if self.shared:
                 content["shared_generators"] = to_record(flatten(self.shared))
             out = Message(content=content, message_type="train.generators", dst_node_id=msg.metadata.dst_node_id)

@@ -95,14 +95,15 @@ def test_joblib_sweep_over_an_audiofolder_and_a_saved_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_sweep_sees_a_failed_job(tmp_path):
-    """Two jobs at once through submitit's local executor (SLURM's launcher, run here); one cannot finish a round
-    (federation.timeout of 1 ms): the sweep's table shows both outcomes and the exit status is 1."""
+    """Two jobs at once through submitit's local executor (SLURM's launcher, run here); one cannot start its rounds
+    (federation.timeout of 1 ms: no site answers before round 1): the sweep's table shows both outcomes and the
+    exit status is 1."""
     proc, root = sweep(tmp_path, "hydra/launcher=submitit_local", "federation.timeout=3600,0.001")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "a2v-run: 1 of 2 runs FAILED" in proc.stderr and "federation.timeout=0.001" in proc.stderr
     assert list(root.glob(".submitit/*/*_log.out"))  # the jobs ran under submitit, in their own processes
     rows = [r for r in (root / "sweep.md").read_text().splitlines() if r.startswith("| 0_") or r.startswith("| 1_")]
-    assert "| completed |" in rows[0] and "FAILED: round 1" in rows[1]
+    assert "| completed |" in rows[0] and "FAILED: no site sent its embedding moments before round 1" in rows[1]
 
 
 def doc_commands(*names: str) -> list[tuple[str, list[str]]]:

@@ -84,7 +84,7 @@ def read_clips(data: DataSpec) -> list[Clip]:
     classes = list(data.classes) if data.classes else None
     if data.hf is not None:
         return read_hf_clips(data.hf, Path(data.cache_dir) / "hf", classes)
-    return read_metadata(dataset_root(data), list(data.folds) if data.folds else None, classes)
+    return read_metadata(dataset_root(data), list(data.folds) if data.folds else None, classes, data.duplicates)
 
 
 def federation(data: DataSpec, part: PartitionSpec) -> tuple[list[Clip], list[str], list[list[int]]]:
