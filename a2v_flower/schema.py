@@ -61,11 +61,9 @@ class Data:
 
     def __post_init__(self):
         _one_of("data.kind", self.kind, ("synthetic", "esc50"))
-        _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"),
-                 non_negative=("noise", "variation"), fraction=("overlap",))
+        _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"), non_negative=("noise", "variation"), fraction=("overlap",))
         if self.kind == "esc50" and self.root in (None, "???"):
-            raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 "
-                             "(the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
+            raise ValueError("data.root is required for data=esc50: set data.root=/path/to/ESC-50 (the folder with audio/ and meta/esc50.csv) or export ESC50_ROOT")
 
 
 @dataclass
@@ -94,9 +92,8 @@ class Audio:
         most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length,
                                                  tiny=tuple((self.tiny or {}).items())))
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
-            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a "
-                             f"summary token and 1..{most - 1} pooled patch tokens: expected 2..{most} "
-                             f"(model.audio.max_length={self.max_length})")
+            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a summary token "
+                             f"and 1..{most - 1} pooled patch tokens: expected 2..{most} (model.audio.max_length={self.max_length})")
 
 
 @dataclass
@@ -170,12 +167,19 @@ class Generator:
     kl_weight: float = 1e-2
     kl_warmup: float = 0.5
     early_stopping_patience: int = 0
+    covariance: str = "diag"          # gaussian: diag | lowrank | full
+    rank: int = 16                    # gaussian lowrank: rank of the factor
+    dp_epsilon: Optional[float] = None  # gaussian: DP release of each class's statistics (null = off)
+    dp_clip: Optional[float] = None   # with dp_epsilon: L2 bound of each flattened embedding (null = sqrt(K*D))
 
     def __post_init__(self):
         _one_of("generator.type", self.type, ("none", "gaussian", "vae", "cvae", "gan"))
-        _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size"),
-                 non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"),
-                 fraction=("kl_warmup",))
+        _one_of("generator.covariance", self.covariance, ("diag", "lowrank", "full"))
+        _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size", "rank"),
+                 non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"), fraction=("kl_warmup",))
+        for k in ("dp_epsilon", "dp_clip"):
+            if getattr(self, k) is not None and not (getattr(self, k) > 0 and self.type == "gaussian"):
+                raise ValueError(f"generator.{k}={getattr(self, k)!r} is not allowed; expected null or > 0, with generator=gaussian")
 
 
 @dataclass
@@ -224,8 +228,7 @@ class Federation:
     def __post_init__(self):
         _numbers("federation.", self, positive=("num_sites", "num_cpus", "timeout"), non_negative=("num_gpus",))
         if self.min_sites is not None and not 1 <= self.min_sites <= self.num_sites:
-            raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) "
-                             f"or a whole number in 1..federation.num_sites={self.num_sites}")
+            raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) or a whole number in 1..federation.num_sites={self.num_sites}")
 
 
 @dataclass
@@ -262,8 +265,7 @@ class Train:
                  non_negative=("weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale"))
         _one_of("train.loss", self.loss, ("mse", "contrastive", "mse+contrastive"))
         if self.absent_scale > 1 or (self.absent_scale != 1 and self.loss == "mse"):
-            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; "
-                             "expected a number in [0, 1] and a loss with a contrastive term")
+            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; expected a number in [0, 1] and a loss with a contrastive term")
 
 
 @dataclass
@@ -288,8 +290,7 @@ class ServerGenerator:
     moment_weight: float = MISSING
 
     def __post_init__(self):
-        _numbers("server_generator.", self, positive=("hidden", "latent_dim", "lr", "batch_per_class"),
-                 non_negative=("epochs", "moment_weight"))
+        _numbers("server_generator.", self, positive=("hidden", "latent_dim", "lr", "batch_per_class"), non_negative=("epochs", "moment_weight"))
 
 
 @dataclass
@@ -378,8 +379,7 @@ class Config:
             raise ValueError("replay.refine_epochs needs generator samples but generator.type='none' and "
                              f"server_generator.epochs=0; {needs}")
         if gen == "none" and self.replay.synthetic_samples_per_class:
-            raise ValueError("replay.synthetic_samples_per_class sends the sites' generator samples but "
-                             "generator.type='none'; choose generator=gaussian|vae|cvae|gan")
+            raise ValueError("replay.synthetic_samples_per_class sends the sites' generator samples but generator.type='none'; choose generator=gaussian|vae|cvae|gan")
         if server_gen and not (self.strategy.aggregation == "kd" or self.replay.refine_epochs):
             raise ValueError(f"server_generator.epochs={self.server_generator.epochs} but nothing uses its samples; "
                              "set strategy=kd or replay.refine_epochs > 0 (or server_generator.epochs=0)")

@@ -142,7 +142,8 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         strategy.round_offset = strategy.resume_round = done
         tracker.keep_rounds(done)
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
-    every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
+    untrained = cfg.mode.generator_only_mode and not cfg.replay.refine_epochs  # one-shot trains them on the server
+    every = 0 if untrained else cfg.diffusion.render_every  # generator-only: never render
     render = None
     if every:  # diffusers (and torch._dynamo through it): 3 s of CPU to import, only for a run that renders
         from a2v_flower.diffusion import Renderer

@@ -107,7 +107,9 @@ class ServerGenerators:
                                          pooled=self.replay.generator.type == "gaussian")
         if self.replay and self.replay.shared:
             self.generators = {site: self.shared for site in self.class_stats}  # the same objects, not copies
-        if arrays is None or (self.replay is not None and self.replay.only):
+        # generator-only mode: the adapters came back untouched; with refine_epochs the server trains them alone
+        # on the sites' samples (one-shot, +experiment=one_shot), else nothing is trained
+        if arrays is None or (self.replay is not None and self.replay.only and not self.replay.refine_epochs):
             return arrays, {}
         return self.server_training(server_round, arrays, teachers)
 
