@@ -216,3 +216,23 @@ def test_scheduled_reset_through_the_apps_reports_resets_and_loss_components(mak
             assert g["sample_min"] < g["sample_mean"] < g["sample_max"] and g["sample_std"] > 0
             assert g["diversity"] > 0 and s["gen_diversity_fake"] == pytest.approx(g["diversity"])
     assert all(s["reset_frechet_before"] > 0 and s["reset_frechet_after"] > 0 for s in second["sites"].values())
+
+
+def test_one_shot_experiment_trains_the_adapters_on_the_server_only(make_cfg, tmp_path, task_identity):
+    """+experiment=one_shot: one round; sites fit their lowrank class models and return the adapters they were
+    sent, untouched; the server alone trains the global adapters on the models' samples (refinement)."""
+    assert C.compose_config(["+experiment=one_shot"]).num_rounds == 1            # the test config shrinks rounds
+    cfg = make_cfg("+experiment=one_shot", "num_rounds=1", "replay.samples_per_class=20", "replay.refine_epochs=2",
+                   *FAST)
+    assert cfg.generator.covariance == "lowrank" and cfg.mode.generator_only_mode
+    grid = run_server(cfg, tmp_path / "run")
+    sent = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == "train"}
+    replies = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert len(replies) == 5
+    for reply in replies:
+        back, given = reply.content["arrays"].to_torch_state_dict(), sent[reply.metadata.src_node_id]
+        assert all(torch.equal(back[k], v) for k, v in given.content["arrays"].to_torch_state_dict().items())
+        assert reply.content["metrics"]["train_loss"] == 0.0
+    (train,) = rows(tmp_path / "run", "train")
+    assert train["server/adapter_finetuning_loss"] > 0 and train["server/synthetic_samples"] >= 20 * 5
+    assert len(rows(tmp_path / "run", "eval")) == 1
