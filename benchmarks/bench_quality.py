@@ -64,6 +64,7 @@ QUICK_SIZE = [*DEFAULT_SIZE, "data.clips_per_class=50", "data.seconds=1.0", "dat
               "model.audio.max_length=128", "adapter.width=64", "train.local_epochs=1", "generator.epochs=2"]
 HARD = ("data.noise=1.5", "data.overlap=0.85")  # raised until centralised stays below 0.9 (see BENCHMARKS.md)
 REFINE_EPOCHS = 3                              # server epochs of the refinement rows (replay.refine_epochs)
+DP_EPSILONS = (10.0, 100.0)  # the two privacy levels measured (delta 1e-5, clip sqrt(K*D))
 ONE_SHOT = (300, 40)  # one-shot rows: server samples per class, server epochs (conf/experiment/one_shot.yaml)
 
 
@@ -85,6 +86,7 @@ class Method:
     joint: bool = False               # class-incremental scenario: every class from round 1
     covariance: str = "diag"          # gaussian generators: diag | lowrank | full (generator.covariance)
     one_shot: bool = False            # sites send class models once; the server trains fresh adapters on samples
+    dp_epsilon: float | None = None   # gaussian generators: the DP release of each class (generator.dp_epsilon)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def methods(scenario: Scenario, quick: bool) -> list[Method]:
                     covariance=cov) for kind in ("kd", "refinement") for cov in ("lowrank", "full")]
     rows += [Method(f"one-shot (gaussian, {cov})", generator="gaussian", one_shot=True, covariance=cov)
              for cov in ("diag", "lowrank", "full")]
+    rows += [Method(f"one-shot (gaussian, lowrank, DP epsilon {eps:g})", generator="gaussian", one_shot=True,
+                    covariance="lowrank", dp_epsilon=eps) for eps in DP_EPSILONS]
     if "hard" not in scenario.name:  # levers that do not help on the default data are not repeated on hard data
         rows += [Method("+ proximal (mu 0.001)", train=(("proximal_mu", 0.001),)),
                  Method("+ restricted softmax (0.5)", train=(("absent_scale", 0.5),))]
@@ -598,11 +602,11 @@ def generator_spec(m: Method, cfg, sites: list[SiteData], targets) -> GeneratorS
     """The method's generator: the configured size, or the largest at most the gaussian's bytes (printed)."""
     if m.generator is None:
         return None
-    key = (m.generator, m.granularity, m.equal_bytes, m.covariance)
+    key = (m.generator, m.granularity, m.equal_bytes, m.covariance, m.dp_epsilon)
     if key not in _CHOSEN:
         token_shape = tuple(sites[0].splits["train"][0].shape[1:])
         configured = _CHOSEN[key] = replace(C.replay_spec(cfg, sites[0].classes).generator, type=m.generator,
-                                            covariance=m.covariance)
+                                            covariance=m.covariance, dp_epsilon=m.dp_epsilon)
         if m.equal_bytes:
             budget = gaussian_bytes_per_key(sites, m.granularity, configured, targets)
             _CHOSEN[key] = equal_bytes_spec(configured, budget, token_shape)

@@ -4,10 +4,14 @@ state, bytes, and the differentially private release."""
 from __future__ import annotations
 
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
+from a2v_flower import config as C
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.models.generators import (GeneratorSpec, build_generator, condition_for, sample_classes,
                                           train_generator)
@@ -169,3 +173,18 @@ def test_dp_release_is_noisy_once_and_costs_less_at_larger_epsilon(covariance):
         train_generator(gen, x, y, targets, GeneratorSpec(type="gaussian"))  # a second round: released once
         assert all(torch.equal(v, gen.state_tensors()[k]) for k, v in before.items())
     assert errs[50.0] < 0.05 < errs[0.5], errs
+
+
+def _doc_commands() -> list[list[str]]:
+    """Overrides of every `a2v-run ...` line of docs/label-skew.md (the page this feature's users read)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "label-skew.md").read_text()
+    return [shlex.split(line.split("#")[0]) for line in re.findall(r"^\s*a2v-run(.*)$", text, flags=re.M)]
+
+
+def test_the_label_skew_page_has_commands():
+    assert len(_doc_commands()) >= 3
+
+
+@pytest.mark.parametrize("overrides", _doc_commands())
+def test_every_label_skew_command_composes(overrides, make_cfg):
+    C.validate(make_cfg(*overrides))
