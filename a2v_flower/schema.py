@@ -137,8 +137,7 @@ class Diffusion:
         _one_of("diffusion.type", self.type, ("sd", "flux"))
         _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         _one_of("diffusion.clip_seq_len", self.clip_seq_len, (CLIP_SEQ_LEN,))
-        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"),
-                 non_negative=("render_every", "clip_images", "guidance_scale"))
+        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"), non_negative=("render_every", "clip_images", "guidance_scale"))
 
 
 @dataclass
@@ -276,8 +275,7 @@ class Replay:
     kd_epochs: int = MISSING
 
     def __post_init__(self):
-        _numbers("replay.", self,
-                 non_negative=("samples_per_class", "refine_epochs", "synthetic_samples_per_class", "kd_epochs"))
+        _numbers("replay.", self, non_negative=("samples_per_class", "refine_epochs", "synthetic_samples_per_class", "kd_epochs"))
 
 
 @dataclass
@@ -389,6 +387,8 @@ class Config:
         if gen == "none" and self.sharing.mode != "none":
             raise ValueError(f"sharing.mode={self.sharing.mode!r} shares generators but generator.type='none'; "
                              "choose generator=gaussian|vae|cvae|gan or sharing=none")
+        if self.generator.dp_epsilon is not None and self.sharing.mode == "sequential":  # a class is released once
+            raise ValueError(f"generator.dp_epsilon={self.generator.dp_epsilon} is not allowed with sharing.mode='sequential' (a site would skip a class an earlier one released); use sharing=none|averaged")
 
 
 ConfigStore.instance().store(name="schema", node=Config)

@@ -188,3 +188,10 @@ def test_the_label_skew_page_has_commands():
 @pytest.mark.parametrize("overrides", _doc_commands())
 def test_every_label_skew_command_composes(overrides, make_cfg):
     C.validate(make_cfg(*overrides))
+
+
+def test_dp_with_sequential_sharing_is_refused_before_start(make_cfg):
+    """A class is released once: a site handed a state that holds it would skip its own clips of it."""
+    with pytest.raises(ValueError, match=r"generator.dp_epsilon=1.0 is not allowed with sharing.mode='sequential'"):
+        C.validate(make_cfg("generator=gaussian", "generator.dp_epsilon=1.0", "sharing=sequential"))
+    C.validate(make_cfg("generator=gaussian", "generator.dp_epsilon=1.0", "sharing=averaged"))
