@@ -167,7 +167,8 @@ def test_groups_noniid_experiment_runs_its_recipe(make_cfg, tmp_path, task_ident
     grid = run_server(cfg, tmp_path / "run")
     trains = rows(tmp_path / "run", "train")
     assert {int(r.content["metrics"]["site"]) for r in grid.replies} == set(range(5))
-    assert all(r["server/kd_loss"] > 0 and r["server/synthetic_samples"] > 0 for r in trains)
+    assert cfg.generator.covariance == "lowrank" and cfg.strategy.aggregation == "avg"
+    assert all(r["server/adapter_finetuning_loss"] > 0 and r["server/synthetic_samples"] > 0 for r in trains)
     assert len(rows(tmp_path / "run", "eval")) == 2
 
 
