@@ -246,7 +246,8 @@ def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
     if g.type == "none":
         return None
     spec = GeneratorSpec(g.type, g.latent_dim, g.hidden, g.lr, g.weight_decay, g.epochs, g.batch_size, g.grad_clip,
-                         g.kl_weight, g.kl_warmup, g.early_stopping_patience, cfg.seed)
+                         g.kl_weight, g.kl_warmup, g.early_stopping_patience, cfg.seed, g.covariance, g.rank,
+                         g.dp_epsilon, g.dp_clip)
     gran = cfg.granularity.granularity
     groups = OmegaConf.to_container(cfg.granularity.groups) if cfg.granularity.groups else None
     if gran == "per_group" and groups is None:

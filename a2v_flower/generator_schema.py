@@ -4,7 +4,7 @@ generator_checkpoint): one dataclass per node, as in `a2v_flower.schema`, which 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -24,12 +24,21 @@ class Generator:
     kl_weight: float = 1e-2
     kl_warmup: float = 0.5
     early_stopping_patience: int = 0
+    covariance: str = "diag"          # gaussian: diag | lowrank | full
+    rank: int = 16                    # gaussian lowrank: rank of the factor
+    dp_epsilon: Optional[float] = None  # gaussian: DP release of each class's statistics (null = off)
+    dp_clip: Optional[float] = None   # with dp_epsilon: L2 bound of each flattened embedding (null = sqrt(K*D))
 
     def __post_init__(self):
         _one_of("generator.type", self.type, ("none", "gaussian", "vae", "cvae", "gan"))
-        _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size"),
+        _one_of("generator.covariance", self.covariance, ("diag", "lowrank", "full"))
+        _numbers("generator.", self, positive=("latent_dim", "hidden", "lr", "epochs", "batch_size", "rank"),
                  non_negative=("weight_decay", "grad_clip", "kl_weight", "early_stopping_patience"),
                  fraction=("kl_warmup",))
+        for k in ("dp_epsilon", "dp_clip"):
+            if getattr(self, k) is not None and not (getattr(self, k) > 0 and self.type == "gaussian"):
+                raise ValueError(f"generator.{k}={getattr(self, k)!r} is not allowed; expected null or > 0, "
+                                 "with generator=gaussian")
 
 
 @dataclass

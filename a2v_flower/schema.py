@@ -92,9 +92,8 @@ class Audio:
         _one_of("model.audio.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length, tiny=tuple((self.tiny or {}).items())))
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
-            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a "
-                             f"summary token and 1..{most - 1} pooled patch tokens: expected 2..{most} "
-                             f"(model.audio.max_length={self.max_length})")
+            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a summary token "
+                             f"and 1..{most - 1} pooled patch tokens: expected 2..{most} (model.audio.max_length={self.max_length})")
 
 
 @dataclass
@@ -138,8 +137,7 @@ class Diffusion:
         _one_of("diffusion.type", self.type, ("sd", "flux"))
         _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         _one_of("diffusion.clip_seq_len", self.clip_seq_len, (CLIP_SEQ_LEN,))
-        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"),
-                 non_negative=("render_every", "clip_images", "guidance_scale"))
+        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"), non_negative=("render_every", "clip_images", "guidance_scale"))
 
 
 @dataclass
@@ -167,8 +165,7 @@ class Federation:
     def __post_init__(self):
         _numbers("federation.", self, positive=("num_sites", "num_cpus", "timeout"), non_negative=("num_gpus",))
         if self.min_sites is not None and not 1 <= self.min_sites <= self.num_sites:
-            raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) "
-                             f"or a whole number in 1..federation.num_sites={self.num_sites}")
+            raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) or a whole number in 1..federation.num_sites={self.num_sites}")
 
 
 @dataclass
@@ -215,8 +212,7 @@ class Train:
                  non_negative=("weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale"))
         _one_of("train.loss", self.loss, ("mse", "contrastive", "mse+contrastive"))
         if self.absent_scale > 1 or (self.absent_scale != 1 and self.loss == "mse"):
-            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; "
-                             "expected a number in [0, 1] and a loss with a contrastive term")
+            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; expected a number in [0, 1] and a loss with a contrastive term")
 
 
 @dataclass
@@ -302,8 +298,7 @@ class Config:
             raise ValueError("replay.refine_epochs needs generator samples but generator.type='none' and "
                              f"server_generator.epochs=0; {needs}")
         if gen == "none" and self.replay.synthetic_samples_per_class:
-            raise ValueError("replay.synthetic_samples_per_class sends the sites' generator samples but "
-                             "generator.type='none'; choose generator=gaussian|vae|cvae|gan")
+            raise ValueError("replay.synthetic_samples_per_class sends the sites' generator samples but generator.type='none'; choose generator=gaussian|vae|cvae|gan")
         if server_gen and not (self.strategy.aggregation == "kd" or self.replay.refine_epochs):
             raise ValueError(f"server_generator.epochs={self.server_generator.epochs} but nothing uses its samples; "
                              "set strategy=kd or replay.refine_epochs > 0 (or server_generator.epochs=0)")
@@ -313,6 +308,8 @@ class Config:
         if gen == "none" and self.sharing.mode != "none":
             raise ValueError(f"sharing.mode={self.sharing.mode!r} shares generators but generator.type='none'; "
                              "choose generator=gaussian|vae|cvae|gan or sharing=none")
+        if self.generator.dp_epsilon is not None and self.sharing.mode == "sequential":  # a class is released once
+            raise ValueError(f"generator.dp_epsilon={self.generator.dp_epsilon} is not allowed with sharing.mode='sequential' (a site would skip a class an earlier one released); use sharing=none|averaged")
 
 
 ConfigStore.instance().store(name="schema", node=Config)  # config.validate checks a config against it

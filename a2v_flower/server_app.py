@@ -200,7 +200,8 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
         log.info("resuming %s after round %d of %d", run_dir, done, cfg.num_rounds)
     saved_norm = {f"input_norm/{k}": v for k, v in (adapters.input_norm() or {}).items()}  # beside the weights
     held_out = server_test_set(cfg, clips, sites, classes) if cfg.evaluate.mode == "server" else None
-    every = 0 if cfg.mode.generator_only_mode else cfg.diffusion.render_every  # generator-only: never render
+    untrained = cfg.mode.generator_only_mode and not cfg.replay.refine_epochs  # one-shot trains them on the server
+    every = 0 if untrained else cfg.diffusion.render_every  # generator-only: never render
     render = None
     if every:  # diffusers (and torch._dynamo through it): 3 s of CPU to import, only for a run that renders
         from a2v_flower.diffusion import Renderer

@@ -58,8 +58,7 @@ class ServerGenerators:
         return {"generators": unflatten(dict(report))} if report is not None else {}
 
     def owners(self, seen: bool = False) -> dict[int, list[int]]:
-        """Class index -> sites whose last statistics show training clips of it this round (adapter teachers),
-        or, with `seen`, that trained it in any round (their generators cover it)."""
+        """Class index -> sites that trained it this round (adapter teachers), or with `seen` in any round."""
         out: dict[int, list[int]] = {}
         for site, stats in sorted(self.class_stats.items()):
             for c in torch.nonzero(stats["seen" if seen and "seen" in stats else "counts"]).flatten().tolist():
@@ -112,7 +111,8 @@ class ServerGenerators:
                                          pooled=self.replay.generator.type == "gaussian")
         if self.replay and self.replay.shared:
             self.generators = {site: self.shared for site in self.class_stats}  # the same objects, not copies
-        if arrays is None or (self.replay is not None and self.replay.only):
+        # generator-only: adapters came back untouched; with refine_epochs the server alone trains them (one-shot)
+        if arrays is None or (self.replay is not None and self.replay.only and not self.replay.refine_epochs):
             return arrays, {}
         return self.server_training(server_round, arrays, teachers)
 

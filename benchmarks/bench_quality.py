@@ -70,6 +70,8 @@ QUICK_SIZE = [*DEFAULT_SIZE, "data.clips_per_class=50", "data.seconds=1.0", "dat
               "model.audio.max_length=128", "adapter.width=64", "train.local_epochs=1", "generator.epochs=2"]
 HARD = ("data.noise=1.5", "data.overlap=0.85")  # raised until centralised stays below 0.9 (see BENCHMARKS.md)
 REFINE_EPOCHS = 3                              # server epochs of the refinement rows (replay.refine_epochs)
+DP_EPSILONS = (10.0, 100.0)  # the two privacy levels measured (delta 1e-5, clip sqrt(K*D))
+ONE_SHOT = (300, 40)  # one-shot rows: server samples per class, server epochs (conf/experiment/one_shot.yaml)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class Method:
     equal_bytes: bool = False         # neural generator shrunk to the gaussian's bytes
     reset: bool = True                # reset=on_class_change
     joint: bool = False               # class-incremental scenario: every class from round 1
+    covariance: str = "diag"          # gaussian generators: diag | lowrank | full (generator.covariance)
+    one_shot: bool = False            # sites send class models once; the server trains fresh adapters on samples
+    dp_epsilon: float | None = None   # gaussian generators: the DP release of each class (generator.dp_epsilon)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,12 @@ def methods(scenario: Scenario, quick: bool) -> list[Method]:
                     train=(("absent_scale", 0.5),)),
              Method("+ refinement (gaussian)", generator="gaussian", refine=True),
              Method("+ kd (server generator)", kd=True, server_gen=True)]
+    rows += [Method(f"+ {kind} (gaussian, {cov})", generator="gaussian", kd=kind == "kd", refine=kind != "kd",
+                    covariance=cov) for kind in ("kd", "refinement") for cov in ("lowrank", "full")]
+    rows += [Method(f"one-shot (gaussian, {cov})", generator="gaussian", one_shot=True, covariance=cov)
+             for cov in ("diag", "lowrank", "full")]
+    rows += [Method(f"one-shot (gaussian, lowrank, DP epsilon {eps:g})", generator="gaussian", one_shot=True,
+                    covariance="lowrank", dp_epsilon=eps) for eps in DP_EPSILONS]
     if "hard" not in scenario.name:  # levers that do not help on the default data are not repeated on hard data
         rows += [Method("+ proximal (mu 0.001)", train=(("proximal_mu", 0.001),)),
                  Method("+ restricted softmax (0.5)", train=(("absent_scale", 0.5),))]
@@ -278,6 +289,8 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
     torch.manual_seed(seed)
     spec = replace(spec, **dict(m.train))
     classes, token_shape = sites[0].classes, tuple(sites[0].splits["train"][0].shape[1:])
+    if m.one_shot:
+        return one_shot(m, sc, sites, targets, make, spec, gspec, seed)
     incremental = sc.incremental and not m.joint
     if m.kind == "central":
         train = pooled(sites, "train")
@@ -324,10 +337,7 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
             locals_[i] = model
             states.append(on_wire(model.state_dict(), wire, back=False))
             weights.append(len(ya))
-            stats[i] = {"counts": torch.bincount(y, minlength=len(classes)).float(),
-                        "seen": torch.isin(torch.arange(len(classes)), torch.tensor(sorted(seen[i]))).float(),
-                        **{f"audio_mean/{c}": x[y == c].mean(0) for c in y.unique().tolist()},
-                        **{f"audio_var/{c}": x[y == c].var(0, unbiased=False) for c in y.unique().tolist()}}
+            stats[i] = site_stats(x, y, seen[i], len(classes))
             if m.server_gen:  # the per-class adapter outputs only the server generator needs
                 stats[i] |= {f"out/{k}": v for k, v in class_means(predict(model, x), y).items()}
             sent = [v for g in gens[i].values() for v in SR.weights_only(g).values()]
@@ -342,6 +352,39 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
         val_history.append(np.mean([per_class(hits(a, xv, yv, targets), yv, len(classes)) for a in val_models], 0))
     return finish(m, sc, sites, sites_run, global_ad, locals_, targets, rounds, val_history,
                   {"up": up, "down": down, "gen": gen_up, "seconds": time.perf_counter() - t0})
+
+
+def site_stats(x: torch.Tensor, y: torch.Tensor, seen: set, num_classes: int) -> dict:
+    """The class statistics a site's reply carries: counts, classes seen, per-class audio mean and variance."""
+    return {"counts": torch.bincount(y, minlength=num_classes).float(),
+            "seen": torch.isin(torch.arange(num_classes), torch.tensor(sorted(seen))).float(),
+            **{f"audio_mean/{c}": x[y == c].mean(0) for c in y.unique().tolist()},
+            **{f"audio_var/{c}": x[y == c].var(0, unbiased=False) for c in y.unique().tolist()}}
+
+
+def one_shot(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: TrainSpec, gspec: GeneratorSpec,
+             seed: int) -> dict:
+    """FedPFT's setting (`+experiment=one_shot`): every site fits its class models once and sends them with its
+    class statistics; the server trains fresh global adapters on ONE_SHOT[0] samples per class (and the class
+    means) toward the class targets for ONE_SHOT[1] epochs. No adapter leaves a site, no FedAvg."""
+    classes, token_shape = sites[0].classes, tuple(sites[0].splits["train"][0].shape[1:])
+    t0, gens, stats, up = time.perf_counter(), {}, {}, 0
+    for i, site in enumerate(sites):
+        x, y = site.splits["train"]
+        gens[i], _ = SR.train_site_generators({}, set(), x, y, classes, m.granularity, C.default_groups(classes),
+                                             replace(gspec, seed=seed), targets, m.reset)
+        stats[i] = site_stats(x, y, set(y.unique().tolist()), len(classes))
+        gens[i] = {k: SR.weights_only(v) for k, v in gens[i].items()}
+        up += nbytes(stats[i].values()) + nbytes(v for g in gens[i].values() for v in g.values())
+    gen_up = up - sum(nbytes(st.values()) for st in stats.values())
+    global_ad = make(seed)
+    x, y = R.synthesize(gens, owners_of(stats, "seen"), classes, m.granularity, C.default_groups(classes), gspec,
+                        token_shape, targets, ONE_SHOT[0], seed=seed + 1)
+    present, means = R.class_audio_means(stats, len(classes))
+    R.refine(global_ad, torch.cat([x, means]), torch.cat([y, torch.tensor(present)]), targets,
+             replace(spec, epochs=ONE_SHOT[1]), seed)
+    return finish(m, sc, sites, sites, global_ad, [global_ad], targets, 1, [],
+                  {"up": up, "down": 0, "gen": gen_up, "seconds": time.perf_counter() - t0})
 
 
 def server_training(m: Method, global_ad, locals_, stats, gens, server_gen, sg_spec, classes, gspec, token_shape,
@@ -527,12 +570,14 @@ def main() -> None:
     scenarios = select(args.scenario, skew)
     order = [(s.name, m.name) for s in scenarios for m in methods(s, args.quick)]
     references = {s.name: s.reference for s in scenarios}
+    names = {m for _, m in order}
     t_start = time.perf_counter()
     for sc in scenarios:
         for seed in range(seeds):
             sites = None
             for m in methods(sc, args.quick):
-                if not re.search(args.only, m.name) or (sc.name, m.name, seed) in done:
+                wanted = m.name == args.only if args.only in names else bool(re.search(args.only, m.name))  # exact
+                if not wanted or (sc.name, m.name, seed) in done:  # name: that row alone; else a regular expression
                     continue
                 sites = sites or load(base, sc.overrides, seed, encoder)
                 classes = sites[0].classes
@@ -579,10 +624,11 @@ def generator_spec(m: Method, cfg, sites: list[SiteData], targets) -> GeneratorS
     """The method's generator: the configured size, or the largest at most the gaussian's bytes (printed)."""
     if m.generator is None:
         return None
-    key = (m.generator, m.granularity, m.equal_bytes)
+    key = (m.generator, m.granularity, m.equal_bytes, m.covariance, m.dp_epsilon)
     if key not in _CHOSEN:
         token_shape = tuple(sites[0].splits["train"][0].shape[1:])
-        configured = _CHOSEN[key] = replace(C.replay_spec(cfg, sites[0].classes).generator, type=m.generator)
+        configured = _CHOSEN[key] = replace(C.replay_spec(cfg, sites[0].classes).generator, type=m.generator,
+                                            covariance=m.covariance, dp_epsilon=m.dp_epsilon)
         if m.equal_bytes:
             budget = gaussian_bytes_per_key(sites, m.granularity, configured, targets)
             _CHOSEN[key] = equal_bytes_spec(configured, budget, token_shape)

@@ -201,6 +201,9 @@ def test_training_is_minibatched(kind, passes, monkeypatch):
     sizes, fit = [], gen.fit_batch
     monkeypatch.setattr(gen, "fit_batch", lambda xb, cond, **kw: sizes.append(len(xb)) or fit(xb, cond, **kw))
     history = train_generator(gen, x, y, targets, spec)
+    if kind == "gaussian":  # moments: every row in one batch (an exact factor, one private release per class)
+        assert sizes == [50] and len(history) == passes
+        return
     assert sizes == [16, 16, 16, 2] * passes == [16, 16, 16, 2] * len(history)
     assert len(sizes) == passes * math.ceil(50 / 16)
     if kind == "gan":
@@ -242,6 +245,12 @@ def test_early_stopping_stops_and_restores_best_epoch(monkeypatch):
     ({"lr": 0.0}, "generator.lr=0.0"),
     ({"kl_warmup": 1.5}, "generator.kl_warmup=1.5"),
     ({"grad_clip": -1.0}, "generator.grad_clip=-1.0"),
+    ({"type": "gaussian", "covariance": "sparse"}, r"generator.covariance='sparse' is not allowed; expected one of "
+                                                    r"\['diag', 'lowrank', 'full'\]"),
+    ({"type": "gaussian", "rank": 0}, "generator.rank=0 is not allowed"),
+    ({"type": "gaussian", "dp_epsilon": 0.0}, "generator.dp_epsilon=0.0 is not allowed; expected null or > 0"),
+    ({"type": "cvae", "dp_epsilon": 1.0}, "generator.dp_epsilon=1.0 is not allowed; .* with generator=gaussian"),
+    ({"type": "gaussian", "dp_epsilon": 1.0, "dp_clip": -1.0}, "generator.dp_clip=-1.0 is not allowed"),
 ])
 def test_spec_validation(kwargs, needle, make_cfg):
     overrides = [f"generator.{k}={v}" for k, v in kwargs.items() if k != "type"]

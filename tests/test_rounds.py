@@ -180,7 +180,8 @@ def test_groups_noniid_experiment_runs_its_recipe(make_cfg, tmp_path, task_ident
     grid = run_server(cfg, tmp_path / "run")
     trains = rows(tmp_path / "run", "train")
     assert {int(r.content["metrics"]["site"]) for r in grid.replies} == set(range(5))
-    assert all(r["server/kd_loss"] > 0 and r["server/synthetic_samples"] > 0 for r in trains)
+    assert cfg.generator.covariance == "lowrank" and cfg.strategy.aggregation == "avg"
+    assert all(r["server/adapter_finetuning_loss"] > 0 and r["server/synthetic_samples"] > 0 for r in trains)
     assert len(rows(tmp_path / "run", "eval")) == 2
 
 
@@ -252,3 +253,23 @@ def test_server_evaluation_scores_clips_no_site_holds(make_cfg, tmp_path, task_i
     run_server(federated, tmp_path / "federated")
     (row,) = rows(tmp_path / "federated", "eval")
     assert row["trained_here"] == 1.0 and all(s["trained_here"] == s["n"] for s in row["sites"].values())
+
+
+def test_one_shot_experiment_trains_the_adapters_on_the_server_only(make_cfg, tmp_path, task_identity):
+    """+experiment=one_shot: one round; sites fit their lowrank class models and return the adapters they were
+    sent, untouched; the server alone trains the global adapters on the models' samples (refinement)."""
+    assert C.compose_config(["+experiment=one_shot"]).num_rounds == 1            # the test config shrinks rounds
+    cfg = make_cfg("+experiment=one_shot", "num_rounds=1", "replay.samples_per_class=20", "replay.refine_epochs=2",
+                   *FAST)
+    assert cfg.generator.covariance == "lowrank" and cfg.mode.generator_only_mode
+    grid = run_server(cfg, tmp_path / "run")
+    sent = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == "train"}
+    replies = [r for r in grid.replies if r.metadata.message_type == "train"]
+    assert len(replies) == 5
+    for reply in replies:
+        back, given = reply.content["arrays"].to_torch_state_dict(), sent[reply.metadata.src_node_id]
+        assert all(torch.equal(back[k], v) for k, v in given.content["arrays"].to_torch_state_dict().items())
+        assert reply.content["metrics"]["train_loss"] == 0.0
+    (train,) = rows(tmp_path / "run", "train")
+    assert train["server/adapter_finetuning_loss"] > 0 and train["server/synthetic_samples"] >= 20 * 5
+    assert len(rows(tmp_path / "run", "eval")) == 1

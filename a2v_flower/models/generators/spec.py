@@ -21,6 +21,10 @@ class GeneratorSpec:
     kl_warmup: float = 0.5          # fraction of `epochs` over which beta ramps 0 -> kl_weight
     early_stopping_patience: int = 0  # epochs without a lower val loss before stopping (0 = off)
     seed: int = 0
+    covariance: str = "diag"        # gaussian: diag | lowrank (mean + rank-r factor + diagonal residual) | full
+    rank: int = 16                  # gaussian lowrank: rank r of the factor
+    dp_epsilon: float | None = None  # gaussian: (epsilon, covariance.DP_DELTA)-DP release of each class (None = off)
+    dp_clip: float | None = None    # gaussian with dp_epsilon: L2 bound of each flattened embedding (None = sqrt(K*D))
 
 
 @dataclass(frozen=True)

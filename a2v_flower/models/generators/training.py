@@ -73,8 +73,9 @@ def train_generator(gen: BaseGenerator, x: Tensor, y: Tensor, class_targets: dic
     for epoch in range(1 if gen.single_pass else spec.epochs):
         beta = kl_beta(epoch, spec.epochs, spec.kl_warmup, spec.kl_weight)
         order, sums = torch.randperm(len(x), generator=order_rng), {}
-        for start in range(0, len(x), spec.batch_size):
-            idx = order[start:start + spec.batch_size]
+        step = len(x) if gen.single_pass else spec.batch_size  # moments: every row at once (exact factors, one DP release)
+        for start in range(0, len(x), step):
+            idx = order[start:start + step]
             for k, v in gen.fit_batch(x[idx], None if cond is None else cond[idx], kl_beta=beta).items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
         row = {"epoch": epoch, **{k: v / len(x) for k, v in sums.items()}}
