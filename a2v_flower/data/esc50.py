@@ -72,12 +72,7 @@ def read_metadata(root: str | Path, folds: list[int] | None = None, classes: lis
             raise ValueError(f"{meta}, line {i}: {err}") from None
     clips = [Clip(root / "audio" / r["filename"], int(r["fold"]), int(r["target"]), r["category"], line=i)
              for i, r in enumerate(rows, start=2)]
-    present = sorted({c.category for c in clips})
-    if classes is not None:
-        unknown = [c for c in classes if c not in present]
-        if unknown:
-            raise ValueError(f"data.classes: {unknown} not in {meta}; allowed: {present}")
-        clips = [c for c in clips if c.category in set(classes)]
+    clips = keep_classes(clips, classes, meta)
     if folds is not None:
         clips = [c for c in clips if c.fold in set(folds)]
     if not clips:
@@ -116,6 +111,16 @@ def readable(path: Path) -> bool:
         return path.is_file() and sf.info(str(path)).frames > 0
     except (sf.LibsndfileError, RuntimeError, OSError):
         return False
+
+
+def keep_classes(clips: list[Clip], classes: list[str] | None, source) -> list[Clip]:
+    """The clips of `classes` (None: all); ValueError naming data.classes and `source` for a class it lacks."""
+    if classes is None:
+        return clips
+    present = sorted({c.category for c in clips})
+    if unknown := [c for c in classes if c not in present]:
+        raise ValueError(f"data.classes: {unknown} not in {source}; allowed: {present}")
+    return [c for c in clips if c.category in set(classes)]
 
 
 def load_audio(path: str | Path, sample_rate: int, num_samples: int) -> np.ndarray:

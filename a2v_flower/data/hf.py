@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from a2v_flower.data.esc50 import Clip
+from a2v_flower.data.esc50 import Clip, keep_classes
 from a2v_flower.names import safe_name
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,7 @@ def read_clips(spec: HFSpec, cache_dir: str | Path, classes: list[str] | None = 
         tmp.write_text(json.dumps(rows))
         os.replace(tmp, manifest)
     clips = [Clip(cache_dir / "audio" / r["file"], 0, r["target"], r["category"], group=r["group"]) for r in rows]
-    present = sorted({c.category for c in clips})
-    if classes is not None:
-        unknown = [c for c in classes if c not in present]
-        if unknown:
-            raise ValueError(f"data.classes: {unknown} not in {spec.path}; allowed: {present}")
-        clips = [c for c in clips if c.category in set(classes)]
+    clips = keep_classes(clips, classes, spec.path)
     if not clips:
         raise ValueError(f"data.path={spec.path!r}: no clips in splits {list(splits)}")
     return clips
