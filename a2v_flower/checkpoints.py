@@ -57,7 +57,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 GENERATOR_EXT = ".safetensors"
 _KEY_INFIX = {"per_class": "_class_", "per_group": "_group_"}  # the predecessor's file-name infixes
 
-@dataclass
+@dataclass(kw_only=True)
 class GeneratorMeta:
     """Self-description of one generator file (weights and optimizer state sit beside it in the same file)."""
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import site_generators
@@ -22,6 +21,7 @@ from a2v_flower.models.generators import ReplaySpec
 from a2v_flower.names import safe_name
 from a2v_flower.records import flatten, from_record, to_record, unflatten
 from a2v_flower.resume import restore_site_state, save_site_state, site_state_dir
+from a2v_flower.schema import Config
 from a2v_flower.tracking import use_flower_logging
 from a2v_flower.training import class_means, predict, train_adapters
 
@@ -33,6 +33,7 @@ app = ClientApp()
 # cache does the same job.
 _ENCODERS: dict = {}
 _SITES: dict = {}    # at most MEMO_SITES sites per process; the disk cache holds every site's embeddings
+_CONFIGS: dict = {}  # (run config text, node's local paths) -> its typed config
 _TARGETS: dict = {}  # run config sha1 -> class targets (on disk too: a node's next message may reach another actor)
 MEMO_SITES = 64
 RECEIVED_KEPT = 16  # class targets of that many run configs stay in <cache_dir>/received
@@ -42,51 +43,47 @@ def _site(msg: Message, context: Context) -> tuple:
     """The run config (with this node's data root and cache), the site id and its embedded clips (memoised)."""
     use_flower_logging()
     site_id = int(context.node_config["partition-id"])
-    cfg = run_config(msg, context, site_id)
-    if "data-root" in context.node_config:  # deployment: each SuperNode may keep data elsewhere
-        cfg.data.root = str(context.node_config["data-root"])
-    if "cache-dir" in context.node_config:  # deployment: each SuperNode caches data/embeddings locally
-        cfg.paths.cache_dir = str(context.node_config["cache-dir"])
+    conf = run_config(msg, context, site_id)
     n = context.node_config.get("num-partitions")
-    if n is not None and int(n) != cfg.federation.num_sites:
-        raise ValueError(f"SuperNode num-partitions={n} but federation.num_sites={cfg.federation.num_sites}")
-    data, part, aspec, device = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg), C.site_device(cfg)
-    if (aspec, device) not in _ENCODERS:  # setdefault would build (and hash) a new encoder on every message
-        _ENCODERS[aspec, device] = AudioEncoder(aspec, device)
-    encoder = _ENCODERS[aspec, device]
-    key = (data, part, aspec, site_id)
+    if n is not None and int(n) != conf.federation.num_sites:
+        raise ValueError(f"SuperNode num-partitions={n} but federation.num_sites={conf.federation.num_sites}")
+    data, part, aspec, device = C.data_spec(conf), C.partition_spec(conf), conf.model.audio, C.site_device(conf)
+    if (repr(aspec), device) not in _ENCODERS:  # setdefault would build (and hash) a new encoder on every message
+        _ENCODERS[repr(aspec), device] = AudioEncoder(aspec, device)
+    encoder = _ENCODERS[repr(aspec), device]
+    key = (data, part, repr(aspec), site_id)
     if key not in _SITES:
         if len(_SITES) >= MEMO_SITES:  # a simulated actor serves many of 1000 sites: keep the latest only
             del _SITES[next(iter(_SITES))]
         _SITES[key] = load_site(data, part, encoder, site_id)
-    return cfg, site_id, _SITES[key]
+    return conf, site_id, _SITES[key]
 
 
 def _setup(msg: Message, context: Context):
     """Config, site data, class targets and adapters (global, or this site's own when not aggregating)."""
-    cfg, site_id, site = _site(msg, context)
-    targets = received(msg, cfg, site_id, "targets")
-    norm = received(msg, cfg, site_id, "input_norm") if cfg.adapter.normalise else None
+    conf, site_id, site = _site(msg, context)
+    targets = received(msg, conf, site_id, "targets")
+    norm = received(msg, conf, site_id, "input_norm") if conf.adapter.normalise else None
     dim = site.splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
-    adapters = build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
-                              cfg.adapter.rank, norm)
+    a = conf.adapter
+    adapters = build_adapters(dim, targets, a.width, a.heads, conf.seed, a.kind, a.rank, norm)
     resumed = int(msg.content["config"].get("resume-round", 0))
     if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
-        restore_site_state(site_state_dir(cfg, context.node_config), site_id, resumed, context.state)
+        restore_site_state(site_state_dir(conf, context.node_config), site_id, resumed, context.state)
         context.state["restored"] = ConfigRecord({"round": resumed})
-    own = cfg.strategy.aggregation == "none" and "adapters" in context.state
+    own = conf.strategy.aggregation == "none" and "adapters" in context.state
     if own or "arrays" in msg.content:  # "train.generators" messages carry no adapters
         adapters.load_state_dict((context.state["adapters"] if own else msg.content["arrays"]).to_torch_state_dict())
-    adapters.to(C.site_device(cfg))  # device.site: auto = the GPU Ray handed this actor, else the CPU
-    return cfg, site_id, site, targets, adapters
+    adapters.to(C.site_device(conf))  # device.site: auto = the GPU Ray handed this actor, else the CPU
+    return conf, site_id, site, targets, adapters
 
 
-def received(msg: Message, cfg, site_id: int, name: str) -> dict[str, torch.Tensor]:
+def received(msg: Message, conf: Config, site_id: int, name: str) -> dict[str, torch.Tensor]:
     """What the server sends once per node (`name`: "targets", the class targets, or "input_norm", the adapters'
     input standardisation), then kept once per process and on disk, keyed by the run config: not in every
     node's context.state (in simulation those live in the ServerApp's process, one per site)."""
-    key = sha1_of(OmegaConf.to_yaml(cfg), name)
-    cache = TensorCache(Path(cfg.paths.cache_dir) / "received")
+    key = sha1_of(C.to_yaml(conf), name)
+    cache = TensorCache(Path(conf.paths.cache_dir) / "received")
     if name in msg.content:
         _TARGETS[key] = from_record(msg.content[name])
         if not cache.path(key).is_file():
@@ -99,8 +96,10 @@ def received(msg: Message, cfg, site_id: int, name: str) -> dict[str, torch.Tens
     return _TARGETS[key]
 
 
-def run_config(msg: Message, context: Context, site_id: int):
-    """The run's resolved config: sent once per node (kept in context.state), checked against the message's hash."""
+def run_config(msg: Message, context: Context, site_id: int) -> Config:
+    """The run's typed config: sent once per node (kept in context.state), checked against the message's hash,
+    with this node's data root and cache folder (node config data-root / cache-dir: a deployment's SuperNode may
+    keep them elsewhere)."""
     if "run-config" in msg.content:
         context.state["run-config"] = msg.content["run-config"]
     if "run-config" not in context.state:
@@ -110,13 +109,19 @@ def run_config(msg: Message, context: Context, site_id: int):
     if digest and digest != sha1_of(text)[:12]:
         raise RuntimeError(f"site {site_id}: its run config (sha1 {sha1_of(text)[:12]}) is not the server's "
                            f"(config-sha1 {digest})")
-    return OmegaConf.create(text)
+    local = {k: str(context.node_config[n]) for k, n in (("data.root", "data-root"), ("paths.cache_dir", "cache-dir"))
+             if n in context.node_config}
+    memo = (text, tuple(sorted(local.items())))
+    if memo not in _CONFIGS:  # typing and checking a config costs ~10 ms: once per process and run
+        _CONFIGS.clear()
+        _CONFIGS[memo] = C.typed(text, local)
+    return _CONFIGS[memo]
 
 
-def round_data(cfg, site: SiteData, site_id: int, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+def round_data(conf: Config, site: SiteData, site_id: int, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The train split restricted to this round's stage of the class-incremental schedule (if any)."""
     x, y = site.splits["train"]
-    names = stage_classes(C.schedule_of(cfg), site_id, rnd)
+    names = stage_classes(C.schedule_of(conf), site_id, rnd)
     if names is None:
         return x, y
     keep = torch.isin(y, torch.tensor([site.classes.index(c) for c in names]))
@@ -126,15 +131,15 @@ def round_data(cfg, site: SiteData, site_id: int, rnd: int) -> tuple[torch.Tenso
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the adapters locally; reply with their weights, counts, per-class statistics and metrics."""
-    cfg, site_id, site, targets, adapters = _setup(msg, context)
+    conf, site_id, site, targets, adapters = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
-    x, y = round_data(cfg, site, site_id, rnd)
+    x, y = round_data(conf, site, site_id, rnd)
     trained = _trained(context, site, y)
-    replay = C.replay_spec(cfg, site.classes)
+    replay = C.replay_spec(conf, site.classes)
     extra, figures = {}, {}
     if replay is not None:
         sequential = replay.sharing == "sequential"
-        states, losses, resets = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
+        states, losses, resets = train_generators(context, msg, replay, conf, site, site_id, x, y, targets, rnd,
                                                   train=replay.train and not sequential)
         figures = site_generators.generator_report(losses, resets)
         done = context.state.pop("gen_pass", None)  # sequential: this round's "train.generators" pass trained them
@@ -145,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         elif replay.sharing == "averaged":
             extra["generators"] = to_record(flatten(states))
         figures |= site_generators.generator_quality(states, x, y, adapters, site.classes, replay, targets,
-                                                     C.site_device(cfg))
+                                                     C.site_device(conf))
         per_key = {k[4:]: v for k, v in figures.items() if k.startswith("gen/")}  # "<key>/<figure>"
         figures = {k: v for k, v in figures.items() if not k.startswith("gen/")}
         extra["generator_report"] = ConfigRecord(per_key)  # keys differ between sites: not a MetricRecord
@@ -160,19 +165,19 @@ def train(msg: Message, context: Context) -> Message:
     if replay is not None and replay.only:  # generator_only_mode: adapters untouched
         loss = 0.0
     else:
-        loss = train_adapters(adapters, x, y, targets, C.train_spec(cfg), seed=cfg.seed + 7919 * rnd + site_id)
+        loss = train_adapters(adapters, x, y, targets, conf.train, seed=conf.seed + 7919 * rnd + site_id)
     adapters.cpu()  # what travels and what is kept are CPU tensors
-    if cfg.strategy.aggregation == "none":
+    if conf.strategy.aggregation == "none":
         context.state["adapters"] = ArrayRecord(adapters.state_dict())
-    if (folder := site_state_dir(cfg, context.node_config)) is not None:
+    if (folder := site_state_dir(conf, context.node_config)) is not None:
         save_site_state(folder, site_id, rnd, context.state)
     return Message(content=RecordDict({
-        "arrays": to_record(adapters.state_dict(), cfg.adapter.wire),  # the server averages in float32
+        "arrays": to_record(adapters.state_dict(), conf.adapter.wire),  # the server averages in float32
         "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1, "train_loss": loss, "site": site_id,
                                  "encoder_calls": calls, "skipped": len(site.skipped),
                                  "synthetic": len(y) - n_real, **figures}),
         "class_stats": class_stats(adapters, x[:n_real], y[:n_real], len(site.classes), trained,
-                                   outputs=cfg.server_generator.epochs > 0),
+                                   outputs=conf.server_generator.epochs > 0),
         **extra,
     }), reply_to=msg)
 
@@ -181,12 +186,12 @@ def train(msg: Message, context: Context) -> Message:
 def train_shared_generators(msg: Message, context: Context) -> Message:
     """sharing=sequential: train the shared generator states this site is handed, and hand them back; the
     pass's losses and resets are kept for this round's train reply, which reports them."""
-    cfg, site_id, site, targets, _ = _setup(msg, context)
+    conf, site_id, site, targets, _ = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
-    x, y = round_data(cfg, site, site_id, rnd)
+    x, y = round_data(conf, site, site_id, rnd)
     _trained(context, site, y)
-    replay = C.replay_spec(cfg, site.classes)
-    states, losses, resets = train_generators(context, msg, replay, cfg, site, site_id, x, y, targets, rnd,
+    replay = C.replay_spec(conf, site.classes)
+    states, losses, resets = train_generators(context, msg, replay, conf, site, site_id, x, y, targets, rnd,
                                               train=True)
     figures = site_generators.generator_report(losses, resets)
     context.state["gen_pass"] = MetricRecord(figures | {"round": rnd})
@@ -228,8 +233,8 @@ def _trained(context: Context, site: SiteData, y: torch.Tensor) -> list[int]:
     return [site.classes.index(c) for c in now]
 
 
-def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, site: SiteData, site_id: int,
-                     x, y, targets, rnd: int, train: bool) -> tuple[dict, dict, dict]:
+def train_generators(context: Context, msg: Message, replay: ReplaySpec, conf: Config, site: SiteData,
+                     site_id: int, x, y, targets, rnd: int, train: bool) -> tuple[dict, dict, dict]:
     """This site's generators: received (shared), loaded (pretrained) or kept in context.state; trained
     when `train`; checkpointed (generator_checkpoint.save); returns their full states, the loss components
     per key trained and the resets made (see `train_site_generators`)."""
@@ -255,13 +260,13 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
         states, losses = site_generators.train_site_generators(
             states, seen, x, y, classes, replay.granularity, replay.groups, replay.generator, targets,
             replay.reset_on_new_classes, scheduled_reset=scheduled, layers=replay.reset_layers, val=val, resets=resets,
-            moments=kept, site=site_id, device=C.site_device(cfg))
+            moments=kept, site=site_id, device=C.site_device(conf))
         context.state["class_moments"] = to_record(kept | site_generators.class_moments(x, y))
         seen |= set(y.unique().tolist())
         freq = replay.checkpoint_frequency
         if replay.checkpoint_save:
             site_generators.save_site_generators(replay, site_id, states, classes, seen, tuple(x.shape[1:]), rnd,
-                                   round_copy=bool(freq) and (rnd % freq == 0 or rnd == cfg.num_rounds))
+                                   round_copy=bool(freq) and (rnd % freq == 0 or rnd == conf.num_rounds))
     if not replay.shared:  # shared states come from the server every round
         for key, state in states.items():
             context.state[f"gen/{key}"] = to_record(state)
@@ -272,8 +277,8 @@ def train_generators(context: Context, msg: Message, replay: ReplaySpec, cfg, si
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Zero-shot retrieval of the site's held-out clips among all federation classes."""
-    cfg, site_id, site, targets, adapters = _setup(msg, context)
-    x, y = site.splits[cfg.evaluate.split]
+    conf, site_id, site, targets, adapters = _setup(msg, context)
+    x, y = site.splits[conf.evaluate.split]
     if len(y) == 0:  # too few clips to hold any out: counts as zero examples in the global metrics
         zeros = [0] * len(site.classes)
         m = {"top1": 0.0, "top5": 0.0, "cosine": 0.0, "correct_per_class": zeros, "count_per_class": zeros}
@@ -283,22 +288,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     m["trained_here"] = sum(site.classes[c] in trained for c in y.tolist())  # clips of classes this site trained
     n_img = int(msg.content["config"].get("render-clips", 0))
     if n_img and len(y):
-        m["clip_images"] = render_clips(cfg, context, site, site_id, adapters, x, y, n_img,
+        m["clip_images"] = render_clips(conf, context, site, site_id, adapters, x, y, n_img,
                                         int(msg.content["config"]["server-round"]))
     return Message(content=RecordDict({"metrics": MetricRecord(m | {"num-examples": len(y), "site": site_id})}),
                    reply_to=msg)
 
 
-def render_clips(cfg, context: Context, site: SiteData, site_id: int, adapters, x, y, n: int, rnd: int) -> int:
+def render_clips(conf: Config, context: Context, site: SiteData, site_id: int, adapters, x, y, n: int,
+                 rnd: int) -> int:
     """Images of up to `n` held-out clips (classes taken in turn) from the global adapters, rendered on this
     site (clips never leave it): <image-dir or run_dir/images>/round_RRR/site_S/ with a labelled grid."""
-    from a2v_flower.diffusion import Renderer, save_grid, write_gallery
+    from a2v_flower.rendering.gallery import save_grid, write_gallery
+    from a2v_flower.rendering.pipelines import Renderer
 
     order = sorted(range(len(y)), key=lambda i: ((y[:i] == y[i]).sum().item(), y[i].item()))[:n]
     root = (Path(str(context.node_config["image-dir"])) if "image-dir" in context.node_config
-            else Path(OmegaConf.select(cfg, "paths.run_dir") or cfg.paths.output_root) / "images")
+            else Path(conf.paths.run_dir or conf.paths.output_root) / "images")
     folder = root / f"round_{rnd:03d}" / f"site_{site_id}"
-    renderer = Renderer(C.diffusion_spec(cfg, C.site_device(cfg)))
+    renderer = Renderer(conf.diffusion, C.site_device(conf))
     images = renderer.render_images(predict(adapters, x[order]), desc=f"site {site_id}: held-out clip images")
     renderer.free()
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,15 @@
-"""Compose, validate and translate the Hydra config: the one module that reads `cfg` keys."""
+"""From YAML to the typed config: compose (Hydra), check (the schema's rules) and hand out `schema.Config`, whose
+nodes are the specs the code takes (`conf.train` is the `TrainSpec` of `train_adapters`). The one module that
+reads the untyped tree (DictConfig); the few specs that span several nodes are assembled at the bottom."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,17 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import devices, schema
-from a2v_flower.schema import CONF_DIR
 from a2v_flower.data.esc50 import ESC50_GROUPS
 from a2v_flower.data.hf import HFSpec
 from a2v_flower.data.site import DataSpec, PartitionSpec
 from a2v_flower.data.synthetic import SyntheticSpec
-from a2v_flower.models.audio_encoder import AudioEncoderSpec
-from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, generator_keys
-from a2v_flower.models.generators.stats import ServerGeneratorSpec
+from a2v_flower.models.generators import ReplaySpec, generator_keys
+from a2v_flower.schema import CONF_DIR, Config
 from a2v_flower.site_generators import check_reset_layers
-from a2v_flower.models.text_encoders import TextSpec
-from a2v_flower.training import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +90,106 @@ def absolute_paths(cfg: DictConfig, base: str | Path) -> DictConfig:
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ValueError naming the key, the bad value and what is allowed, before any work starts.
+def validate(cfg: DictConfig) -> Config:
+    """The typed config: a ValueError naming the key, the bad value and what is allowed, before any work starts.
 
-    The rules live beside their fields in `a2v_flower.schema`; a config loaded from a file is checked
-    against the schema's types and keys here too.
+    Types and keys are checked against the schema, then every rule (beside its field in `a2v_flower.schema`) runs;
+    a config loaded from a file is checked the same way.
     """
-    try:  # the config as typed objects: types and keys checked against the schema, then every rule run
-        plain = OmegaConf.create(OmegaConf.to_container(cfg))  # keys added with `+key=` are checked too
-        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema.Config), plain))
+    try:  # keys added with `+key=` are checked too
+        plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema.Config), plain))
     except OmegaConfBaseException as err:  # unknown key, wrong type, missing value
         msg = str(err.msg).strip().splitlines()[0]
         raise ValueError(f"{err.full_key}: {msg}" if getattr(err, "full_key", None) else msg) from None
 
 
-def min_sites(cfg: DictConfig) -> int:
+def checked(overrides: list[str] | tuple[str, ...], base: str | Path) -> Config:
+    """conf/ composed with command-line `overrides`, paths made absolute against `base`, typed and checked."""
+    return validate(absolute_paths(compose_config(overrides), base))
+
+
+def for_federation(run_config: dict, base: str | Path, size: Callable[[int, float], int]) -> Config:
+    """A Flower run's typed config, its federation.num_sites set to `size(asked, federation.timeout)`: what the
+    connected SuperNodes make of the size the config asks for."""
+    cfg = absolute_paths(load_config(run_config), base)
+    cfg.federation.num_sites = size(cfg.federation.num_sites, cfg.federation.timeout)
+    return validate(cfg)
+
+
+def for_job(cfg: DictConfig, base: str | Path, override_dirname: str, sweep_group: str | None) -> Config:
+    """A Hydra job's typed config: absolute paths, its wandb run named by its overrides unless named by hand, and
+    a sweep's runs in one wandb group."""
+    cfg = absolute_paths(cfg, base)
+    if cfg.wandb.name == cfg.name:
+        cfg.wandb.name = override_dirname or cfg.name
+    if sweep_group and not cfg.wandb.group:
+        cfg.wandb.group = sweep_group
+    return validate(cfg)
+
+
+def typed(yaml_text: str, local: dict | None = None) -> Config:
+    """The typed config of a YAML text (a run's config as messages carry it), with `local` {dotted key: value}
+    set first (a SuperNode's own data root or cache folder), checked."""
+    cfg = OmegaConf.create(yaml_text)
+    for key, value in (local or {}).items():
+        OmegaConf.update(cfg, key, value)
+    return validate(cfg)
+
+
+def defaults(*overrides: str) -> Config:
+    """conf/ composed with `overrides` and checked: the specs with their one default (for tests, benchmarks)."""
+    return validate(compose_config(overrides))
+
+
+@functools.lru_cache(maxsize=16)
+def _defaults(overrides: tuple[str, ...]) -> Config:
+    return defaults(*overrides)
+
+
+def spec(node: str, *overrides: str, **changes):
+    """The spec at `node` ("train", "model.audio", "generator", ...) of conf/ composed with `overrides` (e.g.
+    "diffusion=flux"), with `changes` checked by its rules: how tests and benchmarks build a spec, so that
+    every value has one default, the YAML's."""
+    return dataclasses.replace(value(_defaults(tuple(overrides)), node), **changes)
+
+
+def to_yaml(conf: Config | DictConfig) -> str:
+    """The YAML text of a config (what is saved as a run's config.yaml and sent to sites)."""
+    return OmegaConf.to_yaml(conf if isinstance(conf, DictConfig) else OmegaConf.structured(conf))
+
+
+def plain(conf: Config) -> dict:
+    """The typed config as plain dicts and lists (what wandb and the tracker record)."""
+    return OmegaConf.to_container(OmegaConf.structured(conf))
+
+
+# What a key a run saved before it existed meant then, where today's default differs (older runs load as they ran).
+ABSENT_THEN = {"adapter": {"kind": "attention", "rank": 64, "normalise": False}}
+
+
+def load_run(path: str | Path, overrides: dict | None = None) -> Config:
+    """A saved run's config.yaml over today's defaults (a key the run predates takes ABSENT_THEN's value, else
+    today's default), with `overrides` ({dotted key: value}; a key the config lacks is a ValueError), checked."""
+    cfg = OmegaConf.merge(compose_config(), ABSENT_THEN, OmegaConf.load(path))
+    for key, value in (overrides or {}).items():
+        if OmegaConf.select(cfg, key, default="???unset") == "???unset":
+            raise ValueError(f"override {key}={value!r}: {key} is not a key of the run's config ({path})")
+        OmegaConf.update(cfg, key, value)
+    return validate(cfg)
+
+
+def value(conf: Config, dotted: str):
+    """The value at a dotted key of the typed config ('adapter.kind')."""
+    for part in dotted.split("."):
+        conf = getattr(conf, part)
+    return conf
+
+
+def min_sites(conf: Config) -> int:
     """Fewest sites a round may finish with (federation.min_sites; null = every site)."""
-    low = OmegaConf.select(cfg, "federation.min_sites")
-    return cfg.federation.num_sites if low is None else int(low)
+    low = conf.federation.min_sites
+    return conf.federation.num_sites if low is None else int(low)
 
 
 def check_gpus(num_gpus: float) -> None:
@@ -116,119 +199,75 @@ def check_gpus(num_gpus: float) -> None:
                          "use federation.num_gpus=0 here")
 
 
-def check_devices(cfg: DictConfig) -> None:
+def check_devices(conf: Config) -> None:
     """A simulation on this machine: its GPUs suit federation.num_gpus and the device keys, and no float16/bfloat16
     model, pipeline or CPU offload lands on a CPU (sites: in Ray's actors; the server: in Ray's driver)."""
-    f, d = cfg.federation.num_gpus, cfg.diffusion
+    f, d = conf.federation.num_gpus, conf.diffusion
     check_gpus(f)
     if 0 < f < 1 and (per := devices.actors_per_gpu(f)) < round(1 / f):  # legal, but not what it says
         log.warning("federation.num_gpus=%s puts %d sites on a GPU, not %d (Flower receives it as a 32-bit float); "
                     "a fraction such as 0.25 or 0.125 gives the count it says", f, per, round(1 / f))
-    site = devices.site_device_class(cfg.device.site, f)
-    devices.check_placement(site, cfg.model.audio.dtype, d.dtype if d.clip_images and d.render_every else None,
-                            who=f"a site (device.site={cfg.device.site!r}, federation.num_gpus={f})")
-    server = server_device(cfg).type
+    site = devices.site_device_class(conf.device.site, f)
+    devices.check_placement(site, conf.model.audio.dtype, d.dtype if d.clip_images and d.render_every else None,
+                            who=f"a site (device.site={conf.device.site!r}, federation.num_gpus={f})")
+    server = server_device(conf).type
     devices.check_placement(server, diffusion_dtype=d.dtype if d.render_every else None,
                             cpu_offload=d.cpu_offload and bool(d.render_every),
-                            who=f"the server (device.server={cfg.device.server!r})")
+                            who=f"the server (device.server={conf.device.server!r})")
 
 
-def site_device(cfg: DictConfig) -> torch.device:
+def site_device(conf: Config) -> torch.device:
     """The device of every model of a site in this process (device.site; auto: the GPU Ray handed it, else CPU)."""
-    return devices.resolve(OmegaConf.select(cfg, "device.site", default="auto"), "device.site")
+    return devices.resolve(conf.device.site, "device.site")
 
 
-def server_device(cfg: DictConfig) -> torch.device:
+def server_device(conf: Config) -> torch.device:
     """The device of the ServerApp's models and of a2v-generate (device.server; auto: the first GPU, else CPU)."""
-    return devices.resolve(OmegaConf.select(cfg, "device.server", default="auto"), "device.server")
+    return devices.resolve(conf.device.server, "device.server")
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
+def run_dir_for(conf: Config) -> Path:
     """A fresh run folder <output_root>/<date>/<time>_<name>."""
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
-    return Path(cfg.paths.output_root) / f"{stamp}_{cfg.name}"
+    return Path(conf.paths.output_root) / f"{stamp}_{conf.name}"
 
 
-# ---- config -> typed specs (modules below never see cfg) ---------------------------------------
+def schedule_of(conf: Config) -> dict | None:
+    """`schedule` as {site id: [{from_round, classes}]} (site ids given as strings become ints); None if unset."""
+    if not conf.schedule:
+        return None
+    return {int(k) if str(k).isdigit() else k: v for k, v in dict(conf.schedule).items()}
 
-def data_spec(cfg: DictConfig) -> DataSpec:
-    """Dataset spec from `data.*`."""
-    d = cfg.data
+
+# ---- the specs that span several nodes -----------------------------------------------------------------
+
+def data_spec(conf: Config) -> DataSpec:
+    """What a site reads: `data.*`, with the cache folder and the seed."""
+    d = conf.data
     synthetic = None
     if d.kind == "synthetic":
-        synthetic = SyntheticSpec(tuple(d.classes), d.clips_per_class, d.seconds, d.sample_rate,
-                                  d.noise, d.overlap, d.variation, cfg.seed)
+        synthetic = SyntheticSpec(classes=tuple(d.classes), clips_per_class=d.clips_per_class, seconds=d.seconds,
+                                  sample_rate=d.sample_rate, noise=d.noise, overlap=d.overlap,
+                                  variation=d.variation, seed=conf.seed)
     hf = None
     if d.kind == "hf":
-        hf = HFSpec(d.path, tuple(d.hf_splits) if d.hf_splits else None, d.audio_column, d.label_column, d.group_column)
-    return DataSpec(cache_dir=cfg.paths.cache_dir, root=d.root,
-                    classes=tuple(d.classes) if d.classes else None,
-                    folds=tuple(d.folds) if d.get("folds") else None, clip_seconds=d.clip_seconds,
-                    splits=tuple(dict(d.splits).items()), synthetic=synthetic, hf=hf, seed=cfg.seed,
-                    duplicates=d.get("duplicates", "drop"))  # absent from configs saved before it existed
+        hf = HFSpec(path=d.path, splits=tuple(d.hf_splits) if d.hf_splits else None, audio_column=d.audio_column,
+                    label_column=d.label_column, group_column=d.group_column)
+    return DataSpec(cache_dir=conf.paths.cache_dir, root=d.root, classes=tuple(d.classes) if d.classes else None,
+                    folds=tuple(d.folds) if d.folds else None, clip_seconds=d.clip_seconds,
+                    splits=(("train", d.splits.train), ("val", d.splits.val), ("test", d.splits.test)),
+                    synthetic=synthetic, hf=hf, seed=conf.seed, duplicates=d.duplicates)
 
 
-def partition_spec(cfg: DictConfig) -> PartitionSpec:
-    """Partition spec from `partition.*` and `federation.num_sites`."""
-    p = cfg.partition
-    sites = tuple(tuple(s) for s in p.sites) if p.get("sites") else None
-    held = cfg.evaluate.server_share if cfg.evaluate.get("mode", "federated") == "server" else 0.0
-    return PartitionSpec(p.mode, cfg.federation.num_sites, sites, p.get("alpha", 0.5), cfg.seed,
-                         p.get("min_partition_size", 0), p.get("classes_per_site", 2), p.get("shards_per_site", 2),
-                         held, p.get("clips_per_site", 4))
-
-
-def audio_spec(cfg: DictConfig) -> AudioEncoderSpec:
-    """Audio encoder spec from `model.audio.*`."""
-    a = cfg.model.audio
-    tiny = tuple(sorted(dict(a.tiny).items())) if a.get("tiny") else None
-    return AudioEncoderSpec(a.name_or_path, a.sampling_rate, a.max_length, a.tokens, a.batch_size, tiny, cfg.seed,
-                            a.get("dtype", "float32"))  # a run saved before model.audio.dtype: float32
-
-
-def text_spec(cfg: DictConfig) -> TextSpec:
-    """Text encoder spec from `model.text.*`."""
-    t = cfg.model.text
-    return TextSpec(t.clip, t.clip_subfolder, t.t5, t.t5_subfolder, cfg.seed)
-
-
-def train_spec(cfg: DictConfig) -> TrainSpec:
-    """Optimisation spec from `train.*`."""
-    t = cfg.train
-    return TrainSpec(t.local_epochs, t.batch_size, t.lr, t.weight_decay, t.cosine_weight, t.grad_clip, t.loss,
-                     t.temperature, t.proximal_mu, t.absent_scale)
-
-
-def t5_seq_len(cfg: DictConfig) -> int:
-    """FLUX T5 sequence length (unused for SD)."""
-    return int(cfg.diffusion.get("t5_seq_len", 16))
-
-
-def diffusion_spec(cfg: DictConfig, device: torch.device):
-    """Rendering pipeline spec from `diffusion.*`, on `device` (diffusers is imported only where images are made)."""
-    from a2v_flower.diffusion import DiffusionSpec
-
-    d = cfg.diffusion
-    return DiffusionSpec(d.type, d.name_or_path, d.steps, d.guidance_scale, d.height, d.width, cfg.seed, d.dtype,
-                         d.cpu_offload, d.attention_slicing, str(device))
-
-
-def server_generator_spec(cfg: DictConfig) -> ServerGeneratorSpec | None:
-    """The server's own generator (conf: server_generator.*); None when server_generator.epochs=0."""
-    g, r = cfg.server_generator, cfg.replay
-    if not g.epochs:
-        return None
-    return ServerGeneratorSpec(g.epochs, g.hidden, g.latent_dim, g.lr, g.batch_per_class, g.moment_weight,
-                               r.samples_per_class, r.refine_epochs, r.kd_epochs)
-
-
-def schedule_of(cfg: DictConfig) -> dict | None:
-    """`schedule` as {site id: [{from_round, classes}]} (site ids given as strings become ints); None if unset."""
-    sched = OmegaConf.select(cfg, "schedule")
-    if not sched:
-        return None
-    sched = OmegaConf.to_container(sched)
-    return {int(k) if str(k).isdigit() else k: v for k, v in sched.items()}
+def partition_spec(conf: Config) -> PartitionSpec:
+    """How clips are dealt to sites: `partition.*`, `federation.num_sites`, and the server's share of every
+    class under evaluate.mode=server."""
+    p = conf.partition
+    held = conf.evaluate.server_share if conf.evaluate.mode == "server" else 0.0
+    return PartitionSpec(mode=p.mode, num_sites=conf.federation.num_sites,
+                         sites=tuple(tuple(s) for s in p.sites) if p.sites else None, alpha=p.alpha, seed=conf.seed,
+                         min_partition_size=p.min_partition_size, classes_per_site=p.classes_per_site,
+                         shards_per_site=p.shards_per_site, held_out=held, per_site=p.clips_per_site)
 
 
 def default_groups(classes: list[str]) -> dict[str, list[str]]:
@@ -237,26 +276,25 @@ def default_groups(classes: list[str]) -> dict[str, list[str]]:
     return {g: m for g, m in groups.items() if m}
 
 
-def replay_spec(cfg: DictConfig, classes: list[str]) -> ReplaySpec | None:
-    """Generator use from `generator.*`, `granularity.*`, `replay.*`; None without generators.
+def replay_spec(conf: Config, classes: list[str]) -> ReplaySpec | None:
+    """Generator use from `generator.*`, `granularity.*`, `mode.*`, `sharing.*`, `reset.*`,
+    `generator_checkpoint.*`; None without generators.
 
     Validates the groups against `classes` (a class in two groups, in none, or unknown: ValueError).
     """
-    g = cfg.generator
+    g = conf.generator
     if g.type == "none":
         return None
-    spec = GeneratorSpec(g.type, g.latent_dim, g.hidden, g.lr, g.weight_decay, g.epochs, g.batch_size, g.grad_clip,
-                         g.kl_weight, g.kl_warmup, g.early_stopping_patience, cfg.seed, g.covariance, g.rank,
-                         g.dp_epsilon, g.dp_clip)
-    gran = cfg.granularity.granularity
-    groups = OmegaConf.to_container(cfg.granularity.groups) if cfg.granularity.groups else None
+    gran = conf.granularity.granularity
+    groups = dict(conf.granularity.groups) if conf.granularity.groups else None
     if gran == "per_group" and groups is None:
         groups = default_groups(classes)
     generator_keys(gran, classes, groups)
-    layers = tuple(cfg.reset.layers or ())
-    check_reset_layers(spec, layers)
-    r, m, ck = cfg.replay, cfg.mode, cfg.generator_checkpoint
-    return ReplaySpec(spec, gran, groups, r.samples_per_class, r.refine_epochs, r.synthetic_samples_per_class,
-                      r.kd_epochs, cfg.reset.reset_generator_on_class_change, m.generator_training_mode,
-                      m.generator_only_mode, m.use_pretrained_generators, cfg.sharing.mode, ck.dir, ck.base_name,
-                      ck.frequency, cfg.reset.every_rounds, layers, ck.save)
+    layers = tuple(conf.reset.layers or ())
+    check_reset_layers(g, layers)
+    m, ck, r = conf.mode, conf.generator_checkpoint, conf.reset
+    return ReplaySpec(generator=g, granularity=gran, groups=groups,
+                      reset_on_new_classes=r.reset_generator_on_class_change, train=m.generator_training_mode,
+                      only=m.generator_only_mode, pretrained=m.use_pretrained_generators, sharing=conf.sharing.mode,
+                      checkpoint_dir=ck.dir, checkpoint_base=ck.base_name, checkpoint_frequency=ck.frequency,
+                      reset_every=r.every_rounds, reset_layers=layers, checkpoint_save=ck.save)

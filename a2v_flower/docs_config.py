@@ -142,6 +142,20 @@ def lookup(tree: dict, dotted: str):
     return tree
 
 
+def option_value(key: str, chosen: dict[str, str]):
+    """A key the default options leave null or unset, as the first other option of its group that sets it:
+    (value, "group=option"); None when no option sets it."""
+    import yaml
+
+    group, _, rest = key.partition(".")
+    folder = schema.CONF_DIR / group
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() and group != "experiment" else []:
+        value = lookup(yaml.safe_load(path.read_text()) or {}, rest)
+        if path.stem != chosen.get(group) and value not in (None, "(not set)"):
+            return value, f"{group}={path.stem}"
+    return None
+
+
 def generate() -> str:
     """The generated part of docs/configuration.md: the groups, then one table per config node."""
     from a2v_flower.config import compose_config  # composing needs Hydra's schema, registered by `schema`
@@ -157,12 +171,17 @@ def generate() -> str:
         lines.append(f"| {use} | `{chosen.get(group, '-')}` | {options} |")
     sections: dict[str, list[str]] = {"(top level)": []}
     beside = schema_comments()
+    set_here = set(yaml_comments(conf / "config.yaml")).union(*(  # what the default options write, null or not
+        yaml_comments(conf / group / f"{option}.yaml", f"{group}.") for group, option in chosen.items()))
     for key, kind, field_name in leaves(schema.Config):
         node = key.split(".")[0] if "." in key else "(top level)"
         parent = key.rpartition(".")[0]  # a key inside a flow mapping (data.splits.train) has its parent's comment
         about = comments.get(key) or beside.get(field_name) or (comments.get(parent, "") if key not in comments else "")
-        value = cell(flow(lookup(defaults, key)))
-        sections.setdefault(node, []).append(f"| `{key}` | `{value}` | {kind} | {prose(about)} |")
+        value, where = lookup(defaults, key), ""
+        if not {key, parent} & set_here and (other := option_value(key, chosen)):
+            value, where = other[0], f" ({other[1]})"
+        value = cell(flow(value)) + f"`{where}" if where else cell(flow(value)) + "`"
+        sections.setdefault(node, []).append(f"| `{key}` | `{value} | {kind} | {prose(about)} |")
     for node, rows in sections.items():
         about = comments.get(node, "")
         lines += ["", f"### `{node}`" if node != "(top level)" else "### Top-level keys", ""]

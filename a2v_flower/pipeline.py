@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
 from PIL import Image
 
 from a2v_flower import config as C
@@ -32,10 +31,9 @@ from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 from a2v_flower.models.text_encoders import class_targets, head_shapes
 
 if TYPE_CHECKING:  # diffusers is imported only to render: `a2v-generate --help` answers without it
-    from a2v_flower.diffusion import Renderer
+    from a2v_flower.rendering.pipelines import Renderer
 
 log = logging.getLogger(__name__)
-_UNSET = object()
 
 
 @dataclass
@@ -51,7 +49,7 @@ class A2VPipeline:
     """A run's global adapters between its frozen audio encoder and its diffusion pipeline (SD or FLUX), all three
     on one device (the adapters' device; from_run: device.server)."""
 
-    def __init__(self, adapters: AdapterSet, encoder: AudioEncoder, renderer: Renderer,
+    def __init__(self, *, adapters: AdapterSet, encoder: AudioEncoder, renderer: Renderer,
                  targets: dict[str, torch.Tensor], classes: list[str], num_samples: int):
         self.adapters, self.encoder, self.renderer = adapters.eval(), encoder, renderer
         self.device = next(adapters.parameters()).device
@@ -62,42 +60,38 @@ class A2VPipeline:
     def from_run(cls, run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> A2VPipeline:
         """The pipeline of a finished run: <run_dir>/config.yaml and adapters.safetensors; `overrides`
         (key=value, e.g. diffusion.steps=20 or diffusion.name_or_path=...) change how images are made."""
-        from a2v_flower.diffusion import Renderer
+        from a2v_flower.rendering.pipelines import Renderer
 
         run_dir = Path(run_dir)
         for name in ("config.yaml", "adapters.safetensors"):
             if not (run_dir / name).is_file():
                 raise FileNotFoundError(f"run folder {str(run_dir)!r} has no {name}; expected the folder of a "
                                         "finished run (a2v-run prints it on its last line)")
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        cfg = OmegaConf.merge({"device": {"site": "auto", "server": "auto"}, "model": {"audio": {"dtype": "float32"}}},
-                              cfg)  # a run saved before these keys existed: their defaults, so overrides may set them
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or OmegaConf.select(cfg, key, default=_UNSET) is _UNSET:
-                raise ValueError(f"override {item!r}: expected key=value with a key of the run's config.yaml")
-            OmegaConf.update(cfg, key, yaml.safe_load(value))
+        pairs = [item.partition("=") for item in overrides]
+        if bad := [k + sep + v for k, sep, v in pairs if not sep]:
+            raise ValueError(f"override {bad[0]!r}: expected key=value with a key of the run's config.yaml")
+        conf = C.load_run(run_dir / "config.yaml", {k: yaml.safe_load(v) for k, _, v in pairs})
         state, meta = load_tensors(run_dir / "adapters.safetensors")
         norm = {k.split("/", 1)[1]: state.pop(k) for k in list(state) if k.startswith("input_norm/")}
-        if OmegaConf.select(cfg, "adapter.normalise", default=False) and not norm:
+        if conf.adapter.normalise and not norm:
             raise ValueError(f"{run_dir / 'adapters.safetensors'} has no input_norm tensors but the run's config has "
                              "adapter.normalise=true: the file is not the one that run wrote")
-        heads, need = sorted({k.split(".")[0] for k in state}), sorted(head_shapes(cfg.diffusion.type))
+        heads, need = sorted({k.split(".")[0] for k in state}), sorted(head_shapes(conf.diffusion.type))
         if heads != need:
             raise ValueError(f"{run_dir / 'adapters.safetensors'} has adapter heads {heads} but diffusion.type="
-                             f"{cfg.diffusion.type!r} needs {need}")
-        audio, device = C.audio_spec(cfg), C.server_device(cfg)  # a2v-generate: one process, every GPU in sight
-        devices.check_placement(device.type, audio.dtype, cfg.diffusion.dtype, cfg.diffusion.cpu_offload,
+                             f"{conf.diffusion.type!r} needs {need}")
+        audio, device = conf.model.audio, C.server_device(conf)  # a2v-generate: one process, every GPU in sight
+        devices.check_placement(device.type, audio.dtype, conf.diffusion.dtype, conf.diffusion.cpu_offload,
                                 who=f"a2v-generate (device.server={str(device)!r})")
-        targets = class_targets(meta["classes"], cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                                C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"), device)
-        adapters = build_adapters(encoder_dim(audio), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed,
-                                  OmegaConf.select(cfg, "adapter.kind", default="attention"),  # older runs lack it
-                                  OmegaConf.select(cfg, "adapter.rank", default=64))
+        targets = class_targets(meta["classes"], conf.prompt_template, conf.diffusion.type, conf.model.text,
+                                conf.diffusion.t5_seq_len, TensorCache(Path(conf.paths.cache_dir) / "targets"), device)
+        a = conf.adapter
+        adapters = build_adapters(encoder_dim(audio), targets, a.width, a.heads, conf.seed, a.kind, a.rank)
         adapters.load_state_dict(state)  # the target space (shift, scale) comes from the same targets
         adapters.set_input_norm(norm or None)  # the federation's input standardisation, saved beside the weights
-        return cls(adapters.to(device), AudioEncoder(audio, device), Renderer(C.diffusion_spec(cfg, device)), targets,
-                   meta["classes"], int(cfg.data.clip_seconds * audio.sampling_rate))
+        return cls(adapters=adapters.to(device), encoder=AudioEncoder(audio, device),
+                   renderer=Renderer(conf.diffusion, device), targets=targets, classes=meta["classes"],
+                   num_samples=int(conf.data.clip_seconds * audio.sampling_rate))
 
     def load(self, clip: str | Path | np.ndarray) -> tuple[np.ndarray, int]:
         """A clip as the encoder takes it and its samples holding sound: any file `load_clip` reads, or a mono
@@ -134,7 +128,7 @@ def write_images(out_dir: Path, names: list[str], result: A2VPipelineOutput, tit
         png = Path(f"{i:02d}_{Path(name).stem}.png")
         image.save(out_dir / png)
         rows.append([name, f"{cls} ({score:.2f})", png])
-    from a2v_flower.diffusion import write_gallery
+    from a2v_flower.rendering.gallery import write_gallery
 
     return write_gallery(out_dir, ["audio", "nearest class (cosine)", "image"], rows, title=title)
 

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from a2v_flower import config as C
 from a2v_flower import site_generators
@@ -19,23 +18,25 @@ from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.audio_encoder import encoder_dim
 from a2v_flower.models.generators import ReplaySpec, generator_keys
 from a2v_flower.models.text_encoders import head_shapes
+from a2v_flower.schema import Config
 
 
-def check_run(cfg: DictConfig) -> None:
-    """Raise ValueError (or FileNotFoundError) naming the key and value, or the file and what is wrong."""
-    C.validate(cfg)
-    for key in ("paths.output_root", "paths.cache_dir"):  # before the synthetic dataset is written there
-        check_folder(key, cfg.paths[key.split(".")[1]])
-    clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))  # bad classes/sites fail here
-    replay = C.replay_spec(cfg, classes)                                           # and bad generator groups
-    check_schedule(C.schedule_of(cfg), held_classes(clips, sites), cfg.num_rounds)
+def check_run(conf: Config) -> Config:
+    """`conf` itself once everything it names is checked (the config's own rules ran when it was typed); else
+    ValueError (or FileNotFoundError) naming the key and value, or the file and what is wrong."""
+    for key in ("output_root", "cache_dir"):  # before the synthetic dataset is written there
+        check_folder(f"paths.{key}", getattr(conf.paths, key))
+    clips, classes, sites = federation(C.data_spec(conf), C.partition_spec(conf))  # bad classes/sites fail here
+    replay = C.replay_spec(conf, classes)                                           # and bad generator groups
+    check_schedule(C.schedule_of(conf), held_classes(clips, sites), conf.num_rounds)
     if replay is not None:
         for key in generator_keys(replay.granularity, classes, replay.groups):  # keys become file names
             generator_checkpoint_name(replay.checkpoint_base, 0, replay.granularity, key)
         if replay.pretrained:
-            check_pretrained(cfg, replay, clips, classes, sites)
-    if cfg.resume:
-        check_resume(cfg)
+            check_pretrained(conf, replay, clips, classes, sites)
+    if conf.resume:
+        check_resume(conf)
+    return conf
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -65,14 +66,14 @@ def check_folder(key: str, value: str) -> None:
 SECONDS_PER_ROUND = 2  # the fastest round seen (tests' tiny config, 2 sites, 2 CPU cores): a floor
 
 
-def long_run_warning(cfg: DictConfig, num_classes: int) -> str | None:
+def long_run_warning(conf: Config, num_classes: int) -> str | None:
     """A warning when `num_rounds` would take more than a day or its images fill half the free disk (floor
     estimates: rounds x the fastest round, render rounds x images x raw pixels); None otherwise."""
-    d, rounds = cfg.diffusion, cfg.num_rounds
+    d, rounds = conf.diffusion, conf.num_rounds
     renders = rounds // d.render_every if d.render_every else 0
-    images = renders * (num_classes + d.clip_images * cfg.federation.num_sites)
+    images = renders * (num_classes + d.clip_images * conf.federation.num_sites)
     size = images * d.height * d.width * 3
-    hours, free = rounds * SECONDS_PER_ROUND / 3600, shutil.disk_usage(existing_ancestor(Path(cfg.paths.output_root)))
+    hours, free = rounds * SECONDS_PER_ROUND / 3600, shutil.disk_usage(existing_ancestor(Path(conf.paths.output_root)))
     if hours < 24 and size < free.free / 2:
         return None
     return (f"num_rounds={rounds} will take at least {hours:.0f} h ({SECONDS_PER_ROUND} s a round, the smallest "
@@ -80,42 +81,43 @@ def long_run_warning(cfg: DictConfig, num_classes: int) -> str | None:
             f"({free.free / 2**30:.1f} GiB free under paths.output_root); checkpoints keep the last two rounds only")
 
 
-def token_shape(cfg: DictConfig) -> tuple[int, int]:
+def token_shape(conf: Config) -> tuple[int, int]:
     """(K, D): the compact clip representation adapters and generators take."""
-    return cfg.model.audio.tokens, encoder_dim(C.audio_spec(cfg))
+    return conf.model.audio.tokens, encoder_dim(conf.model.audio)
 
 
-def check_pretrained(cfg: DictConfig, replay: ReplaySpec, clips: list, classes: list[str],
+def check_pretrained(conf: Config, replay: ReplaySpec, clips: list, classes: list[str],
                      sites: list[list[int]]) -> None:
     """Every generator file a site will load in round 1 exists, is readable and matches the configured
     generator: type, granularity, classes, token shape and every tensor's shape (the site's own loader runs)."""
-    schedule = C.schedule_of(cfg)
+    schedule = C.schedule_of(conf)
     for site, idx in enumerate(sites):
         labels = [classes.index(clips[i].category) for i in idx]
-        y = torch.tensor([labels[i] for i in split_site(labels, C.data_spec(cfg), site)["train"]])
+        y = torch.tensor([labels[i] for i in split_site(labels, C.data_spec(conf), site)["train"]])
         stage = stage_classes(schedule, site, 1)
         if stage is not None:
             y = y[torch.isin(y, torch.tensor([classes.index(c) for c in stage]))]
-        site_generators.load_site_generators(replay, site, classes, y, token_shape(cfg))
+        site_generators.load_site_generators(replay, site, classes, y, token_shape(conf))
 
 
-def check_resume(cfg: DictConfig) -> None:
+def check_resume(conf: Config) -> None:
     """The newest server checkpoint is this app's, fits the config's adapters, and every site's state
     file of that round is there and readable."""
     from a2v_flower.resume import load_server_checkpoint  # imports Flower: only when resuming
 
-    run_dir = Path(cfg.resume)
-    rnd, adapters, _, _ = load_server_checkpoint(run_dir, cfg)
-    k, d = token_shape(cfg)
-    want = {n: tuple(v.shape) for n, v in AdapterSet(d, head_shapes(cfg.diffusion.type, C.t5_seq_len(cfg)),
-                                                     cfg.adapter.width, cfg.adapter.heads, cfg.adapter.kind,
-                                                     cfg.adapter.rank).state_dict().items()}
+    run_dir = Path(conf.resume)
+    rnd, adapters, _, _ = load_server_checkpoint(run_dir, conf)
+    k, d = token_shape(conf)
+    a = conf.adapter
+    shapes = head_shapes(conf.diffusion.type, conf.diffusion.t5_seq_len)
+    want = {n: tuple(v.shape) for n, v in AdapterSet(d, shapes, width=a.width, heads=a.heads, kind=a.kind,
+                                                     rank=a.rank).state_dict().items()}
     have = {n: tuple(v.shape) for n, v in adapters.items()}
     if have != want:
         bad = sorted(n for n in have.keys() | want.keys() if have.get(n) != want.get(n))[:3]
         raise ValueError(f"resume: the adapters in {run_dir}/checkpoints/server_round_{rnd}.safetensors do not fit "
                          "this config: " + "; ".join(f"{n} is {have.get(n)} there, {want.get(n)} here" for n in bad))
-    for site in range(cfg.federation.num_sites):
+    for site in range(conf.federation.num_sites):
         path = run_dir / "state" / f"site_{site}_round_{rnd}.safetensors"
         _, meta = load_tensors(path)  # missing or corrupt: raises naming the file
         if meta.get("round") != rnd or meta.get("site") != site:

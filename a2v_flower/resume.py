@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from omegaconf import OmegaConf
 
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.records import from_record, to_record
@@ -22,7 +22,25 @@ RESUME_KEYS = ("seed", "data", "partition", "model", "adapter", "train", "strate
 
 
 def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    """A config value as plain dicts and lists (what a checkpoint's metadata holds)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}  # as JSON metadata keeps them
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _value(conf, dotted: str):
+    for part in dotted.split("."):
+        conf = getattr(conf, part)
+    return _plain(conf)
+
+
+def _known(now, saved):
+    """`now` without the keys `saved` (an older run's) never had, at any depth."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return {k: _known(v, saved[k]) for k, v in now.items() if k in saved}
+    return now
 
 
 def _round_files(folder: Path, prefix: str) -> list[Path]:
@@ -38,17 +56,17 @@ def _keep_last_two(folder: Path, prefix: str, rnd: int) -> None:
 
 
 def save_server_checkpoint(run_dir: Path, rnd: int, adapters: torch.nn.Module, tensors: dict, meta: dict,
-                           cfg) -> Path:
+                           conf) -> Path:
     """<run_dir>/checkpoints/server_round_{R}.safetensors: global adapters, strategy state, round, config keys."""
     tensors = tensors | {f"adapters/{k}": v for k, v in adapters.state_dict().items()}
-    meta = meta | {"round": rnd, "resume_keys": {k: _plain(OmegaConf.select(cfg, k)) for k in RESUME_KEYS}}
+    meta = meta | {"round": rnd, "resume_keys": {k: _value(conf, k) for k in RESUME_KEYS}}
     folder = run_dir / "checkpoints"
     path = save_tensors(folder / f"server_round_{rnd}.safetensors", tensors, meta)
     _keep_last_two(folder, "server", rnd)
     return path
 
 
-def load_server_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
+def load_server_checkpoint(run_dir: Path, conf) -> tuple[int, dict, dict, dict]:
     """The newest server checkpoint of `run_dir`: (round, adapter state, strategy tensors, metadata).
     Raises naming the file if it is corrupt, stray or not this app's, and the key with both values if the
     config differs."""
@@ -67,30 +85,29 @@ def load_server_checkpoint(run_dir: Path, cfg) -> tuple[int, dict, dict, dict]:
         raise ValueError(f"resume: {files[-1]} has no resume metadata of its round (it holds {sorted(meta)}): "
                          "not a server checkpoint written by this app")
     for key, saved in meta.get("resume_keys", {}).items():
-        now = _plain(OmegaConf.select(cfg, key))
+        now = _value(conf, key)
         if key == "adapter" and isinstance(saved, dict):  # written before input standardisation: it was off
             saved = {"normalise": False} | saved
-        if isinstance(saved, dict) and isinstance(now, dict):  # keys added since: the older run had no such key
-            now = {k: v for k, v in now.items() if k in saved}
+        now = _known(now, saved)  # keys added since: the older run had no such key
         if now != saved:
             hint = ("; it was written before the adapters' input standardisation: resume it with "
                     "adapter.normalise=false") if key == "adapter" and not saved.get("normalise") else ""
             raise ValueError(f"resume: {key}={now!r} differs from the checkpoint's {key}={saved!r} ({files[-1]}); "
                              f"a resumed run must use the same config (num_rounds, name, paths may change){hint}")
     rnd = int(meta["round"])
-    if rnd >= cfg.num_rounds:
-        raise ValueError(f"resume: {files[-1]} is at round {rnd} but num_rounds={cfg.num_rounds}; "
+    if rnd >= conf.num_rounds:
+        raise ValueError(f"resume: {files[-1]} is at round {rnd} but num_rounds={conf.num_rounds}; "
                          f"set num_rounds above {rnd} to train further")
     adapters = {k[9:]: v for k, v in tensors.items() if k.startswith("adapters/")}
     rest = {k: v for k, v in tensors.items() if not k.startswith("adapters/")}
     return rnd, adapters, rest, meta
 
 
-def site_state_dir(cfg, node_config) -> Path | None:
+def site_state_dir(conf, node_config) -> Path | None:
     """Where a site keeps its per-round state: node config `state-dir` (deployment) or <run_dir>/state."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
-    run_dir = OmegaConf.select(cfg, "paths.run_dir")
+    run_dir = conf.paths.run_dir
     return Path(run_dir) / "state" if run_dir else None
 
 

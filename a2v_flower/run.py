@@ -32,11 +32,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig  # what Hydra hands `launch`: config.for_job types it
 from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import resources
-from a2v_flower.schema import CONF_DIR  # also registers the config's schema with Hydra (no torch)
+from a2v_flower.schema import CONF_DIR, Config  # also registers the config's schema with Hydra (no torch)
 from a2v_flower.processes import (become_subreaper, die_with_parent, end_stream_after_run, leftovers,  # noqa: F401
                                   reap_orphans, run_process_alive, settle, signals_ignored, stop_local_superlink,
                                   stop_processes)
@@ -105,22 +105,21 @@ def job_overrides(argv: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def check(argv: list[str]) -> list[DictConfig]:
+def check(argv: list[str]) -> list[Config]:
     """Every job's config, checked: a refusal raises before Hydra creates a folder or Flower starts."""
     jobs = job_overrides(argv)
     if not jobs:  # --help, --cfg, ...: nothing to check, and torch (2 s) not imported
         return []
     from a2v_flower import config as C, preflight
 
-    cfgs = []
+    confs = []
     for overrides in jobs:
-        cfg = C.absolute_paths(C.compose_config(overrides), Path.cwd())
-        preflight.check_run(cfg)
-        C.check_devices(cfg)
-        if warning := preflight.long_run_warning(cfg, len(cfg.data.classes) if cfg.data.classes else 50):
+        conf = preflight.check_run(C.checked(overrides, Path.cwd()))
+        C.check_devices(conf)
+        if warning := preflight.long_run_warning(conf, len(conf.data.classes) if conf.data.classes else 50):
             print(f"a2v-run: warning: {warning}", file=sys.stderr)
-        cfgs.append(cfg)
-    return cfgs
+        confs.append(conf)
+    return confs
 
 
 def start_superlink(home: Path, log_file) -> subprocess.Popen:
@@ -173,10 +172,10 @@ def stage_app(folder: Path) -> Path:
     return folder
 
 
-def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str, app: Path) -> list[str]:
+def flwr_command(config_file: Path, conf: Config, launch_id: str, app: Path) -> list[str]:
     """The `flwr run` call that simulates `federation.num_sites` sites of `app` (see `stage_app`) on Ray."""
-    fed = cfg.federation
-    per_round = math.ceil(max(cfg.strategy.fraction_train, cfg.strategy.fraction_evaluate) * fed.num_sites)
+    fed = conf.federation
+    per_round = math.ceil(max(conf.strategy.fraction_train, conf.strategy.fraction_evaluate) * fed.num_sites)
     cpus = ray_cpus(per_round, fed.num_cpus, os.cpu_count() or 1) if fed.even_load else os.cpu_count() or 1
     return ["flwr", "run", str(app), "--stream",
             "--run-config", f"config-file='{config_file}' launch-id='{launch_id}'",
@@ -184,7 +183,7 @@ def flwr_command(config_file: Path, cfg: DictConfig, launch_id: str, app: Path) 
                                    f"client-resources-num-gpus={fed.num_gpus} init-args-num-cpus={cpus}"]
 
 
-def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) -> int:
+def simulate(config_file: Path, conf: Config, launch_id: str, run_log: Path) -> int:
     """Run the app on a SuperLink of its own with `flwr run --stream` (output to the terminal and `run_log`),
     then stop every process that started, also on Ctrl-C or an error; return `flwr run`'s exit status."""
     home = Path(tempfile.mkdtemp(prefix="a2v-flwr-"))
@@ -194,7 +193,7 @@ def simulate(config_file: Path, cfg: DictConfig, launch_id: str, run_log: Path) 
             subprocess.Popen([sys.executable, "-m", "a2v_flower.guard", str(os.getpid())], stdin=subprocess.DEVNULL)
             link = start_superlink(home, out)
             app = stage_app(home / "app")
-            flwr = subprocess.Popen(flwr_command(config_file, cfg, launch_id, app), env=flwr_env(home), cwd=APP_DIR,
+            flwr = subprocess.Popen(flwr_command(config_file, conf, launch_id, app), env=flwr_env(home), cwd=APP_DIR,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                     preexec_fn=die_with_parent)
             threading.Thread(target=end_stream_after_run, args=(link.pid, flwr), daemon=True).start()
@@ -231,28 +230,26 @@ def outcome(summary: dict, launch_id: str, code: int) -> tuple[bool, str]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def launch(cfg: DictConfig) -> float | None:
+def launch(composed: DictConfig) -> float | None:
     """Run one checked config (a job) as a simulation; record whether this run completed every round."""
     from a2v_flower import config as C
 
-    cfg = C.absolute_paths(cfg, Path.cwd())
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(cfg.resume) if cfg.resume else Path(hydra_cfg.runtime.output_dir)
-    if cfg.wandb.name == cfg.name:  # not set by hand: the wandb run is named by its overrides
-        cfg.wandb.name = hydra_cfg.job.override_dirname or cfg.name
-    if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.wandb.group:  # a sweep's runs form one wandb group
-        cfg.wandb.group = "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # a parallel launcher's worker: its job's processes are its own to stop
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    conf = C.for_job(composed, Path.cwd(), hydra_cfg.job.override_dirname,  # a sweep's runs form one wandb group
+                     "/".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if sweep else None)
+    run_dir = Path(conf.resume) if conf.resume else Path(hydra_cfg.runtime.output_dir)
+    if sweep:  # a parallel launcher's worker: its job's processes are its own to stop
         become_subreaper()
-        sweeps.pin_gpu(hydra_cfg.job.num, str(OmegaConf.select(hydra_cfg, "launcher._target_")))
-    config_file = run_dir / ("config_resumed.yaml" if cfg.resume else "config.yaml")
-    OmegaConf.save(cfg, config_file)
+        sweeps.pin_gpu(hydra_cfg.job.num, str(hydra_cfg.launcher.get("_target_", "")))
+    config_file = run_dir / ("config_resumed.yaml" if conf.resume else "config.yaml")
+    config_file.write_text(C.to_yaml(conf))
     launch_id = uuid.uuid4().hex[:12]
     log.info("run %s in %s", launch_id, run_dir)
     try:
-        code = simulate(config_file, cfg, launch_id, run_dir / "run.log")
+        code = simulate(config_file, conf, launch_id, run_dir / "run.log")
     except KeyboardInterrupt:
-        record_interrupted(run_dir, launch_id, cfg.num_rounds)
+        record_interrupted(run_dir, launch_id, conf.num_rounds)
         raise
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -301,12 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     every job; exit 1 unless all of them completed."""
     argv = quote_paths(sys.argv[1:] if argv is None else list(argv))
     try:
-        cfgs = check(argv)
+        confs = check(argv)
     except REFUSALS as err:
         print(f"a2v-run: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(REFUSED) from None
-    if len(cfgs) == 1 and cfgs[0].resume:  # continue in the run's own folder: its run.log, no new folder
-        argv += quote_paths([f"hydra.run.dir={cfgs[0].resume}"]) + ["hydra.output_subdir=null"]
+    if len(confs) == 1 and confs[0].resume:  # continue in the run's own folder: its run.log, no new folder
+        argv += quote_paths([f"hydra.run.dir={confs[0].resume}"]) + ["hydra.output_subdir=null"]
     become_subreaper()
     for sig in (signal.SIGINT, signal.SIGTERM):  # `kill` stops like Ctrl-C: through `finally`
         if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
@@ -318,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"a2v-run: interrupted; {stopped_line()}", file=sys.stderr)
         raise SystemExit(130) from None
     # a sweep's jobs may have run in other processes (joblib, submitit): their outcomes are read from their folders
-    outcomes = sweeps.read_outcomes(sweeps.SWEEPS[-1], len(cfgs)) if sweeps.SWEEPS else OUTCOMES
+    outcomes = sweeps.read_outcomes(sweeps.SWEEPS[-1], len(confs)) if sweeps.SWEEPS else OUTCOMES
     failed = [str(d) for d, ok in outcomes if not ok]
     if failed:
         if len(outcomes) > 1:

@@ -3,19 +3,24 @@ rules in `__post_init__` (naming key, value, allowed)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from a2v_flower.generator_schema import (Generator, GeneratorCheckpoint, Granularity, Mode, Replay, Reset,  # noqa: F401
-                                         ServerGenerator, Sharing)
-from a2v_flower.resources import CONF_DIR  # the YAML whose types this module holds (the checkout's or the wheel's)
+from a2v_flower.generator_schema import (GeneratorCheckpoint, GeneratorSpec, Granularity, Mode, Replay, Reset,
+                                         ServerGeneratorSpec, Sharing)
+from a2v_flower.resources import CONF_DIR  # noqa: F401 (run.py takes it from here) the YAML whose types this module holds (the checkout's or the wheel's)
 from a2v_flower.rules import device_setting as _device, numbers as _numbers, one_of as _one_of  # torch-free
 
+DTYPES = ("float32", "float16", "bfloat16")  # of a network's weights and activations (the last two on a GPU only)
+CLIP_SEQ_LEN = 77                            # SD's CLIP text states: 77 positions
+# the AST's patch geometry (AudioEncoderSpec.patch_tokens) and width, unless model.audio.tiny overrides them
+AST_DEFAULTS = {"hidden_size": 768, "patch_size": 16, "frequency_stride": 10, "time_stride": 10, "num_mel_bins": 128}
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Splits:
     train: float = MISSING
     val: float = MISSING
@@ -28,123 +33,155 @@ class Splits:
             raise ValueError(f"data.splits={parts} is not allowed; expected fractions summing to 1")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Data:
     kind: str = MISSING               # synthetic | esc50 | hf
     root: Optional[str] = None
     path: Optional[str] = None        # hf, from here on: hub id, save_to_disk folder or audiofolder directory
     hf_splits: Optional[list[str]] = None
-    audio_column: str = "audio"
-    label_column: str = "label"
+    audio_column: Optional[str] = None
+    label_column: Optional[str] = None
     group_column: Optional[str] = None
     classes: Optional[list[str]] = None
     folds: Optional[list[int]] = None
     clip_seconds: float = MISSING
     splits: Splits = MISSING
-    clips_per_class: int = 32         # synthetic only, from here on
-    seconds: float = 5.0
-    sample_rate: int = 22050
-    noise: float = 0.6
-    overlap: float = 0.5
-    variation: float = 0.25
-    duplicates: str = "drop"          # drop | refuse: clips whose audio repeats an earlier row's
+    duplicates: str = MISSING         # drop | refuse: clips whose audio repeats an earlier row's
+    clips_per_class: Optional[int] = None  # synthetic only, from here on (None: another data kind)
+    seconds: Optional[float] = None
+    sample_rate: Optional[int] = None
+    noise: Optional[float] = None
+    overlap: Optional[float] = None
+    variation: Optional[float] = None
 
     def __post_init__(self):
         _one_of("data.kind", self.kind, ("synthetic", "esc50", "hf"))
         _one_of("data.duplicates", self.duplicates, ("drop", "refuse"))
-        _numbers("data.", self, positive=("clip_seconds", "clips_per_class", "seconds", "sample_rate"),
-                 non_negative=("noise", "variation"), fraction=("overlap",))
+        _numbers("data.", self, positive=("clip_seconds",))
+        if self.kind == "synthetic":
+            _numbers("data.", self, positive=("clips_per_class", "seconds", "sample_rate"),
+                     non_negative=("noise", "variation"), fraction=("overlap",))
+        if self.kind == "hf" and not (self.audio_column and self.label_column):
+            raise ValueError("data=hf needs data.audio_column and data.label_column (the dataset's column names)")
         need = {"esc50": ("root", "set data.root=/path/to/ESC-50 (the folder with audio/ and meta/esc50.csv) or "
                           "export ESC50_ROOT"), "hf": ("path", "a hub id, a save_to_disk folder or an audiofolder")}
         if self.kind in need and getattr(self, need[self.kind][0]) in (None, "???"):
             raise ValueError(f"data.{need[self.kind][0]} is required for data={self.kind}: {need[self.kind][1]}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Partition:
     mode: str = MISSING               # classes | groups | iid | dirichlet | pathological | shards | pool
     sites: Optional[list[list[str]]] = None
-    alpha: float = 0.5
-    min_partition_size: int = 0
-    classes_per_site: int = 2
-    shards_per_site: int = 2
-    clips_per_site: int = 4           # pool
+    alpha: Optional[float] = None     # dirichlet (None: another mode), and so on: each key is its mode's
+    min_partition_size: Optional[int] = None  # dirichlet
+    classes_per_site: Optional[int] = None    # pathological
+    shards_per_site: Optional[int] = None     # shards
+    clips_per_site: Optional[int] = None      # pool
 
     def __post_init__(self):
         _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet", "pathological", "shards", "pool"))
-        _numbers("partition.", self, positive=("alpha", "classes_per_site", "shards_per_site", "clips_per_site"),
-                 non_negative=("min_partition_size",))
+        needs = {"dirichlet": ("alpha", "min_partition_size"), "pathological": ("classes_per_site",),
+                 "shards": ("shards_per_site",), "pool": ("clips_per_site",)}.get(self.mode, ())
+        if missing := [k for k in needs if getattr(self, k) is None]:
+            raise ValueError(f"partition.{missing[0]} is required for partition={self.mode}")
+        _numbers("partition.", self, positive=tuple(k for k in needs if k != "min_partition_size"),
+                 non_negative=tuple(k for k in needs if k == "min_partition_size"))
 
 
-@dataclass
-class Audio:
-    name_or_path: Optional[str] = None
-    sampling_rate: int = MISSING
-    max_length: int = MISSING
-    tokens: int = MISSING
-    batch_size: int = MISSING
-    tiny: Any = None                  # ASTConfig overrides of the tiny model, e.g. {hidden_size: 64}
-    dtype: str = "float32"            # float16 | bfloat16 only on a GPU (preflight: devices.check_placement)
+@dataclass(kw_only=True)
+class AudioEncoderSpec:
+    """conf: model.audio.* (the schema's node; values and comments in conf/model/*.yaml). `name_or_path=None`
+    builds a tiny random AST from `tiny` and `seed`."""
+
+    name_or_path: Optional[str]
+    sampling_rate: int
+    max_length: int
+    tokens: int
+    batch_size: int
+    tiny: Any                      # ASTConfig overrides of the tiny model, e.g. {hidden_size: 64}
+    dtype: str                      # the network's weights and activations (float16 | bfloat16 on a GPU only)
+    seed: int                       # builds the tiny model (conf: ${seed})
 
     def __post_init__(self):
-        from a2v_flower.models.audio_encoder import AudioEncoderSpec, patch_tokens
         _numbers("model.audio.", self, positive=("sampling_rate", "max_length", "batch_size"))
-        _one_of("model.audio.dtype", self.dtype, ("float32", "float16", "bfloat16"))
-        most = 1 + patch_tokens(AudioEncoderSpec(None, max_length=self.max_length, tiny=tuple((self.tiny or {}).items())))
+        _one_of("model.audio.dtype", self.dtype, DTYPES)
+        most = 1 + self.patch_tokens()
         if not 2 <= self.tokens <= most:  # the summary token + at most one token per AST patch
-            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a summary token "
-                             f"and 1..{most - 1} pooled patch tokens: expected 2..{most} (model.audio.max_length={self.max_length})")
+            raise ValueError(f"model.audio.tokens={self.tokens} is not allowed; the compact representation has a "
+                             f"summary token and 1..{most - 1} pooled patch tokens: expected 2..{most} "
+                             f"(model.audio.max_length={self.max_length})")
+
+    @property
+    def tiny_config(self) -> tuple[tuple[str, int], ...]:
+        """`tiny` as sorted (key, value) pairs (part of the encoder's identity)."""
+        return tuple(sorted(dict(self.tiny or {}).items()))
+
+    def patch_tokens(self) -> int:
+        """Patch tokens P per clip of the tiny model (the AST's states are (2 + P, D)): its patch grid over mel
+        bins x frames. A saved model's own grid is read from its config when it is loaded."""
+        ast = AST_DEFAULTS | dict(self.tiny_config)
+        freq = (ast["num_mel_bins"] - ast["patch_size"]) // ast["frequency_stride"] + 1
+        return freq * max(0, (self.max_length - ast["patch_size"]) // ast["time_stride"] + 1)
 
 
-@dataclass
-class Text:
-    clip: Optional[str] = None
-    clip_subfolder: str = ""
-    t5: Optional[str] = None
-    t5_subfolder: str = ""
+@dataclass(kw_only=True)
+class TextSpec:
+    """conf: model.text.* (the schema's node): where the text encoders come from; None = tiny random ones built
+    offline from `seed`."""
+
+    clip: Optional[str]
+    clip_subfolder: str
+    t5: Optional[str]
+    t5_subfolder: str
+    seed: int                       # builds the tiny encoders (conf: ${seed})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Model:
     profile: str = MISSING            # tiny | pretrained
-    audio: Audio = MISSING
-    text: Text = MISSING
+    audio: AudioEncoderSpec = MISSING
+    text: TextSpec = MISSING
 
     def __post_init__(self):
         _one_of("model.profile", self.profile, ("tiny", "pretrained"))
 
 
-@dataclass
-class Diffusion:
-    type: str = MISSING               # sd | flux
-    render_every: int = MISSING
-    name_or_path: Optional[str] = None
-    steps: int = MISSING
-    height: int = MISSING
-    width: int = MISSING
-    dtype: str = "float32"
-    cpu_offload: bool = False
-    attention_slicing: bool = False
-    clip_images: int = 0
-    free_after_render: bool = True
-    judge: Optional[str] = None
-    guidance_scale: float = MISSING
-    clip_seq_len: int = 77            # sd: fixed by CLIP; kept so that older runs' config.yaml loads
-    t5_seq_len: int = 16              # flux
+@dataclass(kw_only=True)
+class DiffusionSpec:
+    """conf: diffusion.* -- the schema's `diffusion` node (values and comments: conf/diffusion/*.yaml): which
+    pipeline renders and how; name_or_path None = a tiny random pipeline built from `seed`."""
+
+    type: str                       # sd (CLIP 77x768) | flux (T5 Lx4096 + pooled 768)
+    render_every: int               # the server renders every N rounds (0 = never)
+    name_or_path: Optional[str]     # hub id or local folder of a full pipeline
+    steps: int
+    height: int
+    width: int
+    dtype: str
+    cpu_offload: bool               # model CPU offload; only with CUDA
+    attention_slicing: bool         # SD UNet only; FLUX has no sliced attention
+    clip_images: int                # per render round, each site's first N held-out clips
+    free_after_render: bool
+    judge: Optional[str]            # CLIP id/folder that judges the images; None = tiny random CLIP
+    guidance_scale: float           # SD: classifier-free guidance; FLUX-dev: embedded guidance
+    clip_seq_len: int = CLIP_SEQ_LEN  # sd: fixed by CLIP; in the schema so that older runs' config.yaml loads
+    t5_seq_len: int                 # flux: T5 positions of the conditioning
+    seed: int                       # builds the tiny pipeline and seeds every render (conf: ${seed})
 
     def __post_init__(self):
-        from a2v_flower.models.text_encoders import CLIP_SEQ_LEN  # SD's CLIP text states: 77 positions
         _one_of("diffusion.type", self.type, ("sd", "flux"))
-        _one_of("diffusion.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _one_of("diffusion.dtype", self.dtype, DTYPES)
         _one_of("diffusion.clip_seq_len", self.clip_seq_len, (CLIP_SEQ_LEN,))
-        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"), non_negative=("render_every", "clip_images", "guidance_scale"))
+        _numbers("diffusion.", self, positive=("steps", "height", "width", "t5_seq_len"),
+                non_negative=("render_every", "clip_images", "guidance_scale"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Strategy:
     aggregation: str = MISSING        # avg | uniform | none | kd
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
+    fraction_train: float = MISSING
+    fraction_evaluate: float = MISSING
 
     def __post_init__(self):
         _one_of("strategy.aggregation", self.aggregation, ("avg", "uniform", "none", "kd"))
@@ -153,7 +190,7 @@ class Strategy:
                 raise ValueError(f"strategy.{name}={getattr(self, name)!r} is not allowed; expected a fraction in (0, 1]")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Federation:
     num_sites: int = MISSING
     num_cpus: int = MISSING
@@ -168,23 +205,23 @@ class Federation:
             raise ValueError(f"federation.min_sites={self.min_sites!r} is not allowed; expected null (all sites) or a whole number in 1..federation.num_sites={self.num_sites}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Device:                         # auto | cpu | cuda | cuda:N; auto: the GPU this process was handed, else CPU
-    site: str = "auto"                # every model of a site (a Ray actor sees only the GPU Ray gave it)
-    server: str = "auto"              # the ServerApp's models (Ray's driver: it sees every GPU) and a2v-generate
+    site: str = MISSING               # every model of a site (a Ray actor sees only the GPU Ray gave it)
+    server: str = MISSING             # the ServerApp's models (Ray's driver: it sees every GPU) and a2v-generate
 
     def __post_init__(self):
         _device("device.site", self.site), _device("device.server", self.server)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Adapter:
     width: int = MISSING
     heads: int = MISSING
     kind: str = MISSING
     rank: int = MISSING
     wire: str = MISSING
-    normalise: bool = True            # standardise inputs with the federation's moments (old configs: absent)
+    normalise: bool = MISSING         # standardise inputs with the federation's moments
 
     def __post_init__(self):
         _numbers("adapter.", self, positive=("width", "heads", "rank"))
@@ -194,32 +231,36 @@ class Adapter:
             raise ValueError(f"adapter.width={self.width} must be divisible by adapter.heads={self.heads}")
 
 
-@dataclass
-class Train:
-    local_epochs: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    cosine_weight: float = MISSING
-    grad_clip: float = MISSING
-    loss: str = MISSING
-    temperature: float = MISSING
-    proximal_mu: float = MISSING
-    absent_scale: float = MISSING
+@dataclass(kw_only=True)
+class TrainSpec:
+    """conf: train.* -- this class is the schema's `train` node: the YAML holds the values and their comments,
+    `__post_init__` the rules (a ValueError naming the key, the value and what is allowed)."""
+
+    local_epochs: int               # also the server's kd / refinement epochs (replay.kd_epochs, refine_epochs)
+    batch_size: int
+    lr: float
+    weight_decay: float
+    cosine_weight: float
+    grad_clip: float
+    loss: str                       # mse | contrastive | mse+contrastive
+    temperature: float              # of the softmax over cosine similarities to all class targets
+    proximal_mu: float              # FedProx: + mu/2 * ||w - w_received||^2 (0 = off)
+    absent_scale: float             # FedRS: logits of classes absent from the training data x this (1 = off)
 
     def __post_init__(self):
         _numbers("train.", self, positive=("local_epochs", "batch_size", "lr", "temperature"),
-                 non_negative=("weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale"))
+                non_negative=("weight_decay", "cosine_weight", "grad_clip", "proximal_mu", "absent_scale"))
         _one_of("train.loss", self.loss, ("mse", "contrastive", "mse+contrastive"))
         if self.absent_scale > 1 or (self.absent_scale != 1 and self.loss == "mse"):
-            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; expected a number in [0, 1] and a loss with a contrastive term")
+            raise ValueError(f"train.absent_scale={self.absent_scale!r} is not allowed with train.loss={self.loss!r}; "
+                             "expected a number in [0, 1] and a loss with a contrastive term")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Evaluate:
     split: str = MISSING
-    mode: str = "federated"           # federated | server (absent in older configs)
-    server_share: float = 0.2
+    mode: str = MISSING               # federated | server
+    server_share: float = MISSING
 
     def __post_init__(self):
         _one_of("evaluate.split", self.split, ("val", "test")), _one_of("evaluate.mode", self.mode, ("federated", "server"))
@@ -227,14 +268,14 @@ class Evaluate:
             raise ValueError(f"evaluate.server_share={self.server_share!r} is not allowed; expected a fraction in (0, 1)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Paths:
     output_root: str = MISSING
     cache_dir: str = MISSING
     run_dir: Optional[str] = None     # set by the ServerApp: the run folder sites keep their state under
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Wandb:
     mode: str = MISSING
     project: str = MISSING
@@ -245,16 +286,16 @@ class Wandb:
         _one_of("wandb.mode", self.mode, ("offline", "online", "disabled"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     """The whole config; `__post_init__` holds the rules that span several nodes."""
 
     data: Data = MISSING
     partition: Partition = MISSING
     model: Model = MISSING
-    diffusion: Diffusion = MISSING
+    diffusion: DiffusionSpec = MISSING
     strategy: Strategy = MISSING
-    generator: Generator = MISSING
+    generator: GeneratorSpec = MISSING
     granularity: Granularity = MISSING
     mode: Mode = MISSING
     sharing: Sharing = MISSING
@@ -266,11 +307,11 @@ class Config:
     schedule: Any = None              # {site: [{from_round, classes}]}; checked by data.schedule.check_schedule
     resume: Optional[str] = None
     federation: Federation = MISSING
-    device: Device = field(default_factory=Device)  # a run config saved before devices existed loads as auto
+    device: Device = MISSING
     adapter: Adapter = MISSING
-    train: Train = MISSING
+    train: TrainSpec = MISSING
     replay: Replay = MISSING
-    server_generator: ServerGenerator = MISSING
+    server_generator: ServerGeneratorSpec = MISSING
     generator_checkpoint: GeneratorCheckpoint = MISSING
     evaluate: Evaluate = MISSING
     paths: Paths = MISSING

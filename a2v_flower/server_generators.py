@@ -12,9 +12,10 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from a2v_flower.generator_schema import Replay, ServerGeneratorSpec
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, key_for, sample_classes
-from a2v_flower.models.generators.stats import ServerGeneratorSpec, StatsGenerator, train_and_sample
+from a2v_flower.models.generators.stats import StatsGenerator, train_and_sample
 from a2v_flower.models.generators.gaussian import pool_states
 from a2v_flower.records import flatten, from_record, to_record, unflatten
 from a2v_flower.training import TrainSpec, predict, train_adapters
@@ -28,12 +29,13 @@ HANDED_ON = ("config", "targets", "run-config", "input_norm")  # a train message
 class ServerGenerators:
     """Per-site class statistics and generators, shared states, and the server's own generator."""
 
-    def __init__(self, classes: list[str], class_targets: dict[str, torch.Tensor], token_shape: tuple[int, int],
-                 make_adapters: Callable[[], AdapterSet], train_spec: TrainSpec, seed: int = 0,
-                 replay: ReplaySpec | None = None, server_gen: ServerGeneratorSpec | None = None, kd: bool = False,
+    def __init__(self, *, classes: list[str], class_targets: dict[str, torch.Tensor], token_shape: tuple[int, int],
+                 make_adapters: Callable[[], AdapterSet], train_spec: TrainSpec, options: Replay, seed: int,
+                 replay: ReplaySpec | None, server_gen: ServerGeneratorSpec | None, kd: bool,
                  device: torch.device | str = "cpu"):
         self.classes, self.class_targets, self.token_shape, self.kd = classes, class_targets, token_shape, kd
-        self.make_adapters, self.train_spec, self.seed, self.replay = make_adapters, train_spec, seed, replay
+        self.make_adapters, self.train_spec, self.options = make_adapters, train_spec, options
+        self.seed, self.replay = seed, replay
         self.device = torch.device(device)  # device.server: generators, server generator, kd and refinement
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
         self.stats_generator = StatsGenerator(token_shape, self.server_gen).to(device) if self.server_gen else None
@@ -75,7 +77,7 @@ class ServerGenerators:
         """Records for a site's train message: the shared generators, and (augmentation) samples of the
         classes some site's generators cover but this site has no clips of this round."""
         out = {"shared_generators": to_record(flatten(self.shared))} if self.shared else {}
-        n = self.replay.synthetic_samples_per_class if self.replay else 0
+        n = self.options.synthetic_samples_per_class if self.replay else 0
         if n and self.generators and site in self.class_stats:
             now = set(torch.nonzero(self.class_stats[site]["counts"]).flatten().tolist())
             lacking = [c for c in self.owners(seen=True) if c not in now]
@@ -112,38 +114,37 @@ class ServerGenerators:
         if self.replay and self.replay.shared:
             self.generators = {site: self.shared for site in self.class_stats}  # the same objects, not copies
         # generator-only: adapters came back untouched; with refine_epochs the server alone trains them (one-shot)
-        if arrays is None or (self.replay is not None and self.replay.only and not self.replay.refine_epochs):
+        if arrays is None or (self.replay is not None and self.replay.only and not self.options.refine_epochs):
             return arrays, {}
         return self.server_training(server_round, arrays, teachers)
 
     def server_training(self, server_round: int, arrays: ArrayRecord, teachers: dict) -> tuple[ArrayRecord, dict]:
         """Train the server's own generator (if on), then kd distillation and/or refinement of the global
         adapters with the synthetic samples of the sites' generators and the server's."""
-        r, sg = self.replay, self.server_gen
-        opts = r or sg  # samples_per_class, refine_epochs, kd_epochs
+        r, sg, opts = self.replay, self.server_gen, self.options
         site_samples = r is not None and bool(self.generators)
-        if opts is None or not (site_samples or sg) or not (self.kd or opts.refine_epochs):
+        if not (site_samples or sg) or not (self.kd or opts.refine_epochs):
             return arrays, {}
         glob, models = self.make_adapters().to(self.device), {s: self.make_adapters().to(self.device) for s in teachers}
         glob.load_state_dict(arrays.to_torch_state_dict())
         for site, state in teachers.items():
             models[site].load_state_dict(state)
         out: dict = {}
-        x, y = (self.synthetic(r.samples_per_class, seed=self.seed + server_round) if site_samples else
+        x, y = (self.synthetic(opts.samples_per_class, seed=self.seed + server_round) if site_samples else
                 (torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)))
         if sg:
-            sx, sy, out = train_and_sample(self.stats_generator, sg, models, self.class_stats, self.class_targets,
+            sx, sy, out = train_and_sample(self.stats_generator, sg, opts.samples_per_class, models, self.class_stats, self.class_targets,
                                               self.classes, self.seed + server_round, self.seed + 7 * server_round)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         out["server/synthetic_samples"] = len(y)
         if self.kd and len(y):
-            spec = replace(self.train_spec, epochs=opts.kd_epochs)
+            spec = replace(self.train_spec, local_epochs=opts.kd_epochs)
             out["server/kd_loss"] = distill(glob, models, self.owners(), x, y, self.class_targets, spec, self.seed)
             log.info("Distillation completed. Average loss: %.4f", out["server/kd_loss"])
         if opts.refine_epochs:
             present, means = class_audio_means(self.class_stats, len(self.classes))
             xs, ys = torch.cat([x, means]), torch.cat([y, torch.tensor(present, dtype=torch.long)])
-            spec = replace(self.train_spec, epochs=opts.refine_epochs)
+            spec = replace(self.train_spec, local_epochs=opts.refine_epochs)
             out["server/adapter_finetuning_loss"] = refine(glob, xs, ys, self.class_targets, spec, self.seed)
             log.info("Adapter fine-tuning completed. Average loss: %.4f", out["server/adapter_finetuning_loss"])
         log.info("round %s: server training %s", server_round,

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -30,26 +29,33 @@ AGGREGATIONS = {"avg": "num-examples", "uniform": "unit-weight", "none": "num-ex
 class A2VStrategy(FedAvg):
     """FedAvg whose weighting follows `aggregation` (avg: by examples, uniform: equal, none: unused)."""
 
-    def __init__(self, aggregation: str, class_targets: dict[str, torch.Tensor], tracker: RunTracker,
-                 classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
-                 timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
-                 num_sites: int = 1, min_sites: int = 1, wire: str = "float32",
-                 input_norm: dict[str, torch.Tensor] | None = None, evaluate_on_sites: bool = True, **kwargs):
-        super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
-                         evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
+    def __init__(self, *, aggregation: str, fraction_train: float, fraction_evaluate: float, num_sites: int,
+                 min_sites: int, timeout: float, handout: dict, tracker: RunTracker, classes: list[str],
+                 generators: ServerGenerators, seen_fn: Callable[[int], set[int]],
+                 clip_images: Callable[[int], int], wire: str, evaluate_on_sites: bool,
+                 site_of_node: dict[int, int], resumed: tuple[int, dict[int, float]] = (0, {})):
+        """`handout`: what every node receives once, with its first message: the class targets, the run config
+        and the adapters' input standardisation ({"targets": tensors, "run-config": yaml, "input_norm": tensors
+        or None}); `resumed`: (rounds done before a resume, best accuracy per class so far)."""
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=max(1, round(min_sites * fraction_train)),
+                         min_evaluate_nodes=max(1, round(min_sites * fraction_evaluate)),
+                         min_available_nodes=min_sites,  # rounds go on with >= min_sites of the num_sites sites
+                         weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
+                         evaluate_metrics_aggr_fn=aggregate_metrics)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
-        self.targets = to_record(class_targets)
-        self.input_norm = to_record(input_norm) if input_norm else None  # the adapters' input standardisation
-        self.run_config = ConfigRecord({"yaml": run_config})  # the resolved config, sent once per node
+        self.targets = to_record(handout["targets"])
+        norm = handout.get("input_norm")
+        self.input_norm = to_record(norm) if norm else None  # the adapters' input standardisation
+        self.run_config = ConfigRecord({"yaml": handout["run-config"]})  # the resolved config, sent once per node
         self.has_targets: set[int] = set()           # nodes that already hold the class targets
-        self.site_of_node: dict[int, int] = {}
+        self.site_of_node = site_of_node             # node -> site, learnt when a node is first sampled
         self.bytes_down: dict[int, int] = {}         # node -> bytes of this round's train message
         self.bytes_down_eval: dict[int, int] = {}    # node -> bytes of this round's evaluate message
         self.clip_images = clip_images               # round -> held-out clips each site renders (0 = none)
         self.seen_fn = seen_fn                       # round -> class ids trained by some site so far
-        self.best_acc: dict[int, float] = {}         # class -> best held-out accuracy so far (forgetting)
-        self.round_offset = 0                        # rounds done before a resume
-        self.resume_round = 0                        # > 0: sites restore their state of that round
+        self.round_offset, self.best_acc = resumed   # rounds done before a resume; class -> best held-out accuracy
+        self.resume_round = self.round_offset        # > 0: sites restore their state of that round
         self.round_started = time.time()             # when this round's configure_train began
         self.num_sites, self.min_sites = num_sites, min_sites  # a round may lose num_sites - min_sites sites
         self.failures = FailureLog(num_sites, min_sites)
@@ -102,7 +108,7 @@ class A2VStrategy(FedAvg):
         server_round += self.round_offset
         if not self.evaluate_on_sites:
             return []
-        n = self.clip_images(server_round) if self.clip_images else 0
+        n = self.clip_images(server_round)
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
         evaluate = super().configure_evaluate(server_round, cast(arrays, self.wire), config, grid)
         messages = self.sent = self._with_targets(evaluate, {"render-clips": n} if n else None)
@@ -153,7 +159,7 @@ class A2VStrategy(FedAvg):
             return None
         self.note_failures(server_round, "evaluate", replies, self.sent)
         rows = {int(m.content["metrics"]["site"]): m.content["metrics"] for m in replies if not m.has_error()}
-        seen = sorted(self.seen_fn(server_round)) if self.seen_fn else list(range(len(self.classes)))
+        seen = sorted(self.seen_fn(server_round))
         glob = pool_evaluations(rows, self.classes, seen, self.best_acc) if rows else None
         if glob is None:
             log.warning("round %s: no site returned held-out evaluation results", server_round)

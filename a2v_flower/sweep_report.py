@@ -33,14 +33,14 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 SEED_SD = 0.053  # the default run's final top-1 over seeds 0-4 (BENCHMARKS.md, "Default run")
 
 
-def pick(cfg: dict, dotted: str):
-    """cfg["a"]["b"] for "a.b" (None when absent); `mode` is shown by the flag that is on."""
+def pick(run_config: dict, dotted: str):
+    """run_config["a"]["b"] for "a.b" (None when absent); `mode` is shown by the flag that is on."""
     for part in dotted.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    if dotted == "mode" and isinstance(cfg, dict):
-        return "generator_only" if cfg.get("generator_only_mode") else (
-            "use_pretrained" if cfg.get("use_pretrained_generators") else "federated")
-    return cfg
+        run_config = run_config.get(part) if isinstance(run_config, dict) else None
+    if dotted == "mode" and isinstance(run_config, dict):
+        return "generator_only" if run_config.get("generator_only_mode") else (
+            "use_pretrained" if run_config.get("use_pretrained_generators") else "federated")
+    return run_config
 
 
 def cell(value, width: int = 40) -> str:
@@ -49,19 +49,19 @@ def cell(value, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def flat(cfg: dict, prefix: str = "") -> dict[str, str]:
+def flat(run_config: dict, prefix: str = "") -> dict[str, str]:
     """Every leaf of a config as "a.b" -> its value's text (lists and null included); a mapping keyed by
     anything but names (a schedule's site ids) is one leaf."""
     out = {}
-    for k, v in cfg.items():
+    for k, v in run_config.items():
         nested = isinstance(v, dict) and v and all(isinstance(key, str) for key in v)
         out |= flat(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": str(v)}
     return out
 
 
-def varying_keys(cfgs: list[dict]) -> list[str]:
+def varying_keys(run_configs: list[dict]) -> list[str]:
     """Config keys whose values differ between the runs, the usual ones (KEYS) first; `mode` stands for its flags."""
-    flats = [flat(c) for c in cfgs]
+    flats = [flat(c) for c in run_configs]
     keys = {k for f in flats for k in f if not k.startswith(NOT_SETTINGS)}
     differ = {k for k in keys if len({f.get(k) for f in flats}) > 1}
     if any(k.startswith("mode.") for k in differ):
@@ -123,11 +123,11 @@ def collect(root: Path) -> tuple[list[dict], list[str]]:
     scores), and the config keys that differ between them. A job that started (Hydra wrote its .hydra/) but left no
     summary, e.g. a parallel launcher's worker that died, has a FAILED row too."""
     runs = sorted({p.parent for p in root.rglob("summary.json")} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")})
-    cfgs = [yaml.safe_load((run / "config.yaml" if (run / "config.yaml").is_file() else run / ".hydra" / "config.yaml")
+    run_configs = [yaml.safe_load((run / "config.yaml" if (run / "config.yaml").is_file() else run / ".hydra" / "config.yaml")
                            .read_text()) for run in runs]
-    varying = varying_keys(cfgs) if len(runs) > 1 else []
+    varying = varying_keys(run_configs) if len(runs) > 1 else []
     rows = []
-    for run, cfg in zip(runs, cfgs):
+    for run, run_config in zip(runs, run_configs):
         summary = run / "summary.json"
         metrics = run / "metrics.jsonl"
         lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -138,7 +138,7 @@ def collect(root: Path) -> tuple[list[dict], list[str]]:
         if verdict.get("completed") is False and s.get("completed"):  # a summary left by an earlier launch
             s = {"error": verdict.get("line")}
         why = s.get("error") or f"{s.get('rounds_done')} of {s.get('rounds')} rounds done"
-        rows.append({"run": str(run.relative_to(root)), **{k: pick(cfg, k) for k in dict.fromkeys([*KEYS, *varying])},
+        rows.append({"run": str(run.relative_to(root)), **{k: pick(run_config, k) for k in dict.fromkeys([*KEYS, *varying])},
                      "outcome": "completed" if s.get("completed") else f"FAILED: {why}",
                      "final_top1": s.get("final_top1"), "final_top5": s.get("final_top5"),
                      "best_top1": max((e["top1"] for e in evals), default=None),

@@ -9,6 +9,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from a2v_flower.schema import Wandb
+
 log = logging.getLogger(__name__)
 
 
@@ -23,8 +25,9 @@ def use_flower_logging() -> None:
 class RunTracker:
     """Writes one JSON line per round event to <run_dir>/metrics.jsonl and mirrors it to wandb."""
 
-    def __init__(self, run_dir: str | Path, config: dict, wandb_mode: str = "offline",
-                 project: str = "a2v_flower", name: str = "run", group: str | None = None):
+    def __init__(self, run_dir: str | Path, config: dict, wandb: Wandb):
+        """`config`: the run's config as plain dicts (recorded with the wandb run); `wandb`: conf's wandb.*."""
+        wandb_mode, project, name, group = wandb.mode, wandb.project, wandb.name, wandb.group
         self.run_dir, self.name = Path(run_dir), name
         self.path = self.run_dir / "metrics.jsonl"
         self.history: list[dict] = []

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from a2v_flower.metrics import similarity
 from a2v_flower.models.adapters import AdapterSet
+from a2v_flower.schema import TrainSpec
 
 LOSSES = ("mse", "contrastive", "mse+contrastive")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """Optimisation hyper-parameters and the local objective (conf: train.*)."""
-
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    cosine_weight: float = 0.0
-    grad_clip: float = 1.0
-    loss: str = "mse"               # one of LOSSES
-    temperature: float = 0.1        # of the softmax over cosine similarities to all class targets
-    proximal_mu: float = 0.0        # FedProx: + mu/2 * ||w - w_received||^2 (0 = off)
-    absent_scale: float = 1.0       # FedRS: logits of classes absent from the training data x this (1 = off)
 
 
 def contrastive_logits(outputs: dict[str, torch.Tensor], class_targets: dict[str, torch.Tensor],
@@ -108,7 +92,7 @@ def train_adapters(adapters: AdapterSet, x: torch.Tensor, y: torch.Tensor,
     anchor = [p.detach().clone() for p in adapters.parameters()] if spec.proximal_mu else []
     adapters.train()
     epoch_loss = float("nan")
-    for _ in range(spec.epochs):
+    for _ in range(spec.local_epochs):
         order = torch.randperm(len(x), generator=gen)
         total = 0.0
         for i in range(0, len(x), spec.batch_size):

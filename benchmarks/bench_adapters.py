@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from a2v_flower import config as C
 from a2v_flower.models.adapters import KINDS, build_adapters
 from a2v_flower.training import TrainSpec, adapter_loss
 
@@ -47,7 +48,7 @@ def step_seconds(adapters, x, y, targets, spec: TrainSpec, steps: int = 20) -> f
 
 def measure(args) -> dict:
     """Figures per diffusion head set and adapter kind (bytes per wire dtype)."""
-    spec, rows = TrainSpec(loss="mse+contrastive", temperature=0.1), {}
+    spec, rows = C.spec("train", loss="mse+contrastive", temperature=0.1), {}
     for diffusion, shapes in HEADS.items():
         targets = {h: torch.randn(10, *s, generator=torch.Generator().manual_seed(0)) for h, s in shapes.items()}
         x, y = torch.randn(args.batch, 8, args.dim), torch.arange(args.batch) % 10

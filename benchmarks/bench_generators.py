@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from a2v_flower import config as C
 from a2v_flower.models.generators import GENERATOR_TYPES, GeneratorSpec, build_generator, train_generator
 
-SPEC = GeneratorSpec("cvae")  # the app's default sizes (hidden 256, latent 16)
+SPEC = C.spec("generator", type="cvae")  # the app's default sizes (hidden 256, latent 16)
 
 
 def predecessor_vae_params(seq: int = 1214, dim: int = 768, hidden: int = 1024, latent: int = 256) -> int:
@@ -71,9 +72,9 @@ def equal_work(x: torch.Tensor, y: torch.Tensor, targets: dict, epochs: int, rep
 
 def size(kind: str, token_shape: tuple[int, int]) -> tuple[int, int]:
     """(parameters, bytes of the saved state incl. optimizer moments) of a fresh, one-step-trained generator."""
-    gen = build_generator(GeneratorSpec(kind, epochs=1), token_shape)
+    gen = build_generator(C.spec("generator", type=kind, epochs=1), token_shape)
     x = torch.randn(8, *token_shape)
-    train_generator(gen, x, torch.zeros(8, dtype=torch.long), {"pooled": torch.randn(2, 4)}, GeneratorSpec(kind, epochs=1))
+    train_generator(gen, x, torch.zeros(8, dtype=torch.long), {"pooled": torch.randn(2, 4)}, C.spec("generator", type=kind, epochs=1))
     params = sum(p.numel() for p in gen.parameters())
     return params, sum(t.numel() * t.element_size() for t in gen.state_tensors().values())
 

@@ -1,4 +1,4 @@
-"""GPU benchmark: what the device setting buys, the CPU and the GPU measured in one run (issue 31).
+"""GPU benchmark: what the device setting buys, the CPU and the GPU measured in one run.
 
     python benchmarks/bench_gpu.py                         # a GPU machine: CPU vs cuda, Ray placement, peak memory
     python benchmarks/bench_gpu.py --device cpu --quick    # anywhere, in seconds (tiny configs): what the test runs
@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from a2v_flower import config as C
 from a2v_flower import devices
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec, encoder_dim
-from a2v_flower.training import TrainSpec, predict, train_adapters
+from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
+from a2v_flower.training import predict, train_adapters
 
 TINY_AST = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
 
@@ -86,7 +87,7 @@ def bench_ast(folder: Path, device: torch.device, batches: list[int], dtypes: li
         for batch in batches:
             if device.type == "cpu" and batch > cpu_clips:
                 continue  # a real clip takes seconds on a CPU: --cpu-clips bounds the work
-            enc = AudioEncoder(AudioEncoderSpec(str(folder), tokens=8, batch_size=batch, dtype=dtype), device).load()
+            enc = AudioEncoder(C.spec("model.audio", name_or_path=str(folder), tokens=8, batch_size=batch, dtype=dtype), device).load()
             n = batch * max(1, cpu_clips // batch) if device.type == "cpu" else batch
             devices.reset_peak_memory(device)
             took = timed(lambda: enc.encode(waves[:batch] * (n // batch)), device, repeats)
@@ -110,7 +111,7 @@ def bench_kd(device: torch.device, dim: int, repeats: int, samples: int, head: t
     x, y = torch.randn(samples, 8, dim, generator=g), torch.arange(samples) % 10
     teacher = build_adapters(dim, targets, 256, 4, 1).to(device)
     student = build_adapters(dim, targets, 256, 4, 0).to(device)
-    spec = TrainSpec(epochs=1, batch_size=32, loss="mse+contrastive")
+    spec = C.spec("train", local_epochs=1, batch_size=32, loss="mse+contrastive")
     devices.reset_peak_memory(device)
     took = timed(lambda: train_adapters(student, x, y, targets, spec, teacher=predict(teacher, x)), device, repeats)
     return row("adapters + kd step (batch 32)", device, took, samples // 32, "step")
@@ -121,7 +122,7 @@ def bench_judge(device: torch.device, quick: bool, repeats: int) -> dict:
     from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from a2v_flower.diffusion import ImageJudge
+    from a2v_flower.rendering.judge import ImageJudge
     from a2v_flower.models.text_encoders import tiny_clip_tokenizer
 
     if quick:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, notes = [], [] if device.type != "cpu" else [f"no GPU (--device {args.device} -> cpu): CPU figures only"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_ast(Path(tmp) / "ast", args.quick)
-        dim = encoder_dim(AudioEncoderSpec(str(folder)))  # the adapters' input width: 768 for the real AST
+        dim = encoder_dim(C.spec("model.audio", name_or_path=str(folder)))  # the adapters' input width: 768 for the real AST
         for where in targets:
             if "ast" in only:
                 rows += bench_ast(folder, where, batches, args.dtypes.split(","), args.cpu_clips, repeats, seconds)

@@ -47,7 +47,7 @@ import torch
 from a2v_flower import config as C
 from a2v_flower import server_generators as R
 from a2v_flower import site_generators as SR
-from a2v_flower.models.generators.stats import (ServerGeneratorSpec, StatsGenerator, sample_server_generator,
+from a2v_flower.models.generators.stats import (StatsGenerator, sample_server_generator,
                                                  train_server_generator)
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import SiteData, federation, load_site
@@ -303,7 +303,7 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
     gens: dict[int, dict] = {i: {} for i in range(len(sites_run))}
     seen: dict[int, set] = {i: set() for i in range(len(sites_run))}
     stats: dict[int, dict] = {}
-    sg_spec = ServerGeneratorSpec(epochs=20, batch_per_class=8)
+    sg_spec = C.spec("server_generator", epochs=20, batch_per_class=8)
     server_gen = StatsGenerator(token_shape, sg_spec) if m.server_gen else None
     xv, yv = pooled(sites, "val")
     val_history, up, down, gen_up = [], 0, 0, 0

@@ -25,7 +25,7 @@ What is measured, from /proc, every `--interval` seconds while a run goes:
   pages) of every process of the run: a2v-run, `flwr run`, the detached SuperLink and SuperExec (kept
   once seen, though they are re-parented), `flwr-simulation`, and Ray's processes.
 - pipelines built: a `sitecustomize` put on PYTHONPATH for the runs only (the package is unchanged)
-  wraps `a2v_flower.diffusion._counted` in every process that imports that module and logs each call
+  wraps `a2v_flower.rendering.pipelines._counted` in every process that imports that module and logs each call
   with `PIPELINES_BUILT` and the process id, so the count comes from the real server process.
 
 Writes <out>/render_memory.json and render_memory.md and prints the table. Processes the runs leave
@@ -77,10 +77,10 @@ def _write(row):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds a2v_flower.diffusion like the normal path finder, then wraps its pipeline counter."""
+    """Finds a2v_flower.rendering.pipelines like the normal path finder, then wraps its pipeline counter."""
 
     def find_spec(self, name, path, target=None):
-        if name != "a2v_flower.diffusion":
+        if name != "a2v_flower.rendering.pipelines":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -91,7 +91,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             exec_module(module)
             counted = getattr(module, "_counted", None)
             if counted is None:
-                _write({"event": "no _counted in a2v_flower.diffusion"})
+                _write({"event": "no _counted in a2v_flower.rendering.pipelines"})
                 return
 
             def logged(pipe):
@@ -118,7 +118,7 @@ def make_pipeline(folder: Path, width: int, seed: int = 0) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from a2v_flower.diffusion import tiny_sd_pipeline
+    from a2v_flower.rendering.pipelines import tiny_sd_pipeline
     from a2v_flower.models.text_encoders import CLIP_DIM
 
     if not (folder / "model_index.json").is_file():

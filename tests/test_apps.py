@@ -131,10 +131,15 @@ def replies(weights: list[dict], counts: list[int], cfg_msg):
 
 
 def make_strategy(aggregation: str, **kwargs) -> A2VStrategy:
-    """A strategy over two classes with a one-number target, no generators."""
-    targets = {"clip": torch.zeros(2, 1)}
-    return A2VStrategy(aggregation, targets, NullTracker(), ["a", "b"],
-                       ServerGenerators(["a", "b"], targets, (2, 4), lambda: None, None), **kwargs)
+    """A strategy over two classes with a one-number target, no generators; `kwargs` change its settings."""
+    targets, conf = {"clip": torch.zeros(2, 1)}, C.defaults()
+    gens = ServerGenerators(classes=["a", "b"], class_targets=targets, token_shape=(2, 4), make_adapters=lambda: None,
+                            train_spec=conf.train, options=conf.replay, seed=0, replay=None, server_gen=None, kd=False)
+    settings = dict(aggregation=aggregation, fraction_train=1.0, fraction_evaluate=1.0, num_sites=1, min_sites=1,
+                    timeout=3600, handout={"targets": targets, "run-config": ""}, tracker=NullTracker(),
+                    classes=["a", "b"], generators=gens, seen_fn=lambda rnd: {0, 1}, clip_images=lambda rnd: 0,
+                    wire="float32", evaluate_on_sites=True, site_of_node={})
+    return A2VStrategy(**(settings | kwargs))
 
 
 @pytest.mark.parametrize("aggregation", ["avg", "uniform"])
@@ -182,7 +187,8 @@ def test_evaluate_pools_all_sites(task_identity):
 
 def test_targets_and_config_sent_once_per_node(task_identity):
     norm = {"mean": torch.full((2, 4), 0.5), "std": torch.full((2, 4), 2.0)}
-    strategy = make_strategy("avg", run_config="seed: 3\n", input_norm=norm)
+    strategy = make_strategy("avg", handout={"targets": {"clip": torch.zeros(2, 1)}, "run-config": "seed: 3\n",
+                                             "input_norm": norm})
     msgs = [Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train")
             for n in (1, 2)]
     first = strategy._with_targets(msgs)

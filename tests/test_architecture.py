@@ -13,7 +13,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "a2v_flower"
 # the bottom floor: what is on disk (checkpoints, caches, where conf/ lies), names, tensors <-> Flower records
-FLOOR = {"a2v_flower.checkpoints", "a2v_flower.cache", "a2v_flower.names", "a2v_flower.records", "a2v_flower.resources"}
+FLOOR = {"a2v_flower.checkpoints", "a2v_flower.cache", "a2v_flower.names", "a2v_flower.records", "a2v_flower.resources",
+         "a2v_flower.rules", "a2v_flower.schema", "a2v_flower.generator_schema"}  # the schema: the specs code takes
 
 
 def _modules() -> dict[str, Path]:
@@ -115,3 +116,87 @@ def test_the_floor_check_finds_an_upward_import():
 def test_the_cycle_finder_finds_cycles(graph, cycle):
     """The check above can fail: it finds a planted cycle and stays quiet on an acyclic graph."""
     assert _cycle(graph) == cycle
+
+
+# ---- one way from YAML to code ----------------------------------------------------------------------------------
+
+# Modules that may touch the untyped config tree (omegaconf): the config module and the schema it types the tree
+# with, the docs generator that reads the YAML, and Hydra's two entry points, which hand Hydra's tree on at once
+# (run.launch to config.for_job) or read only Hydra's own keys (the sweep callback's hydra.sweep.dir).
+UNTYPED = {"a2v_flower.config", "a2v_flower.schema", "a2v_flower.generator_schema", "a2v_flower.docs_config",
+           "a2v_flower.run", "a2v_flower.sweeps"}
+
+
+def _names(path: Path) -> set[str]:
+    """Every variable, parameter and attribute-base name of `path`'s source."""
+    tree = ast.parse(path.read_text())
+    return ({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            | {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)})
+
+
+def _imports_omegaconf(path: Path) -> bool:
+    return any(isinstance(n, (ast.Import, ast.ImportFrom))
+               and any((getattr(n, "module", None) or a.name).split(".")[0] == "omegaconf" for a in n.names)
+               for n in ast.walk(ast.parse(path.read_text())))
+
+
+def test_only_the_config_module_reads_the_untyped_config():
+    """Code takes typed specs (`conf.train` is a TrainSpec): no `cfg` tree outside the config module, and omegaconf
+    only where UNTYPED says why."""
+    assert {n for n, p in MODULES.items() if n != "a2v_flower.config" and "cfg" in _names(p)} == set()
+    assert {n for n, p in MODULES.items() if _imports_omegaconf(p)} <= UNTYPED
+
+
+def _yaml_keys() -> set[str]:
+    """Dotted keys conf/config.yaml and every option of its groups set."""
+    import yaml
+
+    from a2v_flower.resources import CONF_DIR
+
+    top = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+    keys: set[str] = set()
+
+    def walk(node, prefix: str):
+        for k, v in node.items():
+            if isinstance(v, dict) and v and k not in ("splits", "tiny"):  # flow mappings are one value
+                walk(v, f"{prefix}{k}.")
+            else:
+                keys.add(prefix + k)
+
+    top.pop("defaults")
+    for option in CONF_DIR.glob("*/*.yaml"):
+        if option.parent.name != "experiment":  # experiments set keys of other nodes (`# @package _global_`)
+            walk(yaml.safe_load(option.read_text()) or {}, f"{option.parent.name}.")
+    top.pop("hydra", None)
+    walk(top, "")
+    return keys
+
+
+def _schema_defaults(cls, prefix: str = "") -> set[str]:
+    """Dotted keys whose schema field carries a default of its own (MISSING is none)."""
+    import dataclasses
+    import typing
+
+    from omegaconf import MISSING
+
+    out, hints = set(), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out |= _schema_defaults(kind, f"{prefix}{f.name}.")
+        elif f.default is None:  # None is "not given" (a key of another option, or null), not a second value
+            continue
+        elif (f.default is not dataclasses.MISSING and f.default is not MISSING) or \
+                f.default_factory is not dataclasses.MISSING:
+            out.add(prefix + f.name)
+    return out
+
+
+def test_every_value_has_one_default():
+    """A key the YAML sets has no default in the schema too (the dataclasses are the specs the code takes; tests
+    and benchmarks build them from the YAML with config.spec). A saved run's config predating a key takes today's
+    YAML value (config.load_run), or the value it ran with (config.ABSENT_THEN)."""
+    from a2v_flower.schema import Config
+
+    twice = _schema_defaults(Config) & _yaml_keys()
+    assert twice == set()

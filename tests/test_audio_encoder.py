@@ -13,7 +13,7 @@ from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import federation, load_site
 from a2v_flower.data.site import embed_clips
-from a2v_flower.models.audio_encoder import (AST_DEFAULTS, AudioEncoder, AudioEncoderSpec, compact_tokens,
+from a2v_flower.models.audio_encoder import (AST_DEFAULTS, AudioEncoder, compact_tokens,
                                              encoder_dim, sound_columns)
 
 
@@ -30,11 +30,11 @@ def test_encoder_dim_is_the_tiny_models_width_without_transformers(make_cfg, tmp
     encoder = AudioEncoder(spec)
     encoder.load()
     assert encoder_dim(spec) == encoder.model.config.hidden_size     # the configured tiny override
-    plain = AudioEncoderSpec(None)
+    plain = C.spec("model.audio")
     assert encoder_dim(plain) == ASTConfig().hidden_size            # no override: ASTConfig's default
     ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(
         tmp_path / "ast")
-    assert encoder_dim(AudioEncoderSpec(str(tmp_path / "ast"))) == 32  # a saved model: its config.json
+    assert encoder_dim(C.spec("model.audio", name_or_path=str(tmp_path / "ast"))) == 32  # a saved model: its config.json
     code = ("import sys, a2v_flower.server_app, a2v_flower.config as C\n"
             "from a2v_flower.models.audio_encoder import encoder_dim\n"
             "print(encoder_dim(C.audio_spec(C.compose_config([]))), 'transformers' in sys.modules)")
@@ -64,7 +64,7 @@ def test_changed_clip_or_encoder_is_re_encoded(make_cfg, tmp_path):
     enc = AudioEncoder(spec)
     embed_clips(enc, few, cache, 16000)
     assert enc.calls == 0  # same content as a cached clip: keyed by content, not by name
-    other = AudioEncoder(AudioEncoderSpec(**{**spec.__dict__, "tokens": spec.tokens + 1}))
+    other = AudioEncoder(C.spec("model.audio", **{**spec.__dict__, "tokens": spec.tokens + 1}))
     x, _, _ = embed_clips(other, few, cache, 16000)
     assert other.calls == 3 and x.shape[1] == spec.tokens + 1
 
@@ -88,7 +88,7 @@ def test_pretrained_path_loads_a_saved_model(tmp_path):
                                max_length=128))
     ASTFeatureExtractor(max_length=128).save_pretrained(tmp_path / "ast")
     model.save_pretrained(tmp_path / "ast")
-    enc = AudioEncoder(AudioEncoderSpec(str(tmp_path / "ast"), max_length=128, tokens=3))
+    enc = AudioEncoder(C.spec("model.audio", name_or_path=str(tmp_path / "ast"), max_length=128, tokens=3))
     wave = [torch.randn(16000).numpy() * 0.1]
     out = enc.encode(wave)
     feats = ASTFeatureExtractor(max_length=128)(wave, sampling_rate=16000, return_tensors="pt")

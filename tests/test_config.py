@@ -138,8 +138,8 @@ def test_generator_groups_are_checked_against_classes(make_cfg):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("train.lrr=1", r"train.lrr: Key 'lrr' not in 'Train'"),
-    ("+train.foo=1", r"train.foo: Key 'foo' not in 'Train'"),
+    ("train.lrr=1", r"train.lrr: Key 'lrr' not in 'TrainSpec'"),
+    ("+train.foo=1", r"train.foo: Key 'foo' not in 'TrainSpec'"),
     ("train.lr=fast", r"train.lr: Value 'fast' .* could not be converted to Float"),
     ("federation.num_cpus=1.5", r"federation.num_cpus: .* could not be converted to Integer"),
     ("data.splits={train: 0.5, val: 0.3, tst: 0.2}", r"data.splits.tst: Key 'tst' not in 'Splits'"),
@@ -154,7 +154,7 @@ def test_a_config_file_is_checked_against_the_schema(tmp_path, make_cfg):
     cfg = OmegaConf.to_container(make_cfg())
     cfg["train"]["lrr"] = 1e-3                                          # a misspelt key in a hand-edited file
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "c.yaml")
-    with pytest.raises(ValueError, match="train.lrr: Key 'lrr' not in 'Train'"):
+    with pytest.raises(ValueError, match="train.lrr: Key 'lrr' not in 'TrainSpec'"):
         C.validate(C.load_config({"config-file": str(tmp_path / "c.yaml")}))
 
 

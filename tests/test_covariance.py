@@ -13,7 +13,7 @@ import torch
 
 from a2v_flower import config as C
 from a2v_flower.checkpoints import load_tensors, save_tensors
-from a2v_flower.models.generators import (GeneratorSpec, build_generator, condition_for, sample_classes,
+from a2v_flower.models.generators import (build_generator, condition_for, sample_classes,
                                           train_generator)
 from a2v_flower.models.generators import covariance as CV
 from a2v_flower.models.generators.gaussian import pool_states
@@ -35,7 +35,7 @@ def correlated(n: int, seed: int, noise: float = 0.1, classes: int = 2):
 
 
 def fitted(covariance: str, x, y, targets, **kw):
-    spec = GeneratorSpec(type="gaussian", covariance=covariance, rank=3, **kw)
+    spec = C.spec("generator", type="gaussian", covariance=covariance, rank=3, **kw)
     gen = build_generator(spec, TOKENS)
     train_generator(gen, x, y, targets, spec)
     return gen
@@ -77,7 +77,7 @@ def test_state_round_trip_and_seeded_sampling(covariance, tmp_path):
     x, y, targets = correlated(50, 0)
     gen = fitted(covariance, x, y, targets)
     save_tensors(tmp_path / "g.safetensors", gen.state_tensors())
-    copy = build_generator(GeneratorSpec(type="gaussian", covariance=covariance, rank=3), TOKENS)
+    copy = build_generator(C.spec("generator", type="gaussian", covariance=covariance, rank=3), TOKENS)
     copy.load_state_tensors(load_tensors(tmp_path / "g.safetensors")[0])
     assert torch.equal(draw(gen, targets, 1, 50), draw(copy, targets, 1, 50))
     assert not torch.equal(draw(gen, targets, 1, 50), draw(gen, targets, 1, 50, seed=2))
@@ -92,7 +92,7 @@ def test_pooling_two_sites_equals_fitting_their_data_together(covariance, noise,
     site's scatter has rank <= r, approximate otherwise (what a site cut stays cut)."""
     (x1, y1, targets), (x2, y2, _) = correlated(60, 1, noise), correlated(90, 2, noise)
     x2 = x2 * 1.5 + 0.5  # another site's standardised space
-    pooled = build_generator(GeneratorSpec(type="gaussian", covariance=covariance, rank=3), TOKENS)
+    pooled = build_generator(C.spec("generator", type="gaussian", covariance=covariance, rank=3), TOKENS)
     pooled.load_state_tensors(pool_states([fitted(covariance, x1, y1, targets).state_tensors(),
                                            fitted(covariance, x2, y2, targets).state_tensors()]))
     whole = fitted(covariance, torch.cat([x1, x2]), torch.cat([y1, y2]), targets)
@@ -170,7 +170,7 @@ def test_dp_release_is_noisy_once_and_costs_less_at_larger_epsilon(covariance):
         assert torch.equal(gen.norm.mean, torch.zeros(TOKENS)) and torch.equal(gen.norm.std, torch.ones(TOKENS))
         errs[eps] = rel_err(draw(gen, targets, 0).mean(0), x[y == 0].flatten(1).mean(0))
         before = {k: v.clone() for k, v in gen.state_tensors().items() if k.startswith("model.")}
-        train_generator(gen, x, y, targets, GeneratorSpec(type="gaussian"))  # a second round: released once
+        train_generator(gen, x, y, targets, C.spec("generator", type="gaussian"))  # a second round: released once
         assert all(torch.equal(v, gen.state_tensors()[k]) for k, v in before.items())
     assert errs[50.0] < 0.05 < errs[0.5], errs
 

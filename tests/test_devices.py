@@ -1,4 +1,4 @@
-"""Where models run (issue 31): device settings resolve in one module, every heavy model of a site, of the server
+"""Where models run: device settings resolve in one module, every heavy model of a site, of the server
 and of a2v-generate follows them, and what cannot work on a CPU is refused before anything starts.
 
 No GPU here: the `gpu` fixture makes this machine claim one. `devices` reports a CUDA GPU, and every Module.to /
@@ -6,6 +6,7 @@ Tensor.to aimed at CUDA lands on the CPU and is recorded, so a test sees what wo
 
 from __future__ import annotations
 
+import dataclasses
 import ast
 import re
 from pathlib import Path
@@ -16,15 +17,14 @@ import torch
 from flwr.app import ArrayRecord
 
 from a2v_flower import client_app, devices
+from a2v_flower import config as C
 from a2v_flower.cache import model_identity, sha1_of
-from a2v_flower.diffusion import DiffusionSpec, Renderer
+from a2v_flower.rendering.pipelines import Renderer
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec
-from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, generator_keys, train_generator
-from a2v_flower.models.generators.stats import ServerGeneratorSpec
-from a2v_flower.rendering import RoundRenderer
+from a2v_flower.models.audio_encoder import AudioEncoder
+from a2v_flower.models.generators import build_generator, generator_keys, train_generator
+from a2v_flower.rendering.rounds import RoundRenderer
 from a2v_flower.server_generators import ServerGenerators
-from a2v_flower.training import TrainSpec
 from tests.test_apps import context, message, setup
 from tests.test_faults import refuse
 from tests.test_server_generator import TARGETS, site_stats, toy
@@ -200,7 +200,7 @@ def waves(n=3):
 
 
 def test_encoder_runs_on_its_device_and_caches_float32_cpu_tokens(gpu):
-    spec = AudioEncoderSpec(None, max_length=128, tokens=4, batch_size=2, tiny=TINY_AST)
+    spec = C.spec("model.audio", max_length=128, tokens=4, batch_size=2, tiny=TINY_AST)
     enc = AudioEncoder(spec, "cuda")
     out = enc.encode(waves())
     assert gpu.names() == {"ASTModel"} and gpu.moved.count("tensor") == 2  # the model once, each batch's input
@@ -209,13 +209,13 @@ def test_encoder_runs_on_its_device_and_caches_float32_cpu_tokens(gpu):
 
 
 def test_encoder_dtype_and_device_class_are_in_its_cache_identity(cpu):
-    spec = AudioEncoderSpec(None, max_length=128, tokens=4, tiny=TINY_AST)
+    spec = C.spec("model.audio", max_length=128, tokens=4, tiny=TINY_AST)
     legacy = sha1_of(model_identity(None, {"tiny": spec.tiny, "seed": 0}), 128, 4, 16000, "pool: sound columns")
-    ids = {(d, t): AudioEncoder(AudioEncoderSpec(**{**spec.__dict__, "dtype": t}), d).identity
+    ids = {(d, t): AudioEncoder(C.spec("model.audio", **{**spec.__dict__, "dtype": t}), d).identity
            for d in ("cpu", "cuda", "cuda:1") for t in ("float32", "bfloat16")}
     assert ids["cpu", "float32"] == legacy  # embeddings cached before devices existed stay valid
     assert len(set(ids.values())) == 4 and ids["cuda", "float32"] == ids["cuda:1", "float32"]  # the class, not N
-    enc = AudioEncoder(AudioEncoderSpec(**{**spec.__dict__, "dtype": "bfloat16"}), "cpu")
+    enc = AudioEncoder(C.spec("model.audio", **{**spec.__dict__, "dtype": "bfloat16"}), "cpu")
     out = enc.encode(waves(2))  # bfloat16 works on a CPU too (the config refuses it as too slow to be meant)
     assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16} and out.dtype == torch.float32
     assert enc.model.config._attn_implementation == "sdpa" and cpu.devices == {"cpu"}
@@ -249,9 +249,9 @@ def test_site_handlers_put_every_model_on_the_site_device(where, make_cfg, task_
 @pytest.mark.parametrize("diffusion", ["sd", "flux"])
 def test_class_targets_are_made_on_the_server_device(diffusion, gpu, tmp_path):
     from a2v_flower.cache import TensorCache
-    from a2v_flower.models.text_encoders import TextSpec, class_targets
+    from a2v_flower.models.text_encoders import class_targets
 
-    targets = class_targets(["dog", "rain"], "a photo of a {}", diffusion, TextSpec(None, "", None, "", 0), 16,
+    targets = class_targets(["dog", "rain"], "a photo of a {}", diffusion, C.spec("model.text"), 16,
                             TensorCache(tmp_path), device="cuda")
     want = {"CLIPTextModel"} | ({"T5EncoderModel"} if diffusion == "flux" else set())
     assert gpu.names() == want and gpu.strays() == []
@@ -260,11 +260,15 @@ def test_class_targets_are_made_on_the_server_device(diffusion, gpu, tmp_path):
 
 def server_generators(device) -> tuple[ServerGenerators, dict]:
     """Two sites' statistics and cvae generators, a server generator, kd and refinement: (server, teachers)."""
-    spec = GeneratorSpec("cvae", hidden=16, epochs=1)
-    replay = ReplaySpec(spec, samples_per_class=4, refine_epochs=1, kd_epochs=1)
-    sg = ServerGeneratorSpec(epochs=2, hidden=16, samples_per_class=4, refine_epochs=1, kd_epochs=1)
-    server = ServerGenerators(["a", "b", "c"], TARGETS, (4, 8), lambda: build_adapters(8, TARGETS, 16, 2, 0),
-                              TrainSpec(epochs=1, batch_size=8), 0, replay, sg, kd=True, device=device)
+    spec = C.spec("generator", type="cvae", hidden=16, epochs=1)
+    conf = C.defaults("generator=cvae")
+    replay = dataclasses.replace(C.replay_spec(conf, ["a", "b", "c"]), generator=spec)
+    sg = C.spec("server_generator", epochs=2, hidden=16)
+    server = ServerGenerators(classes=["a", "b", "c"], class_targets=TARGETS, token_shape=(4, 8),
+                              make_adapters=lambda: build_adapters(8, TARGETS, 16, 2, 0),
+                              train_spec=C.spec("train", local_epochs=1, batch_size=8),
+                              options=C.spec("replay", samples_per_class=4, refine_epochs=1, kd_epochs=1), seed=0,
+                              replay=replay, server_gen=sg, kd=True, device=device)
     key, teachers = next(iter(generator_keys("unified", ["a", "b", "c"], None))), {}
     for site, classes in enumerate(([0, 1], [2])):
         x, y = toy(classes, n=6, seed=site)
@@ -295,15 +299,15 @@ def test_server_training_runs_on_the_server_device(where, request):
 # ---- placement: renders, the judge and a2v-generate ------------------------------------------------------------
 
 def test_render_rounds_use_the_server_device_and_keep_one_judge(gpu, tmp_path, monkeypatch):
-    from a2v_flower import diffusion
+    from a2v_flower.rendering.judge import ImageJudge
 
     built = []
-    real = diffusion.ImageJudge.tiny.__func__
-    monkeypatch.setattr(diffusion.ImageJudge, "tiny",
+    real = ImageJudge.tiny.__func__
+    monkeypatch.setattr(ImageJudge, "tiny",
                         classmethod(lambda cls, **kw: built.append(kw) or real(cls, **kw)))
     classes, targets = ["dog", "rain"], {"clip": torch.randn(2, 77, 768)}
-    rr = RoundRenderer(Renderer(DiffusionSpec("sd", device="cuda")), 1, tmp_path, classes, targets, None,
-                       device="cuda")
+    rr = RoundRenderer(Renderer(C.spec("diffusion"), "cuda"), every=1, out_dir=tmp_path, classes=classes,
+                       targets=targets, judge_id=None, device="cuda")
     stats = {0: {"counts": torch.tensor([1.0, 1.0]), "audio_mean/0": torch.randn(4, 16),
                  "audio_mean/1": torch.randn(4, 16)}}
     for rnd in (1, 2):

@@ -1,4 +1,4 @@
-"""Tests for a2v_flower.diffusion: tiny SD / FLUX pipelines driven by adapter-shaped tensors, grids, CLIP judge."""
+"""Tests for a2v_flower.rendering (pipelines, gallery, judge): tiny SD / FLUX pipelines driven by adapter-shaped tensors, grids, CLIP judge."""
 
 import os
 from pathlib import Path
@@ -11,12 +11,14 @@ import torch  # noqa: E402
 from diffusers import FluxPipeline, StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from a2v_flower import diffusion  # noqa: E402
-from a2v_flower.diffusion import (DiffusionSpec, ImageJudge, Renderer, check_conditioning,  # noqa: E402
-                                  classification_metrics, load_pipeline, render, save_grid, write_gallery)
+from a2v_flower import config as C  # noqa: E402
+from a2v_flower.rendering import pipelines  # noqa: E402
+from a2v_flower.rendering.gallery import save_grid, write_gallery  # noqa: E402
+from a2v_flower.rendering.judge import ImageJudge, classification_metrics  # noqa: E402
+from a2v_flower.rendering.pipelines import Renderer, check_conditioning, load_pipeline, render  # noqa: E402
 
-SD = DiffusionSpec(type="sd", device="cpu", height=64, width=64)
-FLUX = DiffusionSpec(type="flux", guidance_scale=3.5, device="cpu", height=32, width=48)
+SD = C.spec("diffusion", height=64, width=64)
+FLUX = C.spec("diffusion", "diffusion=flux", guidance_scale=3.5, height=32, width=48)
 
 
 def sd_embeds(batch: int = 2, seq: int = 77, dim: int = 768) -> dict[str, torch.Tensor]:
@@ -81,13 +83,13 @@ def test_missing_head_is_named(flux_pipe):
 
 def test_spec_rejects_unknown_values():
     with pytest.raises(ValueError, match="'sdxl'"):
-        DiffusionSpec(type="sdxl")
+        C.spec("diffusion", type="sdxl")
     with pytest.raises(ValueError, match="'fp8'"):
-        DiffusionSpec(dtype="fp8")
+        C.spec("diffusion", dtype="fp8")
 
 
 def test_flux_bf16_pipeline_takes_fp32_adapter_outputs():
-    spec = DiffusionSpec(type="flux", dtype="bfloat16", device="cpu", height=32, width=32)
+    spec = C.spec("diffusion", "diffusion=flux", dtype="bfloat16", height=32, width=32)
     pipe = load_pipeline(spec)
     assert pipe.transformer.dtype == torch.bfloat16
     cast = check_conditioning("flux", pipe, flux_embeds())
@@ -98,13 +100,13 @@ def test_flux_bf16_pipeline_takes_fp32_adapter_outputs():
 
 def test_renderer_builds_pipeline_lazily_once():
     renderer = Renderer(SD)
-    before = diffusion.PIPELINES_BUILT
-    assert renderer.pipe is None and diffusion.PIPELINES_BUILT == before
+    before = pipelines.PIPELINES_BUILT
+    assert renderer.pipe is None and pipelines.PIPELINES_BUILT == before
     images = renderer.render_images(sd_embeds(batch=3), batch_size=2)
     assert len(images) == 3 and renderer.pipe is not None
-    assert diffusion.PIPELINES_BUILT == before + 1
+    assert pipelines.PIPELINES_BUILT == before + 1
     renderer.render_images(sd_embeds(batch=1))
-    assert diffusion.PIPELINES_BUILT == before + 1
+    assert pipelines.PIPELINES_BUILT == before + 1
     renderer.free()
     assert renderer.pipe is None
 
@@ -128,9 +130,9 @@ def test_save_and_reload_renders_identically(spec, embeds, cls, none_parts, tmp_
     np.testing.assert_allclose(as_array(render(pipe, spec, embeds)), as_array(render(reloaded, spec, embeds)),
                                atol=1e-5)
     # load_pipeline takes the same folder and counts it as a built pipeline.
-    before = diffusion.PIPELINES_BUILT
-    loaded = load_pipeline(DiffusionSpec(type=spec.type, name_or_path=str(tmp_path), device="cpu"))
-    assert isinstance(loaded, cls) and diffusion.PIPELINES_BUILT == before + 1
+    before = pipelines.PIPELINES_BUILT
+    loaded = load_pipeline(C.spec("diffusion", type=spec.type, name_or_path=str(tmp_path)))
+    assert isinstance(loaded, cls) and pipelines.PIPELINES_BUILT == before + 1
 
 
 def test_classification_metrics_by_hand():

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from a2v_flower import config as C
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.esc50 import CSV_COLUMNS, Clip, load_audio, load_clip, read_metadata
 from a2v_flower.data.site import embed_clips
-from a2v_flower.models.audio_encoder import AudioEncoder, AudioEncoderSpec
+from a2v_flower.models.audio_encoder import AudioEncoder
 
 SR = 16000
 TINY_AST = (("hidden_size", 32), ("intermediate_size", 64), ("num_attention_heads", 2), ("num_hidden_layers", 1))
@@ -75,7 +76,7 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path, caplog):
     sf.write(tmp_path / "audio" / "good.wav", tone(SR, 1.0), SR)
     (tmp_path / "audio" / "bad.wav").write_bytes(b"RIFF not really a wave file")
     clips = [Clip(tmp_path / "audio" / n, 1, 0, "dog") for n in ("good.wav", "bad.wav", "missing.wav")]
-    enc = AudioEncoder(AudioEncoderSpec(None, max_length=128, tokens=4, tiny=TINY_AST))
+    enc = AudioEncoder(C.spec("model.audio", max_length=128, tokens=4, tiny=TINY_AST))
     with caplog.at_level(logging.WARNING):
         x, kept, skipped = embed_clips(enc, clips, TensorCache(tmp_path / "cache"), SR)
     assert x.shape == (1, 4, 32) and [c.path.name for c in kept] == ["good.wav"]
@@ -85,7 +86,7 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path, caplog):
 
 def test_nothing_usable_is_an_error(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"garbage")
-    enc = AudioEncoder(AudioEncoderSpec(None, max_length=128, tokens=4, tiny=TINY_AST))
+    enc = AudioEncoder(C.spec("model.audio", max_length=128, tokens=4, tiny=TINY_AST))
     with pytest.raises(ValueError, match="No usable audio"):
         embed_clips(enc, [Clip(tmp_path / "bad.wav", 1, 0, "dog")], TensorCache(tmp_path / "c"), SR)
 

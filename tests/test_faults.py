@@ -6,6 +6,7 @@ tests marked slow start real Flower processes. docs/reliability.md lists each ca
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import csv
 import itertools
@@ -621,7 +622,7 @@ def test_deploy_explains_a_tls_mismatch(tmp_path):
         deploy.stop(procs)
 
 
-# ---- issue 29: nothing poisons a run silently ------------------------------------------------------------------------
+# ---- nothing poisons a run silently -----------------------------------------------------------------------------
 
 def few_clips(base: list[str], n: int = 3) -> tuple[list, object]:
     """The first `n` clips of the TINY dataset and the tiny encoder's spec."""
@@ -832,7 +833,8 @@ def test_a_failed_synthetic_generation_leaves_no_partial_folder(tmp_path, monkey
 
     from a2v_flower.data import synthetic
 
-    spec = synthetic.SyntheticSpec(("dog", "rain"), clips_per_class=2, seconds=0.1)
+    spec = dataclasses.replace(C.data_spec(C.defaults()).synthetic, classes=("dog", "rain"), clips_per_class=2,
+                               seconds=0.1)
     stale = tmp_path / "data.tmp-999999999"  # a generator that died (no such process)
     (stale / "audio").mkdir(parents=True)
     written, write = [], sf.write

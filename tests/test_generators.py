@@ -12,7 +12,7 @@ from a2v_flower import config as C
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.models import generators as G
 from a2v_flower.models.generators import training
-from a2v_flower.models.generators import (GeneratorSpec, build_generator, class_condition, generator_keys,
+from a2v_flower.models.generators import (build_generator, class_condition, generator_keys,
                                           key_for, kl_beta, sample_classes,
                                           sample_quality, train_generator)
 
@@ -48,7 +48,7 @@ def mean_dist(samples: torch.Tensor, centre: torch.Tensor) -> float:
 @pytest.mark.parametrize("kind,epochs", [("cvae", 60), ("gan", 150), ("gaussian", 1)])
 def test_conditional_types_sample_near_their_own_class(kind, epochs):
     x, y, targets, means = toy()
-    spec = GeneratorSpec(type=kind, epochs=epochs, **SMALL)
+    spec = C.spec("generator", type=kind, epochs=epochs, **SMALL)
     gen = build_generator(spec, TOKENS)
     train_generator(gen, x, y, targets, spec)
     for c in (0, 1):
@@ -62,7 +62,7 @@ def test_conditional_types_sample_near_their_own_class(kind, epochs):
 
 def test_unconditioned_vae_per_class_samples_near_its_class():
     x, y, targets, means = toy()
-    spec = GeneratorSpec(type="vae", epochs=60, **SMALL)
+    spec = C.spec("generator", type="vae", epochs=60, **SMALL)
     for c in (0, 1):
         gen = build_generator(spec, TOKENS)
         train_generator(gen, x[y == c], y[y == c], targets, spec)
@@ -117,7 +117,7 @@ def test_cvae_uses_class_condition_in_fit_and_sample(monkeypatch):
 
     real = G.class_condition
     monkeypatch.setattr(training, "class_condition", spy)
-    spec = GeneratorSpec(type="cvae", epochs=2, **SMALL)
+    spec = C.spec("generator", type="cvae", epochs=2, **SMALL)
     gen = build_generator(spec, TOKENS)
     seen = {"fit": [], "sample": []}
     fit, sample = gen.fit_batch, gen.sample
@@ -145,7 +145,7 @@ def test_kl_beta_ramps_to_kl_weight_at_ceil_warmup_epochs():
     assert kl_beta(0, epochs, 0.0, weight) == weight                    # no warm-up: full weight at once
 
     x, y, targets, _ = toy(8)
-    spec = GeneratorSpec(type="cvae", epochs=epochs, kl_warmup=warmup, kl_weight=weight, **SMALL)
+    spec = C.spec("generator", type="cvae", epochs=epochs, kl_warmup=warmup, kl_weight=weight, **SMALL)
     history = train_generator(build_generator(spec, TOKENS), x, y, targets, spec)
     assert [h["kl_beta"] for h in history] == betas
     assert all({"recon", "kl"} <= set(h) for h in history)
@@ -156,7 +156,7 @@ def test_kl_beta_ramps_to_kl_weight_at_ceil_warmup_epochs():
 @pytest.mark.parametrize("kind", ["vae", "cvae", "gan", "gaussian"])
 def test_state_round_trip_keeps_samples_and_optimizer(kind, tmp_path):
     x, y, targets, _ = toy(16)
-    spec = GeneratorSpec(type=kind, epochs=2, **SMALL)
+    spec = C.spec("generator", type=kind, epochs=2, **SMALL)
     gen = build_generator(spec, TOKENS)
     train_generator(gen, x, y, targets, spec)
     state = gen.state_tensors()
@@ -167,7 +167,7 @@ def test_state_round_trip_keeps_samples_and_optimizer(kind, tmp_path):
     save_tensors(tmp_path / "gen.safetensors", state)
     loaded, _ = load_tensors(tmp_path / "gen.safetensors")
 
-    copy = build_generator(GeneratorSpec(type=kind, epochs=2, **{**SMALL, "seed": 7}), TOKENS)
+    copy = build_generator(C.spec("generator", type=kind, epochs=2, **{**SMALL, "seed": 7}), TOKENS)
     ids = torch.tensor([0, 1, 0, 1])
     draw = lambda g: sample_classes(g, targets, ids, generator=torch.Generator().manual_seed(3))  # noqa: E731
     if kind != "gaussian":                                              # differs before loading
@@ -186,7 +186,7 @@ def test_state_round_trip_keeps_samples_and_optimizer(kind, tmp_path):
 
 
 def test_load_rejects_unknown_keys():
-    gen = build_generator(GeneratorSpec(type="cvae", **SMALL), TOKENS)
+    gen = build_generator(C.spec("generator", type="cvae", **SMALL), TOKENS)
     with pytest.raises(ValueError, match="unexpected generator state keys"):
         gen.load_state_tensors({**gen.state_tensors(), "optim.opt.nope.exp_avg": torch.zeros(1)})
 
@@ -196,7 +196,7 @@ def test_load_rejects_unknown_keys():
 @pytest.mark.parametrize("kind,passes", [("vae", 3), ("gan", 3), ("gaussian", 1)])
 def test_training_is_minibatched(kind, passes, monkeypatch):
     x, y, targets, _ = toy(25)                                          # N = 50
-    spec = GeneratorSpec(type=kind, epochs=3, **{**SMALL, "batch_size": 16})
+    spec = C.spec("generator", type=kind, epochs=3, **{**SMALL, "batch_size": 16})
     gen = build_generator(spec, TOKENS)
     sizes, fit = [], gen.fit_batch
     monkeypatch.setattr(gen, "fit_batch", lambda xb, cond, **kw: sizes.append(len(xb)) or fit(xb, cond, **kw))
@@ -212,7 +212,7 @@ def test_training_is_minibatched(kind, passes, monkeypatch):
 
 def test_gan_clips_both_networks(monkeypatch):
     x, y, targets, _ = toy(8)
-    gen = build_generator(GeneratorSpec(type="gan", **SMALL), TOKENS)
+    gen = build_generator(C.spec("generator", type="gan", **SMALL), TOKENS)
     gen.norm.fit(x)
     clipped, clip = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
@@ -224,7 +224,7 @@ def test_gan_clips_both_networks(monkeypatch):
 
 def test_early_stopping_stops_and_restores_best_epoch(monkeypatch):
     x, y, targets, _ = toy(8)
-    spec = GeneratorSpec(type="cvae", epochs=10, early_stopping_patience=2, **SMALL)
+    spec = C.spec("generator", type="cvae", epochs=10, early_stopping_patience=2, **SMALL)
     gen = build_generator(spec, TOKENS)
     scores, snapshots = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9]), []
 

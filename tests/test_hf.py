@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -9,9 +10,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from a2v_flower import config as C
 from a2v_flower.data.hf import HFSpec, read_clips
 
 CLASSES = ["dog", "rain", "siren"]
+
+
+def hf_spec(path: str, **changes) -> HFSpec:
+    """The data=hf config's dataset spec for `path`, with `changes`."""
+    return dataclasses.replace(C.data_spec(C.defaults("data=hf", f"data.path={path}")).hf, **changes)
 
 
 def wav_bytes(seed: int, sr: int = 16000, seconds: float = 0.5, channels: int = 1) -> bytes:
@@ -53,22 +60,22 @@ def saved_dataset(root: Path, per_class: int = 4) -> Path:
 
 def test_audiofolder_becomes_clips_named_by_content(tmp_path):
     folder = audiofolder(tmp_path / "af")
-    clips = read_clips(HFSpec(str(folder)), tmp_path / "cache")
+    clips = read_clips(hf_spec(str(folder)), tmp_path / "cache")
     assert sorted({c.category for c in clips}) == CLASSES and len(clips) == 12
     assert {c.target for c in clips if c.category == "rain"} == {1}  # ClassLabel order: sorted folder names
     originals = {p.read_bytes() for p in folder.rglob("*.wav")}
     assert all(c.path.read_bytes() in originals and c.path.stem == __import__("hashlib").sha1(
         c.path.read_bytes()).hexdigest() for c in clips)
-    assert read_clips(HFSpec(str(folder)), tmp_path / "cache") == clips  # the second process reads the manifest
+    assert read_clips(hf_spec(str(folder)), tmp_path / "cache") == clips  # the second process reads the manifest
 
 
 def test_saved_dataset_splits_groups_classes_and_duplicates(tmp_path, caplog):
     folder = saved_dataset(tmp_path / "saved")
-    both = read_clips(HFSpec(str(folder), group_column="group"), tmp_path / "cache")
+    both = read_clips(hf_spec(str(folder), group_column="group"), tmp_path / "cache")
     assert len(both) == 24  # 2 splits x 12; each split's repeated clip dropped
     assert "dropped 2 clips whose audio repeats" in caplog.text
     assert {(c.category, c.group) for c in both} == {("dog", "animals"), ("rain", "natural"), ("siren", "urban")}
-    test = read_clips(HFSpec(str(folder), splits=("test",)), tmp_path / "cache", classes=["siren"])
+    test = read_clips(hf_spec(str(folder), splits=("test",)), tmp_path / "cache", classes=["siren"])
     assert len(test) == 4 and {c.category for c in test} == {"siren"} and {c.group for c in test} == {None}
 
 
@@ -80,7 +87,7 @@ def test_saved_dataset_splits_groups_classes_and_duplicates(tmp_path, caplog):
 def test_bad_keys_name_the_key_and_what_is_allowed(tmp_path, spec, match):
     folder = saved_dataset(tmp_path / "saved")
     with pytest.raises(ValueError, match=match):
-        read_clips(HFSpec(str(folder), **spec), tmp_path / "cache")
+        read_clips(hf_spec(str(folder), **spec), tmp_path / "cache")
 
 
 def test_unknown_class_and_unsafe_class_name_are_refused(tmp_path):
@@ -88,12 +95,12 @@ def test_unknown_class_and_unsafe_class_name_are_refused(tmp_path):
 
     folder = audiofolder(tmp_path / "af")
     with pytest.raises(ValueError, match=r"data.classes: \['cat'\] not in .*allowed: \['dog', 'rain', 'siren'\]"):
-        read_clips(HFSpec(str(folder)), tmp_path / "cache", classes=["cat"])
+        read_clips(hf_spec(str(folder)), tmp_path / "cache", classes=["cat"])
     bad = datasets.Dataset.from_dict({"audio": [{"bytes": wav_bytes(0), "path": None}], "label": ["a/b"]})
     bad = bad.cast_column("audio", datasets.Audio(decode=False))
     bad.save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"label='a/b' cannot name a file: it contains a path separator"):
-        read_clips(HFSpec(str(tmp_path / "bad")), tmp_path / "cache")
+        read_clips(hf_spec(str(tmp_path / "bad")), tmp_path / "cache")
 
 
 def test_federation_reads_hf_through_the_config_and_groups_partition(tmp_path, make_cfg):
@@ -114,4 +121,4 @@ def test_federation_reads_hf_through_the_config_and_groups_partition(tmp_path, m
 
 def test_a_missing_local_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.path='/nowhere/sounds': no such folder"):
-        read_clips(HFSpec("/nowhere/sounds"), tmp_path / "cache")
+        read_clips(hf_spec("/nowhere/sounds"), tmp_path / "cache")

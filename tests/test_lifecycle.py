@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 import torch
 
-from a2v_flower import client_app, diffusion
-from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, condition_for
+from a2v_flower import config as C
+from a2v_flower import client_app
+from a2v_flower.rendering import pipelines
+from a2v_flower.models.generators import build_generator, condition_for
 from a2v_flower.server_generators import ServerGenerators
 from a2v_flower.site_generators import train_site_generators
 from tests.test_apps import context, message, setup
@@ -23,14 +26,14 @@ def gen_state(ctx) -> dict:
 def test_generator_only_mode_trains_generators_not_adapters(make_cfg, task_identity, tmp_path):
     cfg = make_cfg(*GEN, "mode=generator_training", f"generator_checkpoint.dir={tmp_path}/gens")
     _, targets, adapters = setup(cfg)
-    built = diffusion.PIPELINES_BUILT
+    built = pipelines.PIPELINES_BUILT
     reply = client_app.train(message(cfg, adapters, targets), context(0))
     sent = reply.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(sent[k], v.to(sent[k].dtype)) for k, v in adapters.state_dict().items())  # untouched
     assert len(reply.content["generators"]) > 0
     m = reply.content["metrics"]
     assert 0 <= m["gen_precision"] <= 1 and m["gen_frechet"] >= 0 and m["gen_classes_measured"] >= 1
-    assert diffusion.PIPELINES_BUILT == built  # no pipeline anywhere
+    assert pipelines.PIPELINES_BUILT == built  # no pipeline anywhere
     names = sorted(p.name for p in (tmp_path / "gens").iterdir())
     assert names and all(n.startswith("gaussian_per_class_node0_class_") for n in names)
 
@@ -78,12 +81,19 @@ def test_mismatched_granularity_names_both_sides(make_cfg, task_identity, tmp_pa
         client_app.train(message(cfg2, adapters, targets), context(0))
 
 
+def shared_server(classes: list[str], targets: dict, spec) -> ServerGenerators:
+    """The server's side of generators shared by averaging (sharing=averaged, unified), for `spec`."""
+    conf = C.defaults(f"generator={spec.type}", "sharing=averaged")
+    return ServerGenerators(classes=classes, class_targets=targets, token_shape=(4, 8), make_adapters=lambda: None,
+                            train_spec=conf.train, options=conf.replay, seed=0, server_gen=None, kd=False,
+                            replay=dataclasses.replace(C.replay_spec(conf, classes), generator=spec))
+
+
 def test_shared_generators_are_one_state_with_averaged_moments(task_identity):
-    spec = GeneratorSpec("cvae", epochs=2)
+    spec = C.spec("generator", type="cvae", epochs=2)
     classes = ["dog", "rain"]
     targets = {"pooled": torch.randn(2, 12)}
-    gens = ServerGenerators(classes, targets, (4, 8), lambda: None, None,
-                            replay=ReplaySpec(spec, "unified", sharing="averaged"))
+    gens = shared_server(classes, targets, spec)
     for site, seed in ((0, 0), (1, 1), (2, 2)):
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(20, 4, 8, generator=g), torch.tensor([0, 1] * 10)
@@ -151,7 +161,7 @@ def _rewrite(path, tensors_of):
 
 
 def test_loading_refuses_another_kind_or_changed_shapes_before_anything_changes(make_cfg, task_identity, tmp_path):
-    from a2v_flower.models.generators import GeneratorSpec, build_generator
+    from a2v_flower.models.generators import build_generator
 
     ck = [f"generator_checkpoint.dir={tmp_path}/gens", "generator_checkpoint.base_name=g", "generator.epochs=1"]
     cfg1 = make_cfg("generator=cvae", "mode=generator_training", *ck)
@@ -160,7 +170,7 @@ def test_loading_refuses_another_kind_or_changed_shapes_before_anything_changes(
     path = tmp_path / "gens" / "g_node0.safetensors"
     cfg2 = make_cfg("generator=cvae", "mode=use_pretrained", *ck)
     # a gan's tensors under the cvae file's metadata
-    _rewrite(path, lambda t, meta: build_generator(GeneratorSpec("gan"), tuple(meta["token_shape"])).state_tensors())
+    _rewrite(path, lambda t, meta: build_generator(C.spec("generator", type="gan"), tuple(meta["token_shape"])).state_tensors())
     ctx = context(0)
     with pytest.raises(ValueError) as err:
         client_app.train(message(cfg2, adapters, targets), ctx)
@@ -187,10 +197,9 @@ def test_loading_refuses_another_kind_or_changed_shapes_before_anything_changes(
 def test_averaged_gaussian_generators_pool_the_class_moments_of_all_sites(task_identity):
     """Gaussian states hold per-class sums in the order a site met its classes and in its own standardised
     space; sharing=averaged pools them, so the shared state's class moments are those of all the data."""
-    spec, classes = GeneratorSpec("gaussian"), ["dog", "rain", "cow"]
+    spec, classes = C.spec("generator", type="gaussian"), ["dog", "rain", "cow"]
     targets = {"pooled": torch.randn(3, 12, generator=torch.Generator().manual_seed(0))}
-    gens = ServerGenerators(classes, targets, (4, 8), lambda: None, None,
-                            replay=ReplaySpec(spec, "unified", sharing="averaged"))
+    gens = shared_server(classes, targets, spec)
     g = torch.Generator().manual_seed(1)
     data = {0: (torch.randn(30, 4, 8, generator=g), torch.tensor([1, 0] * 15)),              # dog, rain
             1: (3 + 2 * torch.randn(45, 4, 8, generator=g), torch.tensor([2, 1, 2] * 15))}  # cow, rain: other scale

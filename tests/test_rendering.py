@@ -7,10 +7,11 @@ import re
 import torch
 from PIL import Image
 
-from a2v_flower import diffusion
-from a2v_flower.diffusion import DiffusionSpec, Renderer
+from a2v_flower import config as C
+from a2v_flower.rendering import pipelines
+from a2v_flower.rendering.pipelines import Renderer
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.rendering import RoundRenderer
+from a2v_flower.rendering.rounds import RoundRenderer
 from a2v_flower.server_generators import class_audio_means
 
 
@@ -35,14 +36,15 @@ def test_render_round_is_lazy_and_writes_outputs(tmp_path):
     classes = ["dog", "rain", "siren"]
     targets = {"clip": torch.randn(3, 77, 768)}
     adapters = build_adapters(16, targets, 32, 2, 0)
-    rr = RoundRenderer(Renderer(DiffusionSpec("sd")), every=2, out_dir=tmp_path, classes=classes,
+    rr = RoundRenderer(Renderer(C.spec("diffusion")), every=2, out_dir=tmp_path, classes=classes,
                        targets=targets, judge_id=None)
     assert [r for r in range(1, 6) if rr.due(r, last_round=5)] == [2, 4, 5]
-    assert not RoundRenderer(rr.renderer, 0, tmp_path, classes, targets, None).due(5, 5)
+    assert not RoundRenderer(rr.renderer, every=0, out_dir=tmp_path, classes=classes, targets=targets,
+                             judge_id=None).due(5, 5)
     assert rr.renderer.pipe is None  # nothing built before a render round
-    built = diffusion.PIPELINES_BUILT
+    built = pipelines.PIPELINES_BUILT
     metrics = rr(2, adapters, {0: stats([1, 1, 0])}, last_round=5)
-    assert diffusion.PIPELINES_BUILT == built + 1 and rr.renderer.pipe is None  # built once, freed after
+    assert pipelines.PIPELINES_BUILT == built + 1 and rr.renderer.pipe is None  # built once, freed after
     folder = tmp_path / "round_002"
     for name in ("dog.png", "dog_oracle.png", "rain.png", "grid.png", "index.html"):
         assert (folder / name).is_file(), name
@@ -75,7 +77,7 @@ def test_sites_render_held_out_clips_only_in_render_rounds(make_cfg, tmp_path, t
     from tests.inprocess import run_server
 
     cfg = make_cfg("num_rounds=2", "diffusion.render_every=2", "diffusion.clip_images=3", "train.local_epochs=1")
-    built = diffusion.PIPELINES_BUILT
+    built = pipelines.PIPELINES_BUILT
     run_server(cfg, tmp_path / "run")
     images = tmp_path / "run" / "images"
     assert not (images / "round_001").exists()  # not a render round
@@ -86,5 +88,5 @@ def test_sites_render_held_out_clips_only_in_render_rounds(make_cfg, tmp_path, t
         folder = images / "round_002" / f"site_{site}"
         clips = sorted(p.name for p in folder.glob("clip_*.png"))
         assert len(clips) == min(3, n) and (folder / "grid.png").is_file() and (folder / "index.html").is_file()
-    assert diffusion.PIPELINES_BUILT == built + len(held_out) + 1  # one per site and one on the server, round 2
+    assert pipelines.PIPELINES_BUILT == built + len(held_out) + 1  # one per site and one on the server, round 2
     assert [r["clip_images"] for r in evals] == [0, sum(min(3, n) for n in held_out.values())]

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
+from a2v_flower import config as C
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.generators import GeneratorSpec, build_generator
+from a2v_flower.models.generators import build_generator
 from a2v_flower.server_generators import distill, refine, synthesize
 from a2v_flower.site_generators import (_quality, check_reset_layers, class_moments, partial_reset,
                                         train_site_generators, weights_only)
-from a2v_flower.training import TrainSpec, predict
+from a2v_flower.training import predict
 
 CLASSES = ["dog", "rain", "siren"]
 TARGETS = {"pooled": torch.randn(3, 12, generator=torch.Generator().manual_seed(0))}
@@ -26,16 +27,16 @@ def toy(classes=(0, 1), n=20, seed=0):
 
 
 def test_site_generators_per_class_and_reset(caplog):
-    spec = GeneratorSpec("gaussian")
+    spec = C.spec("generator", type="gaussian")
     x, y = toy((0, 1))
     states, losses = train_site_generators({}, set(), x, y, CLASSES, "per_class", None, spec, TARGETS, True)
     assert set(states) == {"dog", "rain"} and set(losses) == {"dog", "rain"}  # no data of siren, no generator
     x2, y2 = toy((0, 2), seed=1)
-    st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
+    st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, C.spec("generator", type="cvae", epochs=2),
                                   TARGETS, True)
     resets = {}
     with caplog.at_level("INFO"):
-        train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, GeneratorSpec("cvae", epochs=2),
+        train_site_generators(st, {0, 1}, x2, y2, CLASSES, "unified", None, C.spec("generator", type="cvae", epochs=2),
                               TARGETS, True, resets=resets)
     assert "Resetting the unified generator (new classes ['siren'], all layers): quality before" in caplog.text
     assert set(resets) == {"unified"} and resets["unified"]["why"] == "new classes ['siren']"
@@ -47,7 +48,7 @@ def _steps(state):
 
 
 def test_reset_rules_per_granularity_and_schedule():
-    spec = GeneratorSpec("cvae", epochs=1)
+    spec = C.spec("generator", type="cvae", epochs=1)
     x, y = toy((0, 1))
     groups = {"pets": ["dog"], "weather": ["rain", "siren"]}
     for gran, expect_reset in (("unified", {"unified"}), ("per_class", {"siren"}), ("per_group", {"weather"})):
@@ -73,7 +74,7 @@ def test_reset_rules_per_granularity_and_schedule():
 
 
 def test_partial_reset_reinitialises_only_named_layers_and_their_moments():
-    spec = GeneratorSpec("cvae", epochs=2)
+    spec = C.spec("generator", type="cvae", epochs=2)
     x, y = toy((0, 1))
     st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, spec, TARGETS, True)
     fresh = build_generator(spec, (4, 8)).state_tensors()
@@ -87,11 +88,11 @@ def test_partial_reset_reinitialises_only_named_layers_and_their_moments():
     with pytest.raises(ValueError, match=r"reset.layers entry 'decoder' names no parameter of generator.type='cvae'"):
         check_reset_layers(spec, ("decoder",))
     with pytest.raises(ValueError, match="has no trainable layers"):
-        check_reset_layers(GeneratorSpec("gaussian"), ("dec",))
+        check_reset_layers(C.spec("generator", type="gaussian"), ("dec",))
 
 
 def test_synthesize_uses_owner_sites_and_lands_near_class():
-    spec = GeneratorSpec("gaussian")
+    spec = C.spec("generator", type="gaussian")
     xa, ya = toy((0,), seed=2)
     xb, yb = toy((1, 2), seed=3)
     sa, _ = train_site_generators({}, set(), xa, ya, CLASSES, "per_class", None, spec, TARGETS, True)
@@ -115,7 +116,7 @@ def test_distill_matches_owner_teachers_mean():
     owners = {0: [0, 1], 1: [2]}
     target0 = (predict(teachers[0], x[y == 0])["pooled"] + predict(teachers[1], x[y == 0])["pooled"]) / 2
     before = (predict(student, x[y == 0])["pooled"] - target0).pow(2).mean()
-    distill(student, teachers, owners, x, y, TARGETS, TrainSpec(epochs=60, lr=3e-3, batch_size=16))
+    distill(student, teachers, owners, x, y, TARGETS, C.spec("train", local_epochs=60, lr=3e-3, batch_size=16))
     after = (predict(student, x[y == 0])["pooled"] - target0).pow(2).mean()
     assert after < 0.5 * before
 
@@ -125,7 +126,7 @@ def test_refine_moves_outputs_toward_class_targets():
     adapters = build_adapters(8, TARGETS, 16, 2, seed=0)
     err = lambda: (predict(adapters, x)["pooled"] - TARGETS["pooled"][y]).pow(2).mean()  # noqa: E731
     before = err()
-    refine(adapters, x, y, TARGETS, TrainSpec(epochs=40, lr=3e-3, batch_size=16))
+    refine(adapters, x, y, TARGETS, C.spec("train", local_epochs=40, lr=3e-3, batch_size=16))
     assert err() < 0.5 * before
 
 
@@ -134,13 +135,13 @@ def test_distill_skips_classes_without_a_teacher():
     student = build_adapters(8, TARGETS, 16, 2, seed=9)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     loss = distill(student, {0: build_adapters(8, TARGETS, 16, 2, seed=0)}, {0: [0], 1: [5]}, x, y,
-                   TARGETS, TrainSpec(epochs=2, batch_size=8))
+                   TARGETS, C.spec("train", local_epochs=2, batch_size=8))
     assert not math.isnan(loss) and any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
-    assert math.isnan(distill(student, {}, {0: [0]}, x, y, TARGETS, TrainSpec(epochs=1)))  # no teacher at all
+    assert math.isnan(distill(student, {}, {0: [0]}, x, y, TARGETS, C.spec("train", local_epochs=1)))  # no teacher at all
 
 
 def test_reset_of_a_gaussian_measures_quality_on_the_classes_it_knows():
-    spec = GeneratorSpec("gaussian")
+    spec = C.spec("generator", type="gaussian")
     x, y = toy((0,))
     st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, spec, TARGETS, True)
     x2, y2 = toy((0, 1), seed=5)
@@ -151,7 +152,7 @@ def test_reset_of_a_gaussian_measures_quality_on_the_classes_it_knows():
 
 
 def test_quality_before_a_reset_uses_the_kept_statistics_of_classes_that_left_the_stage():
-    spec = GeneratorSpec("cvae", epochs=3)
+    spec = C.spec("generator", type="cvae", epochs=3)
     x, y = toy((0, 1))
     st, _ = train_site_generators({}, set(), x, y, CLASSES, "unified", None, spec, TARGETS, True)
     x2, y2 = toy((2,), seed=6)  # the next stage: only siren; dog and rain clips are gone
@@ -171,7 +172,7 @@ def test_loss_components_per_generator_type():
     x, y = toy((0, 1))
     for kind, parts in (("cvae", {"loss", "recon", "kl", "kl_beta"}), ("gan", {"loss", "adv_g", "adv_d"}),
                         ("gaussian", {"loss"})):
-        _, losses = train_site_generators({}, set(), x, y, CLASSES, "unified", None, GeneratorSpec(kind, epochs=2),
+        _, losses = train_site_generators({}, set(), x, y, CLASSES, "unified", None, C.spec("generator", type=kind, epochs=2),
                                           TARGETS, True)
         comps = losses["unified"]
         assert set(comps) == parts, kind

@@ -8,10 +8,11 @@ import logging
 import pytest
 import torch
 
+from a2v_flower import config as C
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.generators.stats import (ServerGeneratorSpec, StatsGenerator, class_moments,
+from a2v_flower.models.generators.stats import (StatsGenerator, class_moments,
                                                sample_server_generator, train_server_generator)
-from a2v_flower.training import TrainSpec, class_means, predict, train_adapters
+from a2v_flower.training import class_means, predict, train_adapters
 from tests.inprocess import run_server
 
 TARGETS = {"pooled": torch.randn(3, 12, generator=torch.Generator().manual_seed(0))}
@@ -49,9 +50,9 @@ def test_server_generator_learns_the_class_spread_and_agrees_with_teachers():
     teachers = {}
     for s, (x, y) in enumerate([(xa, ya), (xb, yb)]):
         teachers[s] = build_adapters(8, TARGETS, 16, 2, s)
-        train_adapters(teachers[s], x, y, TARGETS, TrainSpec(epochs=20, batch_size=16, lr=3e-3), seed=s)
+        train_adapters(teachers[s], x, y, TARGETS, C.spec("train", local_epochs=20, batch_size=16, lr=3e-3), seed=s)
     stats = {0: site_stats(xa, ya, teachers[0]), 1: site_stats(xb, yb, teachers[1])}
-    spec = ServerGeneratorSpec(epochs=150, hidden=64, lr=3e-3)
+    spec = C.spec("server_generator", epochs=150, hidden=64, lr=3e-3)
     gen = StatsGenerator((4, 8), spec)
     x0, y0 = sample_server_generator(gen, stats, TARGETS, 64, seed=0)
     assert all(float(x0[y0 == c].var(0).max()) < 1e-8 for c in range(3))  # untrained: the class means exactly

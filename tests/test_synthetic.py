@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from a2v_flower import config as C
 from a2v_flower.data.esc50 import CSV_COLUMNS, read_metadata
 from a2v_flower.data.synthetic import SyntheticSpec, generate
 
-SPEC = SyntheticSpec(("dog", "rooster", "rain"), clips_per_class=5, seconds=0.5, sample_rate=8000)
+def synthetic_spec(**changes) -> SyntheticSpec:
+    """The default config's synthetic dataset, with `changes`."""
+    return dataclasses.replace(C.data_spec(C.defaults()).synthetic, **changes)
+
+
+SPEC = synthetic_spec(classes=("dog", "rooster", "rain"), clips_per_class=5, seconds=0.5, sample_rate=8000)
 
 
 def test_layout_matches_esc50(tmp_path):
@@ -31,7 +38,7 @@ def test_layout_matches_esc50(tmp_path):
 def test_deterministic_from_seed(tmp_path):
     a = generate(tmp_path / "a", SPEC)
     b = generate(tmp_path / "b", SPEC)
-    c = generate(tmp_path / "c", SyntheticSpec(**{**SPEC.__dict__, "seed": 1}))
+    c = generate(tmp_path / "c", dataclasses.replace(SPEC, seed=1))
     name = sorted(p.name for p in (a / "audio").iterdir())[0]
     assert (a / "audio" / name).read_bytes() == (b / "audio" / name).read_bytes()
     assert (a / "audio" / name).read_bytes() != (c / "audio" / name).read_bytes()
@@ -39,7 +46,7 @@ def test_deterministic_from_seed(tmp_path):
 
 def test_overlap_knob_brings_partner_classes_together(tmp_path):
     def class_gap(overlap):
-        root = generate(tmp_path / f"o{overlap}", SyntheticSpec(("dog", "rooster"), 6, 0.5, 8000, noise=0.0,
+        root = generate(tmp_path / f"o{overlap}", synthetic_spec(classes=("dog", "rooster"), clips_per_class=6, seconds=0.5, sample_rate=8000, noise=0.0,
                                                                   overlap=overlap, variation=0.0))
         spec = {}
         for clip in read_metadata(root):
@@ -51,4 +58,4 @@ def test_overlap_knob_brings_partner_classes_together(tmp_path):
 
 def test_unknown_class_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="'unicorn'.*allowed"):
-        generate(tmp_path / "x", SyntheticSpec(("unicorn",)))
+        generate(tmp_path / "x", synthetic_spec(classes=("unicorn",)))

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from a2v_flower import config as C
 from a2v_flower.metrics import retrieval, similarity
 from a2v_flower.models.adapters import build_adapters, embedding_moments, input_norm
 from a2v_flower.server_generators import distill
-from a2v_flower.training import TrainSpec, adapter_loss, contrastive_logits, predict, train_adapters
+from a2v_flower.training import adapter_loss, contrastive_logits, predict, train_adapters
 
 G = torch.Generator().manual_seed(0)
 SD = {"clip": torch.randn(5, 4, 16, generator=G)}                                # 5 classes, 4 tokens x 16
@@ -29,7 +30,7 @@ def test_contrastive_gradient_moves_toward_own_target_and_away_from_the_others(t
     out = {h: torch.randn(1, *t.shape[1:], generator=torch.Generator().manual_seed(3)).requires_grad_()
            for h, t in targets.items()}
     y = torch.tensor([2])
-    adapter_loss(out, y, targets, TrainSpec(loss="contrastive", temperature=0.1)).backward()
+    adapter_loss(out, y, targets, C.spec("train", loss="contrastive", temperature=0.1)).backward()
     assert all(o.grad.abs().sum() > 0 for o in out.values())  # every head gets a gradient
     stepped = {h: (o - 0.05 * o.grad).detach() for h, o in out.items()}
     before, after = similarity({h: o.detach() for h, o in out.items()}, targets)[0], similarity(stepped, targets)[0]
@@ -46,7 +47,7 @@ def test_contrastive_gradient_moves_toward_own_target_and_away_from_the_others(t
 def test_contrastive_training_retrieves_every_class(targets, loss, kind):
     x, y = toy()
     adapters = build_adapters(8, targets, 16, 2, seed=0, kind=kind, rank=4)
-    train_adapters(adapters, x, y, targets, TrainSpec(epochs=30, batch_size=16, lr=3e-3, loss=loss, temperature=0.1))
+    train_adapters(adapters, x, y, targets, C.spec("train", local_epochs=30, batch_size=16, lr=3e-3, loss=loss, temperature=0.1))
     assert retrieval(predict(adapters, x), y, targets)["top1"] == 1.0
 
 
@@ -54,8 +55,8 @@ def test_mse_is_the_mean_squared_error_summed_over_heads():
     out = {h: torch.randn(2, *t.shape[1:], generator=torch.Generator().manual_seed(4)) for h, t in FLUX.items()}
     y = torch.tensor([0, 3])
     want = sum(F.mse_loss(out[h], FLUX[h][y]) for h in FLUX)
-    assert torch.allclose(adapter_loss(out, y, FLUX, TrainSpec(loss="mse")), want)
-    both = adapter_loss(out, y, FLUX, TrainSpec(loss="mse+contrastive", temperature=0.5))
+    assert torch.allclose(adapter_loss(out, y, FLUX, C.spec("train", loss="mse")), want)
+    both = adapter_loss(out, y, FLUX, C.spec("train", loss="mse+contrastive", temperature=0.5))
     assert torch.allclose(both, want + F.cross_entropy(similarity(out, FLUX) / 0.5, y))
 
 
@@ -73,7 +74,7 @@ def test_restricted_softmax_changes_training_of_a_site_missing_classes():
     runs = {}
     for scale in (1.0, 0.0):
         adapters = build_adapters(8, SD, 16, 2, seed=0)
-        train_adapters(adapters, x, y, SD, TrainSpec(epochs=2, batch_size=8, loss="contrastive", absent_scale=scale))
+        train_adapters(adapters, x, y, SD, C.spec("train", local_epochs=2, batch_size=8, loss="contrastive", absent_scale=scale))
         runs[scale] = predict(adapters, x)["clip"]
     assert not torch.allclose(runs[1.0], runs[0.0])
 
@@ -84,7 +85,7 @@ def test_proximal_term_keeps_weights_near_the_received_ones():
     drift = {}
     for mu in (0.0, 10.0):
         adapters = build_adapters(8, SD, 16, 2, seed=0)
-        train_adapters(adapters, x, y, SD, TrainSpec(epochs=5, batch_size=8, lr=3e-3, proximal_mu=mu))
+        train_adapters(adapters, x, y, SD, C.spec("train", local_epochs=5, batch_size=8, lr=3e-3, proximal_mu=mu))
         drift[mu] = sum((p - q).pow(2).sum() for p, q in zip(adapters.parameters(), start.parameters()))
     assert drift[10.0] < 0.5 * drift[0.0]
 
@@ -92,7 +93,7 @@ def test_proximal_term_keeps_weights_near_the_received_ones():
 def test_contrastive_kd_matches_the_teachers_softmax():
     x, y = toy(n=8)
     teacher = build_adapters(8, SD, 16, 2, seed=1)
-    train_adapters(teacher, x, y, SD, TrainSpec(epochs=20, batch_size=16, lr=3e-3, loss="contrastive"))
+    train_adapters(teacher, x, y, SD, C.spec("train", local_epochs=20, batch_size=16, lr=3e-3, loss="contrastive"))
     student = build_adapters(8, SD, 16, 2, seed=9)
     p = contrastive_logits(predict(teacher, x), SD, 0.1).softmax(1)
 
@@ -101,7 +102,7 @@ def test_contrastive_kd_matches_the_teachers_softmax():
 
     before = kl()
     distill(student, {0: teacher}, {c: [0] for c in range(5)}, x, y, SD,
-            TrainSpec(epochs=30, batch_size=16, lr=3e-3, loss="contrastive"))
+            C.spec("train", local_epochs=30, batch_size=16, lr=3e-3, loss="contrastive"))
     assert kl() < 0.2 * before
 
 
@@ -138,17 +139,18 @@ def test_adamw_takes_torchs_steps_without_importing_dynamo():
     for step in range(5):
         for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
             opt.zero_grad(set_to_none=True)
-            adapter_loss(model(x[step::5]), y[step::5], SD, TrainSpec()).backward()
+            adapter_loss(model(x[step::5]), y[step::5], SD, C.spec("train")).backward()
             if step == 2:  # a parameter skipped in one step keeps its own step count, as in torch
                 next(model.parameters()).grad = None
             opt.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
     code = ("import sys, torch; from a2v_flower.models.adapters import build_adapters; "
-            "from a2v_flower.training import TrainSpec, train_adapters; "
+            "from a2v_flower.schema import TrainSpec; from a2v_flower.training import train_adapters; "
             "t = {'clip': torch.randn(5, 4, 16)}; "
             "train_adapters(build_adapters(8, t, 16, 2, 0), torch.randn(20, 4, 8), torch.arange(20) % 5, t, "
-            "TrainSpec(epochs=1)); print('torch._dynamo' in sys.modules)")
+            "TrainSpec(local_epochs=1, batch_size=16, lr=1e-3, weight_decay=0.0, cosine_weight=0.0, grad_clip=1.0, "
+            "loss='mse', temperature=0.1, proximal_mu=0.0, absent_scale=1.0)); print('torch._dynamo' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 

@@ -18,15 +18,15 @@ from a2v_flower.names import safe_name
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HFSpec:
     """Where the dataset is and which of its columns and splits to read (conf: data.path, data.hf_splits, ...)."""
 
     path: str                               # hub id, save_to_disk folder or audiofolder directory
-    splits: tuple[str, ...] | None = None   # the dataset's splits to pool (None: all of them)
-    audio_column: str = "audio"
-    label_column: str = "label"             # ClassLabel or strings
-    group_column: str | None = None         # a class's group (partition=groups, granularity=per_group)
+    splits: tuple[str, ...] | None  # the dataset's splits to pool (None: all of them)
+    audio_column: str
+    label_column: str  # ClassLabel or strings
+    group_column: str | None  # a class's group (partition=groups, granularity=per_group)
 
 
 def load(spec: HFSpec, cache_dir: Path) -> dict:

@@ -22,36 +22,36 @@ from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataSpec:
     """Dataset location and preprocessing (conf: data.*)."""
 
     cache_dir: str
-    root: str | None = None
-    classes: tuple[str, ...] | None = None
-    folds: tuple[int, ...] | None = None
-    clip_seconds: float = 5.0
-    splits: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
-    synthetic: SyntheticSpec | None = None  # set: generate the dataset first
-    hf: HFSpec | None = None                # set: a Hugging Face dataset instead of an ESC-50 folder
-    seed: int = 0
-    duplicates: str = "drop"  # clips whose audio repeats an earlier row's: drop | refuse
+    root: str | None
+    classes: tuple[str, ...] | None
+    folds: tuple[int, ...] | None
+    clip_seconds: float
+    splits: tuple[tuple[str, float], ...]
+    synthetic: SyntheticSpec | None  # set: generate the dataset first
+    hf: HFSpec | None  # set: a Hugging Face dataset instead of an ESC-50 folder
+    seed: int
+    duplicates: str  # clips whose audio repeats an earlier row's: drop | refuse
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PartitionSpec:
     """How clips are assigned to sites (conf: partition.*, federation.num_sites)."""
 
     mode: str
     num_sites: int
-    sites: tuple[tuple[str, ...], ...] | None = None
-    alpha: float = 0.5
-    seed: int = 0
-    min_partition_size: int = 0   # dirichlet: Flower Datasets redraws until every site holds this many clips
-    classes_per_site: int = 2     # pathological
-    shards_per_site: int = 2      # shards
-    held_out: float = 0.0  # evaluate.mode=server: share of each class's clips no site holds (the server's test set)
-    per_site: int = 4      # partition=pool: clips each site draws from the shared pool
+    sites: tuple[tuple[str, ...], ...] | None
+    alpha: float
+    seed: int
+    min_partition_size: int  # dirichlet: Flower Datasets redraws until every site holds this many clips
+    classes_per_site: int  # pathological
+    shards_per_site: int  # shards
+    held_out: float  # evaluate.mode=server: share of each class's clips no site holds (the server's test set)
+    per_site: int  # partition=pool: clips each site draws from the shared pool
 
 
 @dataclass

@@ -16,18 +16,18 @@ import soundfile as sf
 from a2v_flower.data.esc50 import CSV_COLUMNS, ESC50_CLASSES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SyntheticSpec:
     """What to synthesise; equal specs give byte-identical datasets."""
 
     classes: tuple[str, ...]
-    clips_per_class: int = 32
-    seconds: float = 5.0
-    sample_rate: int = 22050
-    noise: float = 0.6       # background noise amplitude relative to the class sound
-    overlap: float = 0.5     # 0 = independent classes, 1 = each class equals its partner
-    variation: float = 0.25  # per-clip jitter of pitch, rhythm and timbre
-    seed: int = 0
+    clips_per_class: int
+    seconds: float
+    sample_rate: int
+    noise: float  # background noise amplitude relative to the class sound
+    overlap: float  # 0 = independent classes, 1 = each class equals its partner
+    variation: float  # per-clip jitter of pitch, rhythm and timbre
+    seed: int
 
     def fingerprint(self) -> str:
         """Short hash of the spec, used as the cache folder name."""

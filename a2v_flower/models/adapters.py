@@ -62,7 +62,7 @@ class LowRankAdapter(nn.Module):
     """`lowrank`: MLP on the K audio tokens, learned queries (already in key space) pool them, and the pooled
     values reach the output through a rank-r map applied to the K values of each head, not to the Q outputs."""
 
-    def __init__(self, in_dim: int, out_shape: tuple[int, ...], width: int = 256, heads: int = 4, rank: int = 64):
+    def __init__(self, in_dim: int, out_shape: tuple[int, ...], *, width: int, heads: int, rank: int):
         super().__init__()
         if width % heads:
             raise ValueError(f"adapter.width={width} must be divisible by adapter.heads={heads}")
@@ -98,12 +98,12 @@ class AdapterSet(nn.ModuleDict):
     audio embeddings, `set_input_norm`; identity until set): a component that every clip shares, which the
     per-token LayerNorm does not remove, would otherwise dominate the adapters' input."""
 
-    def __init__(self, in_dim: int, shapes: dict[str, tuple[int, ...]], width: int = 256, heads: int = 4,
-                 kind: str = "attention", rank: int = 64):
+    def __init__(self, in_dim: int, shapes: dict[str, tuple[int, ...]], *, width: int, heads: int, kind: str,
+                 rank: int):
         if kind not in KINDS:
             raise ValueError(f"adapter.kind={kind!r} is not allowed; expected one of {list(KINDS)}")
         make = (lambda s: TokenAdapter(in_dim, s, width, heads)) if kind == "attention" else (
-            lambda s: LowRankAdapter(in_dim, s, width, heads, rank))
+            lambda s: LowRankAdapter(in_dim, s, width=width, heads=heads, rank=rank))
         super().__init__({name: make(shape) for name, shape in shapes.items()})
         self.register_buffer("in_mean", torch.zeros(()), persistent=False)  # (K, D) once set; not trained or sent
         self.register_buffer("in_std", torch.ones(()), persistent=False)
@@ -159,4 +159,4 @@ def build_adapters(in_dim: int, class_targets: dict[str, torch.Tensor], width: i
     by `norm` (`input_norm`; None: as they come)."""
     torch.manual_seed(seed)
     shapes = {name: tuple(t.shape[1:]) for name, t in class_targets.items()}
-    return AdapterSet(in_dim, shapes, width, heads, kind, rank).set_target_space(class_targets).set_input_norm(norm)
+    return AdapterSet(in_dim, shapes, width=width, heads=heads, kind=kind, rank=rank).set_target_space(class_targets).set_input_norm(norm)

@@ -5,31 +5,17 @@ Reading, resampling, caching and batching clips is the data layer's job (`a2v_fl
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from a2v_flower.cache import model_identity, sha1_of
+from a2v_flower.schema import AST_DEFAULTS, AudioEncoderSpec
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ATTENTION = "sdpa"  # torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on a GPU)
-
-
-@dataclass(frozen=True)
-class AudioEncoderSpec:
-    """How to build the encoder: `name_or_path=None` builds a tiny random AST from `tiny`."""
-
-    name_or_path: str | None
-    sampling_rate: int = 16000
-    max_length: int = 512
-    tokens: int = 8
-    batch_size: int = 16
-    tiny: tuple[tuple[str, int], ...] | None = None  # ASTConfig overrides of the tiny model
-    seed: int = 0
-    dtype: str = "float32"  # the network's weights and activations (float16 | bfloat16 on a GPU only)
 
 
 def compact_tokens(hidden: torch.Tensor, tokens: int, columns: list[int] | None = None, grid_time: int = 0
@@ -74,7 +60,8 @@ class AudioEncoder:
         # tokens made in bfloat16 or on a GPU differ slightly: their own cache entries. float32 on a CPU adds
         # nothing, so embeddings cached before devices existed stay valid
         placement = () if (spec.dtype, self.device.type) == ("float32", "cpu") else (spec.dtype, self.device.type)
-        self.identity = sha1_of(model_identity(spec.name_or_path, {"tiny": spec.tiny, "seed": spec.seed}),
+        tiny = {"tiny": spec.tiny_config or None, "seed": spec.seed}
+        self.identity = sha1_of(model_identity(spec.name_or_path, tiny),
                                 spec.max_length, spec.tokens, spec.sampling_rate, "pool: sound columns", *placement)
 
     def load(self) -> AudioEncoder:
@@ -87,7 +74,7 @@ class AudioEncoder:
         if spec.name_or_path is None:
             torch.manual_seed(spec.seed)
             config = ASTConfig(num_mel_bins=128, max_length=spec.max_length, attn_implementation=ATTENTION,
-                               **dict(spec.tiny or ()))
+                               **dict(spec.tiny_config))
             self.model = ASTModel(config)
             self.extractor = ASTFeatureExtractor(num_mel_bins=128, max_length=spec.max_length,
                                                  sampling_rate=spec.sampling_rate)
@@ -121,21 +108,16 @@ class AudioEncoder:
 
 
 # transformers.ASTConfig's defaults that shapes depend on: known without importing transformers (1.6 s)
-AST_DEFAULTS = {"hidden_size": 768, "patch_size": 16, "frequency_stride": 10, "time_stride": 10, "num_mel_bins": 128}
-
-
 def patch_tokens(spec: AudioEncoderSpec) -> int:
     """Patch tokens P per clip (the AST's states are (2 + P, D)): its patch grid over mel bins x frames."""
-    ast = AST_DEFAULTS | dict(spec.tiny or ())
-    freq = (ast["num_mel_bins"] - ast["patch_size"]) // ast["frequency_stride"] + 1
-    return freq * max(0, (spec.max_length - ast["patch_size"]) // ast["time_stride"] + 1)
+    return spec.patch_tokens()
 
 
 def encoder_dim(spec: AudioEncoderSpec) -> int:
     """Token width D of the encoder, read from its config only (no weights loaded); the tiny model's from
     AST_DEFAULTS and its `tiny` overrides, so a ServerApp with cached targets never imports transformers."""
     if spec.name_or_path is None:
-        return int((AST_DEFAULTS | dict(spec.tiny or ()))["hidden_size"])
+        return int((AST_DEFAULTS | dict(spec.tiny_config))["hidden_size"])
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(spec.name_or_path).hidden_size

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from a2v_flower.cache import TensorCache, model_identity, sha1_of
+from a2v_flower.schema import CLIP_SEQ_LEN, TextSpec
 
-CLIP_SEQ_LEN, CLIP_DIM, T5_DIM = 77, 768, 4096  # real SD-1.5 / FLUX.1 conditioning sizes
-
-
-@dataclass(frozen=True)
-class TextSpec:
-    """Where the text encoders come from: None = tiny random ones built offline."""
-
-    clip: str | None = None
-    clip_subfolder: str = ""
-    t5: str | None = None
-    t5_subfolder: str = ""
-    seed: int = 0
+CLIP_DIM, T5_DIM = 768, 4096  # real SD-1.5 / FLUX.1 conditioning widths (CLIP_SEQ_LEN positions for SD)
 
 
 def head_shapes(diffusion: str, t5_seq_len: int = 16) -> dict[str, tuple[int, ...]]:
@@ -60,11 +49,11 @@ def build_clip(spec: TextSpec):
     if spec.clip is None:
         tok = tiny_clip_tokenizer()
         torch.manual_seed(spec.seed)
-        cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM,
+        config = CLIPTextConfig(vocab_size=len(tok), hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM,
                              num_hidden_layers=1, num_attention_heads=12, projection_dim=CLIP_DIM,
                              max_position_embeddings=CLIP_SEQ_LEN, bos_token_id=0, eos_token_id=1,
                              pad_token_id=1)
-        return tok, CLIPTextModel(cfg).eval()
+        return tok, CLIPTextModel(config).eval()
     sub = spec.clip_subfolder
     tok = CLIPTokenizer.from_pretrained(spec.clip, subfolder=sub.replace("text_encoder", "tokenizer"))
     return tok, CLIPTextModel.from_pretrained(spec.clip, subfolder=sub).eval()
@@ -77,10 +66,10 @@ def build_t5(spec: TextSpec):
     if spec.t5 is None:
         tok = tiny_t5_tokenizer()
         torch.manual_seed(spec.seed + 1)
-        cfg = T5Config(vocab_size=len(tok), d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        config = T5Config(vocab_size=len(tok), d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
                        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
                        pad_token_id=0, eos_token_id=1)
-        return tok, T5EncoderModel(cfg).eval()
+        return tok, T5EncoderModel(config).eval()
     sub = spec.t5_subfolder
     tok = T5TokenizerFast.from_pretrained(spec.t5, subfolder=sub.replace("text_encoder", "tokenizer"))
     return tok, T5EncoderModel.from_pretrained(spec.t5, subfolder=sub).eval()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from a2v_flower.models.generators.spec import GeneratorSpec
+from a2v_flower.generator_schema import GeneratorSpec
 
 CONDITION_DIM = 32           # width of class_condition vectors
 _PROJECTION_CHUNK = 16384    # rows of the random projection drawn at a time (bounds memory for T5 heads)

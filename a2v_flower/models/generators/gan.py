@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from a2v_flower.models.generators.base import BaseGenerator, Cond, mlp
 from a2v_flower.models.generators.quality import frechet_distance
-from a2v_flower.models.generators.spec import GeneratorSpec
+from a2v_flower.generator_schema import GeneratorSpec
 
 
 class GANGenerator(BaseGenerator):

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from a2v_flower.models.generators import covariance as CV
 from a2v_flower.models.generators.base import BaseGenerator, Cond
-from a2v_flower.models.generators.spec import GeneratorSpec
+from a2v_flower.generator_schema import GeneratorSpec
 
 SLOT_BUFFERS = ("count", "total", "total_sq", "factor", "scatter")  # per class, first dimension = slot
 

@@ -7,31 +7,16 @@ pooled audio statistics. The samples then join kd and refinement like the site g
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from a2v_flower.generator_schema import ServerGeneratorSpec
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators.base import CONDITION_DIM, class_condition
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerGeneratorSpec:
-    """conf: server_generator.*, plus the replay.* options the server uses with its samples."""
-
-    epochs: int = 0                  # optimisation steps per round (0 = off)
-    hidden: int = 256
-    latent_dim: int = 16
-    lr: float = 1e-3
-    batch_per_class: int = 16
-    moment_weight: float = 1.0
-    samples_per_class: int = 32      # replay.samples_per_class
-    refine_epochs: int = 0           # replay.refine_epochs
-    kd_epochs: int = 5               # replay.kd_epochs
 
 
 def class_moments(class_stats: dict[int, dict[str, torch.Tensor]], num_classes: int
@@ -132,8 +117,8 @@ def sample_server_generator(gen: StatsGenerator, class_stats: dict, class_target
     return x.cpu(), y
 
 
-def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, teachers: dict[int, AdapterSet],
-                     class_stats: dict, class_targets: dict[str, torch.Tensor], classes: list[str], seed: int,
+def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, samples_per_class: int,
+                     teachers: dict[int, AdapterSet], class_stats: dict, class_targets: dict[str, torch.Tensor], classes: list[str], seed: int,
                      sample_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Train the server generator (one log line per class, as the predecessor's server did), then sample it:
     (x (N, K, D), y (N,), its figures for metrics.jsonl)."""
@@ -143,6 +128,6 @@ def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, teachers: d
         log.info("Class %r: server generator Loss=%.4f (agree=%.4f, moment=%.4f)", classes[c], f["loss"],
                  f["agree"], f["moment"])
     log.info("Generator training completed. Average loss: %.4f", loss)
-    x, y = sample_server_generator(gen, class_stats, class_targets, spec.samples_per_class, sample_seed)
+    x, y = sample_server_generator(gen, class_stats, class_targets, samples_per_class, sample_seed)
     return x, y, {"server/generator_loss": loss,
                   "server/generator_per_class": {classes[c]: f for c, f in per_class.items()}}

@@ -11,7 +11,7 @@ from torch import Tensor
 from a2v_flower.models.generators.base import CONDITION_DIM, BaseGenerator, Cond, class_condition
 from a2v_flower.models.generators.gan import GANGenerator
 from a2v_flower.models.generators.gaussian import GaussianGenerator
-from a2v_flower.models.generators.spec import GeneratorSpec
+from a2v_flower.generator_schema import GeneratorSpec
 from a2v_flower.models.generators.vae import CVAEGenerator, VAEGenerator
 
 log = logging.getLogger(__name__)

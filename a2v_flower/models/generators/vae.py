@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from a2v_flower.models.generators.base import BaseGenerator, Cond, mlp
-from a2v_flower.models.generators.spec import GeneratorSpec
+from a2v_flower.generator_schema import GeneratorSpec
 
 
 class VAEGenerator(BaseGenerator):

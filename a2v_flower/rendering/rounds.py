@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from a2v_flower.diffusion import ImageJudge, Renderer, judge_metrics, save_grid, write_gallery
+from a2v_flower.rendering.gallery import save_grid, write_gallery
+from a2v_flower.rendering.judge import ImageJudge, judge_metrics
+from a2v_flower.rendering.pipelines import Renderer
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.names import safe_name
 from a2v_flower.server_generators import class_audio_means
@@ -20,7 +22,7 @@ class RoundRenderer:
     """Renders, saves and judges one image per class each `every` rounds; the pipeline loads lazily, the judge
     (CLIP, on `device`) on the first render round and is kept for the later ones."""
 
-    def __init__(self, renderer: Renderer, every: int, out_dir: Path, classes: list[str],
+    def __init__(self, renderer: Renderer, *, every: int, out_dir: Path, classes: list[str],
                  targets: dict[str, torch.Tensor], judge_id: str | None, free_after: bool = True,
                  device: torch.device | str = "cpu"):
         self.renderer, self.every, self.out_dir = renderer, every, Path(out_dir)
