@@ -37,9 +37,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from a2v_flower import resources
 from a2v_flower.schema import CONF_DIR, Config  # also registers the config's schema with Hydra (no torch)
-from a2v_flower.processes import (become_subreaper, die_with_parent, end_stream_after_run, leftovers,  # noqa: F401
-                                  reap_orphans, run_process_alive, settle, signals_ignored, stop_local_superlink,
-                                  stop_processes)
+from a2v_flower.processes import (become_subreaper, die_with_parent, end_stream_after_run, leftovers, settle,
+                                  signals_ignored, stop_processes)
 from a2v_flower import sweeps
 
 APP_DIR = resources.CHECKOUT  # the checkout (site-packages in a wheel install): the Flower processes' folder

@@ -11,7 +11,7 @@ from omegaconf import MISSING
 
 from a2v_flower.generator_schema import (GeneratorCheckpoint, GeneratorSpec, Granularity, Mode, Replay, Reset,
                                          ServerGeneratorSpec, Sharing)
-from a2v_flower.resources import CONF_DIR  # noqa: F401 (run.py takes it from here) the YAML whose types this module holds (the checkout's or the wheel's)
+from a2v_flower.resources import CONF_DIR  # noqa: F401 the YAML whose types this module holds (run.py takes it here)
 from a2v_flower.rules import device_setting as _device, numbers as _numbers, one_of as _one_of  # torch-free
 
 DTYPES = ("float32", "float16", "bfloat16")  # of a network's weights and activations (the last two on a GPU only)
@@ -80,7 +80,8 @@ class Partition:
     clips_per_site: Optional[int] = None      # pool
 
     def __post_init__(self):
-        _one_of("partition.mode", self.mode, ("classes", "groups", "iid", "dirichlet", "pathological", "shards", "pool"))
+        _one_of("partition.mode", self.mode,
+                ("classes", "groups", "iid", "dirichlet", "pathological", "shards", "pool"))
         needs = {"dirichlet": ("alpha", "min_partition_size"), "pathological": ("classes_per_site",),
                  "shards": ("shards_per_site",), "pool": ("clips_per_site",)}.get(self.mode, ())
         if missing := [k for k in needs if getattr(self, k) is None]:

@@ -154,43 +154,23 @@ def run_rounds(grid: Grid, conf: Config, run_dir: Path, node_sites: dict[int, in
     #    embeddings, which standardise the adapters' input (adapter.normalise).
     resumed = load_server_checkpoint(run_dir, conf) if conf.resume else None  # (round, adapters, state, meta)
     norm = input_standardisation(grid, conf, resumed, run_yaml, tracker)
-    # 3. The global adapters and the server's side of generators.
-    dim = encoder_dim(conf.model.audio)
-    a = conf.adapter
-    make_adapters = partial(build_adapters, dim, targets, a.width, a.heads, conf.seed, a.kind, a.rank, norm)
-    adapters = make_adapters()
-    generators = ServerGenerators(classes=classes, class_targets=targets, token_shape=(conf.model.audio.tokens, dim),
-                                  make_adapters=make_adapters, train_spec=conf.train, options=conf.replay,
-                                  seed=conf.seed, replay=C.replay_spec(conf, classes),
-                                  server_gen=conf.server_generator, kd=conf.strategy.aggregation == "kd",
-                                  device=C.server_device(conf))
-    done, best_acc = 0, {}
-    if resumed:  # continue after the newest server checkpoint; sites restore their state of that round
-        done, state, strategy_state, meta = resumed
-        adapters.load_state_dict(state)
-        generators.load_state_tensors(strategy_state)
-        best_acc = {int(c): acc for c, acc in meta.get("best_acc", {}).items()}
+    # 3. The global adapters and the server's side of generators (a resumed run's state restored into both).
+    adapters, generators, done, best_acc = global_models(conf, classes, targets, norm, resumed)
+    if resumed:
         tracker.keep_rounds(done)
         log.info("resuming %s after round %d of %d", run_dir, done, conf.num_rounds)
     # 4. What ends a round: rendering (when due), the server's own test set (evaluate.mode=server), the checkpoint.
     render = round_renderer(conf, run_dir, classes, targets)
     held_out = server_test_set(conf, clips, sites, classes) if conf.evaluate.mode == "server" else None
     # 5. The strategy, complete: FedAvg of the adapters, with everything a round needs.
-    low, schedule, held = C.min_sites(conf), C.schedule_of(conf), held_classes(clips, sites)
-    strategy = A2VStrategy(
-        aggregation=conf.strategy.aggregation, fraction_train=conf.strategy.fraction_train,
-        fraction_evaluate=conf.strategy.fraction_evaluate, num_sites=conf.federation.num_sites, min_sites=low,
-        timeout=conf.federation.timeout, handout={"targets": targets, "run-config": run_yaml, "input_norm": norm},
-        tracker=tracker, classes=classes, generators=generators,
-        seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
-        clip_images=lambda rnd: conf.diffusion.clip_images if render and render.due(rnd, conf.num_rounds) else 0,
-        wire=conf.adapter.wire, evaluate_on_sites=conf.evaluate.mode == "federated", site_of_node=node_sites,
-        resumed=(done, best_acc))
+    strategy = build_strategy(conf, clips, sites, classes, render, generators, tracker, node_sites,
+                              handout={"targets": targets, "run-config": run_yaml, "input_norm": norm},
+                              resumed=(done, best_acc))
     after_round = round_end(conf, run_dir, adapters, generators, strategy, tracker, render, held_out, targets,
                             classes, summary, done)
     # 6. The rounds; summary.json says which sites failed, and why, even when a round failed.
     summary |= {"run_dir": str(run_dir), "rounds": conf.num_rounds, "rounds_done": done,
-                "num_sites": conf.federation.num_sites, "min_sites": low}
+                "num_sites": conf.federation.num_sites, "min_sites": strategy.min_sites}
     digest = ConfigRecord({"config-sha1": sha1_of(run_yaml)[:12]})  # the config travels once per node; then its hash
     try:
         result = strategy.start(grid, ArrayRecord(adapters.state_dict()), conf.num_rounds - done,
@@ -206,6 +186,42 @@ def run_rounds(grid: Grid, conf: Config, run_dir: Path, node_sites: dict[int, in
     if len(result.arrays):  # empty when no round succeeded
         adapters.load_state_dict(result.arrays.to_torch_state_dict())
     finish_run(conf, run_dir, adapters, tracker, classes, summary)
+
+
+def global_models(conf: Config, classes: list[str], targets: dict, norm: dict | None, resumed: tuple | None):
+    """The global adapters (inputs standardised with `norm`) and the server's side of generators, with a resumed
+    run's state restored: (adapters, generators, rounds done, best accuracy per class so far)."""
+    dim, a = encoder_dim(conf.model.audio), conf.adapter
+    make_adapters = partial(build_adapters, dim, targets, a.width, a.heads, conf.seed, a.kind, a.rank, norm)
+    adapters = make_adapters()
+    generators = ServerGenerators(classes=classes, class_targets=targets, token_shape=(conf.model.audio.tokens, dim),
+                                  make_adapters=make_adapters, train_spec=conf.train, options=conf.replay,
+                                  seed=conf.seed, replay=C.replay_spec(conf, classes),
+                                  server_gen=conf.server_generator, kd=conf.strategy.aggregation == "kd",
+                                  device=C.server_device(conf))
+    if not resumed:
+        return adapters, generators, 0, {}
+    done, state, strategy_state, meta = resumed  # continue after the newest server checkpoint
+    adapters.load_state_dict(state)
+    generators.load_state_tensors(strategy_state)
+    return adapters, generators, done, {int(c): acc for c, acc in meta.get("best_acc", {}).items()}
+
+
+def build_strategy(conf: Config, clips: list, sites: list[list[int]], classes: list[str], render,
+                   generators: ServerGenerators, tracker: RunTracker, node_sites: dict[int, int], handout: dict,
+                   resumed: tuple[int, dict]) -> A2VStrategy:
+    """The strategy of the run: sampling, the rounds a site may miss, what nodes get once, which classes count as
+    seen in a round (class-incremental schedule) and how many held-out clips each site renders."""
+    schedule, held = C.schedule_of(conf), held_classes(clips, sites)
+    return A2VStrategy(
+        aggregation=conf.strategy.aggregation, fraction_train=conf.strategy.fraction_train,
+        fraction_evaluate=conf.strategy.fraction_evaluate, num_sites=conf.federation.num_sites,
+        min_sites=C.min_sites(conf), timeout=conf.federation.timeout, handout=handout, tracker=tracker,
+        classes=classes, generators=generators,
+        seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
+        clip_images=lambda rnd: conf.diffusion.clip_images if render and render.due(rnd, conf.num_rounds) else 0,
+        wire=conf.adapter.wire, evaluate_on_sites=conf.evaluate.mode == "federated", site_of_node=node_sites,
+        resumed=resumed)
 
 
 def describe_federation(conf: Config, run_dir: Path, summary: dict) -> tuple[list, list[str], list[list[int]]]:

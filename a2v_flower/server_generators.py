@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from a2v_flower.generator_schema import Replay, ServerGeneratorSpec
 from a2v_flower.models.adapters import AdapterSet
 from a2v_flower.models.generators import GeneratorSpec, ReplaySpec, build_generator, key_for, sample_classes
-from a2v_flower.models.generators.stats import StatsGenerator, train_and_sample
+from a2v_flower.models.generators.from_statistics import StatsGenerator, train_and_sample
 from a2v_flower.models.generators.gaussian import pool_states
 from a2v_flower.records import flatten, from_record, to_record, unflatten
 from a2v_flower.training import TrainSpec, predict, train_adapters
@@ -133,8 +133,9 @@ class ServerGenerators:
         x, y = (self.synthetic(opts.samples_per_class, seed=self.seed + server_round) if site_samples else
                 (torch.empty(0, *self.token_shape), torch.empty(0, dtype=torch.long)))
         if sg:
-            sx, sy, out = train_and_sample(self.stats_generator, sg, opts.samples_per_class, models, self.class_stats, self.class_targets,
-                                              self.classes, self.seed + server_round, self.seed + 7 * server_round)
+            sx, sy, out = train_and_sample(self.stats_generator, sg, opts.samples_per_class, models, self.class_stats,
+                                           self.class_targets, self.classes, self.seed + server_round,
+                                           self.seed + 7 * server_round)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         out["server/synthetic_samples"] = len(y)
         if self.kd and len(y):

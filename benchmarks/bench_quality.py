@@ -47,7 +47,7 @@ import torch
 from a2v_flower import config as C
 from a2v_flower import server_generators as R
 from a2v_flower import site_generators as SR
-from a2v_flower.models.generators.stats import (StatsGenerator, sample_server_generator,
+from a2v_flower.models.generators.from_statistics import (StatsGenerator, sample_server_generator,
                                                  train_server_generator)
 from a2v_flower.cache import TensorCache
 from a2v_flower.data.site import SiteData, federation, load_site
@@ -559,8 +559,8 @@ def main() -> None:
     base = [*SITES, *(QUICK_SIZE if args.quick else DEFAULT_SIZE), *args.overrides]
     cfg = C.absolute_paths(C.compose_config(base), Path.cwd())
     C.validate(cfg)
-    encoder = AudioEncoder(C.audio_spec(cfg))
-    spec, rspec = C.train_spec(cfg), cfg.replay
+    encoder = AudioEncoder(C.validate(cfg).model.audio)
+    spec, rspec = C.validate(cfg).train, cfg.replay
     settings = [o for o in base if not o.startswith("paths.")]  # where caches live does not change a result
     skew = tuple(shlex.split(args.label_skew))
     setup = hashlib.sha1(json.dumps([settings, rounds, *([skew] if skew else [])]).encode()).hexdigest()[:10]
@@ -581,10 +581,10 @@ def main() -> None:
                     continue
                 sites = sites or load(base, sc.overrides, seed, encoder)
                 classes = sites[0].classes
-                targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                                        C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
+                targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.validate(cfg).model.text,
+                                        cfg.diffusion.t5_seq_len, TensorCache(Path(cfg.paths.cache_dir) / "targets"))
                 gspec = generator_spec(m, cfg, sites, targets)
-                dim = encoder_dim(C.audio_spec(cfg))
+                dim = encoder_dim(C.validate(cfg).model.audio)
                 # adapter.normalise: the federation's moments of the sites' training embeddings, as the ServerApp
                 # pools them before round 1
                 norm = input_norm([embedding_moments(s.splits["train"][0]) for s in sites]) \

@@ -291,9 +291,9 @@ def prepare_cache(overrides: list[str]) -> None:
     from a2v_flower.models.text_encoders import class_targets
 
     cfg = C.absolute_paths(C.compose_config(overrides), ROOT)
-    encoder = AudioEncoder(C.audio_spec(cfg))
+    encoder = AudioEncoder(C.validate(cfg).model.audio)
     sites = [load_site(C.data_spec(cfg), C.partition_spec(cfg), encoder, i) for i in range(cfg.federation.num_sites)]
-    class_targets(sites[0].classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
+    class_targets(sites[0].classes, cfg.prompt_template, cfg.diffusion.type, C.validate(cfg).model.text, cfg.diffusion.t5_seq_len,
                   TensorCache(Path(cfg.paths.cache_dir) / "targets"))
 
 

@@ -144,19 +144,19 @@ def main() -> None:
     C.validate(cfg)
     data, part = C.data_spec(cfg), C.partition_spec(cfg)
     _, classes, _ = federation(data, part)
-    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
+    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.validate(cfg).model.text, cfg.diffusion.t5_seq_len,
                             TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     t0 = time.perf_counter()
-    site = load_site(data, part, AllTokens(C.audio_spec(cfg)), 0)  # every clip, embedded once (disk cache)
+    site = load_site(data, part, AllTokens(C.validate(cfg).model.audio), 0)  # every clip, embedded once (disk cache)
     embed_s = time.perf_counter() - t0
     if not len(site.splits["val"][1]):
         raise ValueError(f"no val clips to stop on: data.clips_per_class={cfg.data.clips_per_class} with "
                          f"data.splits={dict(cfg.data.splits)}; raise data.clips_per_class")
-    ast = AST_DEFAULTS | dict(C.audio_spec(cfg).tiny or ())
+    ast = AST_DEFAULTS | dict(C.validate(cfg).model.audio.tiny or ())
     grid_time = (cfg.model.audio.max_length - ast["patch_size"]) // ast["time_stride"] + 1
     splits = {name: (representations(x, grid_time), y) for name, (x, y) in site.splits.items()}
     n_test = len(site.splits["test"][1])
-    spec = C.train_spec(cfg)
+    spec = C.validate(cfg).train
     width, heads = cfg.adapter.width, cfg.adapter.heads
     resample = torch.randint(0, n_test, (2000, n_test), generator=torch.Generator().manual_seed(0))
     rows, correct = [], {}

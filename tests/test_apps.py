@@ -34,9 +34,9 @@ class NullTracker:
 
 def setup(cfg):
     _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
-    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
+    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.validate(cfg).model.text, cfg.diffusion.t5_seq_len,
                             TensorCache(f"{cfg.paths.cache_dir}/targets"))
-    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0,
+    adapters = build_adapters(encoder_dim(C.validate(cfg).model.audio), targets, cfg.adapter.width, cfg.adapter.heads, 0,
                               cfg.adapter.kind, cfg.adapter.rank)
     return classes, targets, adapters
 
@@ -48,7 +48,7 @@ def message(cfg, adapters, targets, kind="train", rnd=1, with_targets=True):
                           "config": ConfigRecord({"config-sha1": sha1_of(text)[:12], "server-round": rnd})})
     if with_targets:
         content["targets"], content["run-config"] = to_record(targets), ConfigRecord({"yaml": text})
-        shape = (cfg.model.audio.tokens, encoder_dim(C.audio_spec(cfg)))  # the adapters' input standardisation
+        shape = (cfg.model.audio.tokens, encoder_dim(C.validate(cfg).model.audio))  # the adapters' input standardisation
         content["input_norm"] = to_record({"mean": torch.zeros(shape), "std": torch.ones(shape)})
     return Message(content=content, dst_node_id=7, message_type=kind)
 

@@ -26,7 +26,7 @@ def test_compact_tokens_shape_and_summary():
 
 
 def test_encoder_dim_is_the_tiny_models_width_without_transformers(make_cfg, tmp_path):
-    spec = C.audio_spec(make_cfg(f"paths.cache_dir={tmp_path}"))
+    spec = C.validate(make_cfg(f"paths.cache_dir={tmp_path}")).model.audio
     encoder = AudioEncoder(spec)
     encoder.load()
     assert encoder_dim(spec) == encoder.model.config.hidden_size     # the configured tiny override
@@ -37,14 +37,14 @@ def test_encoder_dim_is_the_tiny_models_width_without_transformers(make_cfg, tmp
     assert encoder_dim(C.spec("model.audio", name_or_path=str(tmp_path / "ast"))) == 32  # a saved model: its config.json
     code = ("import sys, a2v_flower.server_app, a2v_flower.config as C\n"
             "from a2v_flower.models.audio_encoder import encoder_dim\n"
-            "print(encoder_dim(C.audio_spec(C.compose_config([]))), 'transformers' in sys.modules)")
+            "print(encoder_dim(C.validate(C.compose_config([])).model.audio), 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == [str(encoder.model.config.hidden_size), "False"], out.stderr[-2000:]
 
 
 def test_second_load_makes_zero_encoder_calls(make_cfg, tmp_path):
     cfg = make_cfg(f"paths.cache_dir={tmp_path}/fresh")  # a cache of its own
-    data, part, spec = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
+    data, part, spec = C.data_spec(cfg), C.partition_spec(cfg), C.validate(cfg).model.audio
     first = load_site(data, part, AudioEncoder(spec), 0)
     fresh = AudioEncoder(spec)  # a new process in deployment: nothing in memory
     second = load_site(data, part, fresh, 0)
@@ -57,7 +57,7 @@ def test_second_load_makes_zero_encoder_calls(make_cfg, tmp_path):
 def test_changed_clip_or_encoder_is_re_encoded(make_cfg, tmp_path):
     cfg = make_cfg(f"paths.cache_dir={tmp_path}/c2")
     clips, _, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
-    cache, spec = TensorCache(tmp_path / "emb"), C.audio_spec(cfg)
+    cache, spec = TensorCache(tmp_path / "emb"), C.validate(cfg).model.audio
     few = [clips[i] for i in sites[0][:3]]
     embed_clips(AudioEncoder(spec), few, cache, 16000)
     shutil.copy(few[1].path, few[0].path)  # clip 0 now has clip 1's content
@@ -72,7 +72,7 @@ def test_changed_clip_or_encoder_is_re_encoded(make_cfg, tmp_path):
 def test_corrupt_cache_entry_is_recomputed(make_cfg, tmp_path):
     cfg = make_cfg(f"paths.cache_dir={tmp_path}/c3")
     clips, _, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
-    cache, spec = TensorCache(tmp_path / "emb"), C.audio_spec(cfg)
+    cache, spec = TensorCache(tmp_path / "emb"), C.validate(cfg).model.audio
     few = [clips[i] for i in sites[0][:2]]
     x1, _, _ = embed_clips(AudioEncoder(spec), few, cache, 16000)
     next(cache.root.rglob("*.safetensors")).write_bytes(b"truncated")

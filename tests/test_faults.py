@@ -28,7 +28,7 @@ import torch
 
 from a2v_flower import config as C
 from a2v_flower import site_generators as R
-from a2v_flower import run, server_app
+from a2v_flower import processes, run, server_app
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.data.esc50 import read_metadata
 from a2v_flower.data.site import dataset_root
@@ -365,13 +365,13 @@ def test_a_finished_run_process_left_as_a_zombie_counts_as_gone():
                                                     f"{superexec!r}])"], stdout=subprocess.PIPE, text=True)
     try:
         sim = psutil.Process(int(link.stdout.readline()))
-        assert run.run_process_alive(link.pid)
+        assert processes.run_process_alive(link.pid)
         sim.kill()
         while sim.status() != psutil.STATUS_ZOMBIE:
             time.sleep(0.05)
-        assert not run.run_process_alive(link.pid)
+        assert not processes.run_process_alive(link.pid)
     finally:
-        run.stop_processes([link.pid])
+        processes.stop_processes([link.pid])
 
 
 def test_the_guard_stops_what_a_killed_launcher_left():
@@ -595,7 +595,7 @@ def test_plain_flwr_run_follows_the_federation_and_refuses_a_mismatch_fast(cache
         assert summary["completed"] and summary["num_sites"] == 2, proc.stdout[-3000:]
         assert "federation.num_sites=3 but the federation has 2 SuperNodes: the run has 2 sites" in proc.stdout
     finally:  # the CLI leaves its SuperLink running: stop it (and what it started) by PID
-        run.stop_local_superlink(tmp_path / "flwr")
+        processes.stop_local_superlink(tmp_path / "flwr")
 
 
 @pytest.mark.slow
@@ -630,7 +630,7 @@ def few_clips(base: list[str], n: int = 3) -> tuple[list, object]:
 
     cfg = C.absolute_paths(C.compose_config(base), Path.cwd())
     clips, _, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
-    return clips[:n], C.audio_spec(cfg)
+    return clips[:n], C.validate(cfg).model.audio
 
 
 def _overwrite_tail(path: Path, other: Path) -> None:

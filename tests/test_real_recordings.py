@@ -48,13 +48,13 @@ def test_centralised_training_fits_real_recordings(small, make_cfg):
     cfg = make_cfg("data=esc50", f"data.root={small}", "data.clip_seconds=0.5", "partition=iid",
                    "federation.num_sites=1", "model.audio.max_length=512", "adapter.width=256")
     t0 = time.perf_counter()
-    site = load_site(C.data_spec(cfg), C.partition_spec(cfg), AudioEncoder(C.audio_spec(cfg)), 0)
-    targets = class_targets(site.classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg),
-                            C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"))
-    adapters = build_adapters(encoder_dim(C.audio_spec(cfg)), targets, cfg.adapter.width, cfg.adapter.heads, 0,
+    site = load_site(C.data_spec(cfg), C.partition_spec(cfg), AudioEncoder(C.validate(cfg).model.audio), 0)
+    targets = class_targets(site.classes, cfg.prompt_template, cfg.diffusion.type, C.validate(cfg).model.text,
+                            cfg.diffusion.t5_seq_len, TensorCache(Path(cfg.paths.cache_dir) / "targets"))
+    adapters = build_adapters(encoder_dim(C.validate(cfg).model.audio), targets, cfg.adapter.width, cfg.adapter.heads, 0,
                               cfg.adapter.kind, cfg.adapter.rank)
     x, y = site.splits["train"]
-    train_adapters(adapters, x, y, targets, replace(C.train_spec(cfg), epochs=EPOCHS), seed=0)
+    train_adapters(adapters, x, y, targets, replace(C.validate(cfg).train, local_epochs=EPOCHS), seed=0)
     fit = retrieval(predict(adapters, x), y, targets)["top1"]
     xt, yt = site.splits["test"]
     test = retrieval(predict(adapters, xt), yt, targets)["top1"]

@@ -10,7 +10,7 @@ import torch
 
 from a2v_flower import config as C
 from a2v_flower.models.adapters import build_adapters
-from a2v_flower.models.generators.stats import (StatsGenerator, class_moments,
+from a2v_flower.models.generators.from_statistics import (StatsGenerator, class_moments,
                                                sample_server_generator, train_server_generator)
 from a2v_flower.training import class_means, predict, train_adapters
 from tests.inprocess import run_server
@@ -70,7 +70,7 @@ def test_server_generator_in_a_run_logs_its_loss(make_cfg, tmp_path, task_identi
     cfg = make_cfg("server_generator.epochs=5", "server_generator.hidden=32", "strategy=kd", "replay.kd_epochs=1",
                    "replay.refine_epochs=1", "diffusion.render_every=0", "train.local_epochs=1")
     # the package loggers feed Flower's handlers only
-    loggers = [logging.getLogger(n) for n in ("a2v_flower.server_generators", "a2v_flower.models.generators.stats")]
+    loggers = [logging.getLogger(n) for n in ("a2v_flower.server_generators", "a2v_flower.models.generators.from_statistics")]
     for log in loggers:
         log.addHandler(caplog.handler)
     caplog.set_level("INFO")

@@ -159,4 +159,5 @@ def build_adapters(in_dim: int, class_targets: dict[str, torch.Tensor], width: i
     by `norm` (`input_norm`; None: as they come)."""
     torch.manual_seed(seed)
     shapes = {name: tuple(t.shape[1:]) for name, t in class_targets.items()}
-    return AdapterSet(in_dim, shapes, width=width, heads=heads, kind=kind, rank=rank).set_target_space(class_targets).set_input_norm(norm)
+    adapters = AdapterSet(in_dim, shapes, width=width, heads=heads, kind=kind, rank=rank)
+    return adapters.set_target_space(class_targets).set_input_norm(norm)

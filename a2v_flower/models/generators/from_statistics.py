@@ -118,8 +118,8 @@ def sample_server_generator(gen: StatsGenerator, class_stats: dict, class_target
 
 
 def train_and_sample(gen: StatsGenerator, spec: ServerGeneratorSpec, samples_per_class: int,
-                     teachers: dict[int, AdapterSet], class_stats: dict, class_targets: dict[str, torch.Tensor], classes: list[str], seed: int,
-                     sample_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     teachers: dict[int, AdapterSet], class_stats: dict, class_targets: dict[str, torch.Tensor],
+                     classes: list[str], seed: int, sample_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Train the server generator (one log line per class, as the predecessor's server did), then sample it:
     (x (N, K, D), y (N,), its figures for metrics.jsonl)."""
     per_class: dict = {}
