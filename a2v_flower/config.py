@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -128,6 +129,11 @@ def for_job(cfg: DictConfig, base: str | Path, override_dirname: str, sweep_grou
     return validate(cfg)
 
 
+def as_config(conf: Config | DictConfig) -> Config:
+    """`conf` typed: a composed or loaded tree (tests and benchmarks compose one) is checked and typed here."""
+    return conf if isinstance(conf, Config) else validate(conf)
+
+
 def typed(yaml_text: str, local: dict | None = None) -> Config:
     """The typed config of a YAML text (a run's config as messages carry it), with `local` {dotted key: value}
     set first (a SuperNode's own data root or cache folder), checked."""
@@ -168,14 +174,16 @@ def plain(conf: Config) -> dict:
 ABSENT_THEN = {"adapter": {"kind": "attention", "rank": 64, "normalise": False}}
 
 
-def load_run(path: str | Path, overrides: dict | None = None) -> Config:
+def load_run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A saved run's config.yaml over today's defaults (a key the run predates takes ABSENT_THEN's value, else
-    today's default), with `overrides` ({dotted key: value}; a key the config lacks is a ValueError), checked."""
+    today's default), with `overrides` ("key=value", the value read as YAML; a key the run's config lacks is a
+    ValueError), checked."""
     cfg = OmegaConf.merge(compose_config(), ABSENT_THEN, OmegaConf.load(path))
-    for key, value in (overrides or {}).items():
-        if OmegaConf.select(cfg, key, default="???unset") == "???unset":
-            raise ValueError(f"override {key}={value!r}: {key} is not a key of the run's config ({path})")
-        OmegaConf.update(cfg, key, value)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or OmegaConf.select(cfg, key, default="???unset") == "???unset":
+            raise ValueError(f"override {item!r}: expected key=value with a key of the run's config.yaml")
+        OmegaConf.update(cfg, key, yaml.safe_load(text))
     return validate(cfg)
 
 
@@ -186,8 +194,9 @@ def value(conf: Config, dotted: str):
     return conf
 
 
-def min_sites(conf: Config) -> int:
+def min_sites(conf: Config | DictConfig) -> int:
     """Fewest sites a round may finish with (federation.min_sites; null = every site)."""
+    conf = as_config(conf)
     low = conf.federation.min_sites
     return conf.federation.num_sites if low is None else int(low)
 
@@ -199,9 +208,10 @@ def check_gpus(num_gpus: float) -> None:
                          "use federation.num_gpus=0 here")
 
 
-def check_devices(conf: Config) -> None:
+def check_devices(conf: Config | DictConfig) -> None:
     """A simulation on this machine: its GPUs suit federation.num_gpus and the device keys, and no float16/bfloat16
     model, pipeline or CPU offload lands on a CPU (sites: in Ray's actors; the server: in Ray's driver)."""
+    conf = as_config(conf)
     f, d = conf.federation.num_gpus, conf.diffusion
     check_gpus(f)
     if 0 < f < 1 and (per := devices.actors_per_gpu(f)) < round(1 / f):  # legal, but not what it says
@@ -216,24 +226,28 @@ def check_devices(conf: Config) -> None:
                             who=f"the server (device.server={conf.device.server!r})")
 
 
-def site_device(conf: Config) -> torch.device:
+def site_device(conf: Config | DictConfig) -> torch.device:
     """The device of every model of a site in this process (device.site; auto: the GPU Ray handed it, else CPU)."""
+    conf = as_config(conf)
     return devices.resolve(conf.device.site, "device.site")
 
 
-def server_device(conf: Config) -> torch.device:
+def server_device(conf: Config | DictConfig) -> torch.device:
     """The device of the ServerApp's models and of a2v-generate (device.server; auto: the first GPU, else CPU)."""
+    conf = as_config(conf)
     return devices.resolve(conf.device.server, "device.server")
 
 
-def run_dir_for(conf: Config) -> Path:
+def run_dir_for(conf: Config | DictConfig) -> Path:
     """A fresh run folder <output_root>/<date>/<time>_<name>."""
+    conf = as_config(conf)
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
     return Path(conf.paths.output_root) / f"{stamp}_{conf.name}"
 
 
-def schedule_of(conf: Config) -> dict | None:
+def schedule_of(conf: Config | DictConfig) -> dict | None:
     """`schedule` as {site id: [{from_round, classes}]} (site ids given as strings become ints); None if unset."""
+    conf = as_config(conf)
     if not conf.schedule:
         return None
     return {int(k) if str(k).isdigit() else k: v for k, v in dict(conf.schedule).items()}
@@ -241,8 +255,9 @@ def schedule_of(conf: Config) -> dict | None:
 
 # ---- the specs that span several nodes -----------------------------------------------------------------
 
-def data_spec(conf: Config) -> DataSpec:
+def data_spec(conf: Config | DictConfig) -> DataSpec:
     """What a site reads: `data.*`, with the cache folder and the seed."""
+    conf = as_config(conf)
     d = conf.data
     synthetic = None
     if d.kind == "synthetic":
@@ -259,9 +274,10 @@ def data_spec(conf: Config) -> DataSpec:
                     synthetic=synthetic, hf=hf, seed=conf.seed, duplicates=d.duplicates)
 
 
-def partition_spec(conf: Config) -> PartitionSpec:
+def partition_spec(conf: Config | DictConfig) -> PartitionSpec:
     """How clips are dealt to sites: `partition.*`, `federation.num_sites`, and the server's share of every
     class under evaluate.mode=server."""
+    conf = as_config(conf)
     p = conf.partition
     held = conf.evaluate.server_share if conf.evaluate.mode == "server" else 0.0
     return PartitionSpec(mode=p.mode, num_sites=conf.federation.num_sites,
@@ -276,12 +292,13 @@ def default_groups(classes: list[str]) -> dict[str, list[str]]:
     return {g: m for g, m in groups.items() if m}
 
 
-def replay_spec(conf: Config, classes: list[str]) -> ReplaySpec | None:
+def replay_spec(conf: Config | DictConfig, classes: list[str]) -> ReplaySpec | None:
     """Generator use from `generator.*`, `granularity.*`, `mode.*`, `sharing.*`, `reset.*`,
     `generator_checkpoint.*`; None without generators.
 
     Validates the groups against `classes` (a class in two groups, in none, or unknown: ValueError).
     """
+    conf = as_config(conf)
     g = conf.generator
     if g.type == "none":
         return None

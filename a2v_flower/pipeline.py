@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from a2v_flower import config as C
@@ -67,10 +66,7 @@ class A2VPipeline:
             if not (run_dir / name).is_file():
                 raise FileNotFoundError(f"run folder {str(run_dir)!r} has no {name}; expected the folder of a "
                                         "finished run (a2v-run prints it on its last line)")
-        pairs = [item.partition("=") for item in overrides]
-        if bad := [k + sep + v for k, sep, v in pairs if not sep]:
-            raise ValueError(f"override {bad[0]!r}: expected key=value with a key of the run's config.yaml")
-        conf = C.load_run(run_dir / "config.yaml", {k: yaml.safe_load(v) for k, _, v in pairs})
+        conf = C.load_run(run_dir / "config.yaml", overrides)
         state, meta = load_tensors(run_dir / "adapters.safetensors")
         norm = {k.split("/", 1)[1]: state.pop(k) for k in list(state) if k.startswith("input_norm/")}
         if conf.adapter.normalise and not norm:

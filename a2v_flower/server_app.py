@@ -271,7 +271,8 @@ def round_renderer(conf: Config, run_dir: Path, classes: list[str], targets: dic
     d = conf.diffusion
     if untrained or not d.render_every:
         return None
-    from a2v_flower.rendering import Renderer, RoundRenderer
+    from a2v_flower.rendering.pipelines import Renderer
+    from a2v_flower.rendering.rounds import RoundRenderer
 
     device = C.server_device(conf)
     return RoundRenderer(Renderer(d, device), every=d.render_every, out_dir=run_dir / "images", classes=classes,

@@ -33,9 +33,8 @@ class ServerGenerators:
                  make_adapters: Callable[[], AdapterSet], train_spec: TrainSpec, options: Replay, seed: int,
                  replay: ReplaySpec | None, server_gen: ServerGeneratorSpec | None, kd: bool,
                  device: torch.device | str = "cpu"):
-        self.classes, self.class_targets, self.token_shape, self.kd = classes, class_targets, token_shape, kd
-        self.make_adapters, self.train_spec, self.options = make_adapters, train_spec, options
-        self.seed, self.replay = seed, replay
+        self.classes, self.class_targets, self.token_shape, self.kd, self.seed = classes, class_targets, token_shape, kd, seed
+        self.make_adapters, self.train_spec, self.options, self.replay = make_adapters, train_spec, options, replay
         self.device = torch.device(device)  # device.server: generators, server generator, kd and refinement
         self.server_gen = server_gen if server_gen is not None and server_gen.epochs else None
         self.stats_generator = StatsGenerator(token_shape, self.server_gen).to(device) if self.server_gen else None

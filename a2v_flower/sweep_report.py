@@ -64,6 +64,8 @@ def varying_keys(run_configs: list[dict]) -> list[str]:
     flats = [flat(c) for c in run_configs]
     keys = {k for f in flats for k in f if not k.startswith(NOT_SETTINGS)}
     differ = {k for k in keys if len({f.get(k) for f in flats}) > 1}
+    follow = {k for k in differ if k.endswith(".seed") and all(f.get(k) == f.get("seed") for f in flats)}
+    differ -= follow  # a node's seed that is the run's seed (conf: ${seed}) is not a setting of its own
     if any(k.startswith("mode.") for k in differ):
         differ = {k for k in differ if not k.startswith("mode.")} | {"mode"}
     return [k for k in KEYS if k in differ] + sorted(differ - set(KEYS))

@@ -29,12 +29,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from omegaconf import OmegaConf
 
 from a2v_flower import config as C
 from a2v_flower import preflight
-from a2v_flower.run import (REFUSALS, REFUSED, become_subreaper, flwr_env, outcome, reap_orphans, stage_app,
-                            stop_processes)
+from a2v_flower.processes import become_subreaper, reap_orphans, stop_processes
+from a2v_flower.run import REFUSALS, REFUSED, flwr_env, outcome, stage_app
 
 CONNECTION = "deploy"  # name of the SuperLink connection written to the CLI's config.toml
 HOSTS = ("127.0.0.1", "localhost")  # names the TLS server certificate is valid for
@@ -217,11 +216,11 @@ def online_nodes(cli_home: Path) -> int:
 
 def prepare_config(overrides: list[str], sites: int) -> tuple[Path, Path]:
     """Compose, validate and save the config for `sites` sites; return (run folder, config file)."""
-    cfg = C.absolute_paths(C.compose_config([*overrides, f"federation.num_sites={sites}"]), Path.cwd())
-    preflight.check_run(cfg)  # a bad value, partition or checkpoint fails here, before anything is written
-    run_dir = Path(f"{C.run_dir_for(cfg)}_deploy")
+    conf = C.checked([*overrides, f"federation.num_sites={sites}"], Path.cwd())
+    preflight.check_run(conf)  # a bad value, partition or checkpoint fails here, before anything is written
+    run_dir = Path(f"{C.run_dir_for(conf)}_deploy")
     run_dir.mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    (run_dir / "config.yaml").write_text(C.to_yaml(conf))
     return run_dir, run_dir / "config.yaml"
 
 

@@ -30,7 +30,7 @@ def test_encoder_dim_is_the_tiny_models_width_without_transformers(make_cfg, tmp
     encoder = AudioEncoder(spec)
     encoder.load()
     assert encoder_dim(spec) == encoder.model.config.hidden_size     # the configured tiny override
-    plain = C.spec("model.audio")
+    plain = C.spec("model.audio", tiny=None)
     assert encoder_dim(plain) == ASTConfig().hidden_size            # no override: ASTConfig's default
     ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(
         tmp_path / "ast")

@@ -74,7 +74,7 @@ def generators(base, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("generators")
     cfg = C.absolute_paths(C.compose_config([*base, *pretrained_overrides(folder)]), Path.cwd())
     classes = list(cfg.data.classes)
-    replay, shape = C.replay_spec(cfg, classes), token_shape(cfg)
+    replay, shape = C.replay_spec(cfg, classes), token_shape(C.validate(cfg))
     for site in (0, 1):
         states = {c: build_generator(replay.generator, shape).state_tensors() | {"seen": torch.tensor([i])}
                   for i, c in enumerate(classes)}

@@ -11,7 +11,7 @@ from torch import nn
 from a2v_flower import config as C
 from a2v_flower.checkpoints import load_tensors, save_tensors
 from a2v_flower.models import generators as G
-from a2v_flower.models.generators import training
+from a2v_flower.models.generators import fitting
 from a2v_flower.models.generators import (build_generator, class_condition, generator_keys,
                                           key_for, kl_beta, sample_classes,
                                           sample_quality, train_generator)
@@ -116,7 +116,7 @@ def test_cvae_uses_class_condition_in_fit_and_sample(monkeypatch):
         return real(class_targets, class_ids, dim, seed)
 
     real = G.class_condition
-    monkeypatch.setattr(training, "class_condition", spy)
+    monkeypatch.setattr(fitting, "class_condition", spy)
     spec = C.spec("generator", type="cvae", epochs=2, **SMALL)
     gen = build_generator(spec, TOKENS)
     seen = {"fit": [], "sample": []}

@@ -111,7 +111,7 @@ def test_federation_reads_hf_through_the_config_and_groups_partition(tmp_path, m
     folder = saved_dataset(tmp_path / "saved")
     cfg = make_cfg("data=hf", f"data.path={folder}", "data.group_column=group", "partition=groups",
                    "federation.num_sites=2", "partition.sites=[[animals,urban],[natural]]")
-    preflight.check_run(cfg)
+    preflight.check_run(C.validate(cfg))
     clips, classes, sites = federation(C.data_spec(cfg), C.partition_spec(cfg))
     assert classes == CLASSES and [sorted({clips[i].category for i in s}) for s in sites] == [["dog", "siren"],
                                                                                               ["rain"]]
