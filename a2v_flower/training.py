@@ -53,7 +53,7 @@ class AdamW:
     the adapters' loop. torch.optim imports torch._dynamo on first use: 1.4 s of CPU in every ClientApp process,
     and in deployment every message starts one."""
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, *, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.weight_decay, (self.beta1, self.beta2), self.eps = lr, weight_decay, betas, eps
         self.state = [{"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
