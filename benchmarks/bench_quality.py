@@ -295,7 +295,7 @@ def run(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec: Tra
     if m.kind == "central":
         train = pooled(sites, "train")
         sites_run = [SiteData(classes, {"train": train})]
-        spec = replace(spec, epochs=spec.epochs + kd_epochs)  # the server epochs kd adds
+        spec = replace(spec, local_epochs=spec.local_epochs + kd_epochs)  # the server epochs kd adds
     else:
         sites_run = sites
     global_ad = make(seed)
@@ -382,7 +382,7 @@ def one_shot(m: Method, sc: Scenario, sites: list[SiteData], targets, make, spec
                         token_shape, targets, ONE_SHOT[0], seed=seed + 1)
     present, means = R.class_audio_means(stats, len(classes))
     R.refine(global_ad, torch.cat([x, means]), torch.cat([y, torch.tensor(present)]), targets,
-             replace(spec, epochs=ONE_SHOT[1]), seed)
+             replace(spec, local_epochs=ONE_SHOT[1]), seed)
     return finish(m, sc, sites, sites, global_ad, [global_ad], targets, 1, [],
                   {"up": up, "down": 0, "gen": gen_up, "seconds": time.perf_counter() - t0})
 
@@ -404,11 +404,11 @@ def server_training(m: Method, global_ad, locals_, stats, gens, server_gen, sg_s
         sx, sy = sample_server_generator(server_gen, stats, targets, per_class, seed + 7 * rnd)
         x, y = torch.cat([x, sx]), torch.cat([y, sy])
     if m.kd:
-        R.distill(global_ad, teachers, owners_of(stats, "counts"), x, y, targets, replace(spec, epochs=kd_epochs), seed)
+        R.distill(global_ad, teachers, owners_of(stats, "counts"), x, y, targets, replace(spec, local_epochs=kd_epochs), seed)
     if m.refine:
         present, means = R.class_audio_means(stats, len(classes))
         R.refine(global_ad, torch.cat([x, means]), torch.cat([y, torch.tensor(present)]), targets,
-                 replace(spec, epochs=refine_epochs), seed)
+                 replace(spec, local_epochs=refine_epochs), seed)
 
 
 def finish(m: Method, sc: Scenario, sites, sites_run, global_ad, locals_, targets, rounds: int, val_history: list,

@@ -227,7 +227,7 @@ def free_port() -> int:
 def measure(name: str, overrides: list[str], work: Path, hook_dir: Path, interval: float, timeout: int,
             grace: float = 30.0) -> dict:
     """Run `a2v-run *overrides` like a user, sampling its process tree; return the figures."""
-    from a2v_flower.run import stop_local_superlink
+    from a2v_flower.processes import stop_local_superlink
 
     work.mkdir(parents=True, exist_ok=True)
     flwr_home, events = work / "flwr", work / "pipelines.jsonl"

@@ -69,7 +69,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from a2v_flower import config as C  # noqa: E402
 from a2v_flower.data.site import federation  # noqa: E402
-from a2v_flower.run import flwr_env, stop_local_superlink  # noqa: E402
+from a2v_flower.processes import stop_local_superlink  # noqa: E402
+from a2v_flower.run import flwr_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BARE_APP = ROOT / "benchmarks" / "bare_app"
