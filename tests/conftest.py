@@ -81,7 +81,47 @@ def task_identity():
     yield
 
 
-SHARED_RUNS = ("sweep", "two_runs")  # fixtures made once per session by `once`
+# One in-process kd run (strategy=kd, the server's own generator, offline wandb) for the two tests that read it:
+# test_server_generator (its metrics and log lines) and test_tracking (the wandb file's key names).
+KD_RUN = ["strategy=kd", "server_generator.epochs=5", "server_generator.hidden=32", "replay.kd_epochs=1",
+          "replay.refine_epochs=1", "diffusion.render_every=0", "train.local_epochs=1", "wandb.mode=offline",
+          "wandb.name=kd_run", "wandb.group=sweep_x"]
+KD_LOGGERS = ("a2v_flower.server_generators", "a2v_flower.models.generators.from_statistics")
+
+
+@pytest.fixture
+def kd_run(shared_dir, cache_dir, task_identity, monkeypatch) -> dict:
+    """The KD_RUN run by the real ServerApp and ClientApps in process (tests/inprocess.py), made once per session:
+    its run folder, and the messages the server generator's loggers wrote (each record once)."""
+
+    def make(folder: Path) -> dict:
+        import logging
+
+        from tests.inprocess import run_server
+
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        cfg = C.absolute_paths(C.compose_config([*TINY, f"paths.cache_dir={cache_dir}",
+                                                 f"paths.output_root={folder}/outputs", *KD_RUN]), folder)
+        records: dict[int, logging.LogRecord] = {}  # a record seen by two loggers' handlers counts once
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records[id(record)] = record  # kept alive: no id is reused
+
+        keep, loggers = Keep(), [logging.getLogger(n) for n in KD_LOGGERS]  # they feed Flower's handlers only
+        for log in loggers:
+            log.addHandler(keep)
+        try:
+            run_server(cfg, folder / "run")
+        finally:
+            for log in loggers:
+                log.removeHandler(keep)
+        return {"run": str(folder / "run"), "messages": [r.getMessage() for r in records.values()]}
+
+    return once(shared_dir, "kd_run", make)
+
+
+SHARED_RUNS = ("sweep", "two_runs", "kd_run")  # fixtures made once per session by `once`
 
 
 def pytest_collection_modifyitems(items):

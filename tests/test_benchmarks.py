@@ -32,8 +32,10 @@ def test_quality_intervals_and_paired_test():
 @pytest.mark.slow
 def test_quality_benchmark_quick_scores_every_method_on_the_same_clips_and_resumes(tmp_path, cache_dir):
     out = tmp_path / "bench"
+    # replay.kd_epochs=1 (the config's 5): the kd rows and centralised's budget (local + kd epochs a round) are the
+    # bulk of --quick's CPU; nothing below depends on how far they train
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--quick", "--out", str(out),
-           f"paths.cache_dir={cache_dir}"]
+           f"paths.cache_dir={cache_dir}", "replay.kd_epochs=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "quality.csv")))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +13,6 @@ from a2v_flower.models.adapters import build_adapters
 from a2v_flower.models.generators.from_statistics import (StatsGenerator, class_moments,
                                                sample_server_generator, train_server_generator)
 from a2v_flower.training import class_means, predict, train_adapters
-from tests.inprocess import run_server
 
 TARGETS = {"pooled": torch.randn(3, 12, generator=torch.Generator().manual_seed(0))}
 
@@ -66,20 +65,14 @@ def test_server_generator_learns_the_class_spread_and_agrees_with_teachers():
     assert torch.equal(torch.cdist(x.flatten(1), centres.flatten(1)).argmin(1), y)
 
 
-def test_server_generator_in_a_run_logs_its_loss(make_cfg, tmp_path, task_identity, caplog):
-    cfg = make_cfg("server_generator.epochs=5", "server_generator.hidden=32", "strategy=kd", "replay.kd_epochs=1",
-                   "replay.refine_epochs=1", "diffusion.render_every=0", "train.local_epochs=1")
-    # the package loggers feed Flower's handlers only
-    loggers = [logging.getLogger(n) for n in ("a2v_flower.server_generators", "a2v_flower.models.generators.from_statistics")]
-    for log in loggers:
-        log.addHandler(caplog.handler)
-    caplog.set_level("INFO")
-    try:
-        run_server(cfg, tmp_path / "run")
-    finally:
-        for log in loggers:
-            log.removeHandler(caplog.handler)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+def test_server_generator_in_a_run_logs_its_loss(kd_run):
+    """The shared kd run (tests/conftest.py KD_RUN: strategy=kd, server_generator.epochs=5, hidden 32, 2 rounds)."""
+    from omegaconf import OmegaConf
+
+    run = Path(kd_run["run"])
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.strategy.aggregation == "kd" and cfg.server_generator.epochs == 5 and cfg.num_rounds == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trains = [r for r in rows if r["kind"] == "train"]
     assert all(r["server/generator_loss"] >= 0 and r["server/adapter_finetuning_loss"] >= 0 for r in trains)
     assert all(r["server/synthetic_samples"] == 10 * 32 for r in trains)  # 10 classes x replay.samples_per_class
@@ -88,5 +81,4 @@ def test_server_generator_in_a_run_logs_its_loss(make_cfg, tmp_path, task_identi
     assert all(f["loss"] == pytest.approx(f["agree"] + f["moment"]) and f["agree"] > 0 for f in per_class.values())
     for line in ("Class 'dog': server generator Loss=", "Generator training completed. Average loss: ",
                  "Distillation completed. Average loss: ", "Adapter fine-tuning completed. Average loss: "):
-        records = {id(r): r.getMessage() for r in caplog.records}  # a record seen by two handlers counts once
-        assert sum(m.startswith(line) for m in records.values()) == cfg.num_rounds, line
+        assert sum(m.startswith(line) for m in kd_run["messages"]) == cfg.num_rounds, line

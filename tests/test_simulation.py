@@ -121,8 +121,9 @@ def test_a_run_resumes_with_new_node_ids_and_its_saved_state(sweep, tmp_path):
     assert str(tmp_path / "flwr") not in ps
 
 
-def test_bad_partition_fails_before_anything_starts(tmp_path):
-    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={tmp_path}/c",
+def test_bad_partition_fails_before_anything_starts(tmp_path, cache_dir):
+    # the session's cache: the check reads the synthetic dataset's classes, which a fresh cache would generate first
+    proc = subprocess.run([str(BIN / "a2v-run"), *TINY, f"paths.cache_dir={cache_dir}",
                            f"paths.output_root={tmp_path}/o", "partition=classes",
                            "partition.sites=[[dog,cat],[rain]]"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

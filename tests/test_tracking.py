@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+from pathlib import Path
 
 from a2v_flower.tracking import wandb_keys
 
@@ -41,15 +42,10 @@ def test_wandb_keys_keep_the_seeds_names_and_flatten_sites():
                                         "train/per_class/dog": 1.0}
 
 
-def test_offline_wandb_run_has_the_seeds_key_names(make_cfg, tmp_path, task_identity, monkeypatch):
-    from tests.inprocess import run_server
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_cfg("wandb.mode=offline", "wandb.name=kd_run", "wandb.group=sweep_x", "num_rounds=1",
-                   "diffusion.render_every=0", "strategy=kd", "server_generator.epochs=2", "replay.refine_epochs=1",
-                   "train.local_epochs=1")
-    run_server(cfg, tmp_path / "run")
-    (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+def test_offline_wandb_run_has_the_seeds_key_names(kd_run):
+    """The shared kd run (tests/conftest.py KD_RUN: strategy=kd, wandb offline, named kd_run in group sweep_x)."""
+    run_dir = Path(kd_run["run"])
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     for _ in range(120):  # wandb's service process may still be writing the file when finish() returns
         records = wandb_records(path)
         if any(r.WhichOneof("record_type") == "exit" for r in records):
@@ -61,6 +57,6 @@ def test_offline_wandb_run_has_the_seeds_key_names(make_cfg, tmp_path, task_iden
             for item in r.history.item}
     assert {"round", "server/generator_loss", "server/adapter_finetuning_loss"} <= keys  # as the predecessor names them
     assert not any(k.startswith("train/server/") for k in keys)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sites = set(next(r for r in rows if r["kind"] == "eval")["sites"])
     assert {f"eval/sites/{s}/top1" for s in sites} | {f"train/sites/{s}/train_loss" for s in sites} <= keys

@@ -54,7 +54,7 @@ def fresh_venv(folder: Path, wheel: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_wheel_runs_with_no_checkout_beside_it(tmp_path):
+def test_the_wheel_runs_with_no_checkout_beside_it(tmp_path, cache_dir):
     wheel = build_wheel(tmp_path / "dist")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"a2v_flower/conf/config.yaml", "a2v_flower/sweep_report.py", "a2v_flower/project/pyproject.toml",
@@ -76,7 +76,7 @@ def test_the_wheel_runs_with_no_checkout_beside_it(tmp_path):
     assert helped.returncode == 0 and "granularity" in helped.stdout, helped.stderr[-2000:]
 
     run = subprocess.run([str(bin_dir / "a2v-run"), *TINY, "num_rounds=1", "federation.num_sites=2",
-                          "diffusion.render_every=0", "wandb.mode=disabled", f"paths.cache_dir={tmp_path / 'cache'}",
+                          "diffusion.render_every=0", "wandb.mode=disabled", f"paths.cache_dir={cache_dir}",
                           f"paths.output_root={tmp_path / 'outputs'}"],
                          capture_output=True, text=True, timeout=900, cwd=elsewhere, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
