@@ -145,20 +145,12 @@ class Strategy:
     aggregation: str = MISSING        # avg | uniform | none | kd
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    server_lr: float = 1.0            # FedAvgM (a2v_flower/server_optimizer.py); 1 and 0 = FedAvg
-    server_momentum: float = 0.0
 
     def __post_init__(self):
         _one_of("strategy.aggregation", self.aggregation, ("avg", "uniform", "none", "kd"))
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"strategy.{name}={getattr(self, name)!r} is not allowed; expected a fraction in (0, 1]")
-        if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
-            raise ValueError(f"strategy.server_lr={self.server_lr!r}, strategy.server_momentum={self.server_momentum!r} "
-                             "are not allowed; expected server_lr > 0 and server_momentum in [0, 1)")
-        if self.aggregation == "none" and (self.server_lr != 1 or self.server_momentum):
-            raise ValueError(f"strategy.server_lr={self.server_lr!r} / server_momentum={self.server_momentum!r} step "
-                             "the sites' average, but strategy.aggregation='none' averages nothing; leave them at 1 / 0")
 
 
 @dataclass

@@ -28,7 +28,6 @@ from a2v_flower.nodes import federation_size, short_reason
 from a2v_flower.records import from_record
 from a2v_flower.resume import load_server_checkpoint, save_server_checkpoint
 from a2v_flower.server_generators import ServerGenerators
-from a2v_flower.server_optimizer import ServerMomentum
 from a2v_flower.strategy import A2VStrategy
 from a2v_flower.tracking import RunTracker, use_flower_logging
 from a2v_flower.training import predict
@@ -188,8 +187,7 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
                            seen_fn=lambda rnd: {classes.index(c) for c in seen_classes(schedule, held, rnd)},
                            timeout=cfg.federation.timeout, run_config=run_yaml, num_sites=n, min_sites=low,
                            wire=cfg.adapter.wire, input_norm=norm if cfg.adapter.normalise else None,
-                           evaluate_on_sites=cfg.evaluate.mode == "federated",
-                           server_opt=ServerMomentum(cfg.strategy.server_lr, cfg.strategy.server_momentum))
+                           evaluate_on_sites=cfg.evaluate.mode == "federated")
     strategy.site_of_node.update(node_sites)
     done = 0
     if resumed:  # continue after the newest server checkpoint; sites restore their state of that round

@@ -20,7 +20,6 @@ from a2v_flower.metrics import aggregate_metrics, pool_evaluations, summarise_tr
 from a2v_flower.nodes import FailureLog, RoundFailed, learn_sites, wait_for_sites
 from a2v_flower.records import cast, not_finite, payload_bytes, to_record
 from a2v_flower.server_generators import ServerGenerators
-from a2v_flower.server_optimizer import ServerMomentum
 from a2v_flower.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,7 @@ class A2VStrategy(FedAvg):
                  classes: list[str], generators: ServerGenerators, seen_fn: Callable[[int], set[int]] | None = None,
                  timeout: float = 3600, clip_images: Callable[[int], int] | None = None, run_config: str = "",
                  num_sites: int = 1, min_sites: int = 1, wire: str = "float32",
-                 input_norm: dict[str, torch.Tensor] | None = None, evaluate_on_sites: bool = True,
-                 server_opt: ServerMomentum | None = None, **kwargs):
+                 input_norm: dict[str, torch.Tensor] | None = None, evaluate_on_sites: bool = True, **kwargs):
         super().__init__(weighted_by_key=AGGREGATIONS[aggregation], train_metrics_aggr_fn=aggregate_metrics,
                          evaluate_metrics_aggr_fn=aggregate_metrics, **kwargs)
         self.tracker, self.classes, self.generators, self.timeout = tracker, classes, generators, timeout
@@ -58,8 +56,6 @@ class A2VStrategy(FedAvg):
         self.sent: list[Message] = []                # messages of the current train/evaluate step
         self.wire = wire                             # dtype adapters travel in; averaged in float32
         self.evaluate_on_sites = evaluate_on_sites   # False (evaluate.mode=server): the server scores its own clips
-        self.server_opt = server_opt or ServerMomentum()  # FedAvgM's step on the average (default: FedAvg's)
-        self.sent_arrays: ArrayRecord | None = None  # this round's global adapters, float32, as sent for training
 
     def _with_targets(self, messages: Iterable[Message], extra: dict | None = None) -> list[Message]:
         """Give every message its own RecordDict and `extra` config; add the class targets, the run config and
@@ -84,7 +80,6 @@ class A2VStrategy(FedAvg):
         """FedAvg's messages, plus targets where needed, shared generators and synthetic samples."""
         server_round += self.round_offset
         self.round_started = time.time()
-        self.sent_arrays = arrays
         wait_for_sites(grid, server_round, self.min_sites, self.timeout)
         train = super().configure_train(server_round, cast(arrays, self.wire), config, grid)
         messages = self.sent = self._with_targets(train)
@@ -144,8 +139,6 @@ class A2VStrategy(FedAvg):
             sites[site] = {k: v for k, v in metrics.items() if k not in ("site", "unit-weight")}
             sites[site] |= {"bytes_up": up, "bytes_down": self.bytes_down.get(node, 0)} | report
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None and self.sent_arrays is not None:  # strategy.server_lr / server_momentum (FedAvgM)
-            arrays = self.server_opt.step(self.sent_arrays, arrays)
         check_finite(server_round, arrays, "averaging")
         arrays, server = self.generators.after_aggregation(server_round, arrays, teachers)
         check_finite(server_round, arrays, "server training")
