@@ -15,8 +15,8 @@ its sites' held-out clips (60 at 3 sites, 100 at 100: different clips and class 
 
 --direct: FedAvg written out with the package's own functions (the sites' data, build_adapters, train_adapters with
 the ClientApp's seeds, the wire's float16 both ways, Flower's weighted average in float32, retrieval): no messages,
-no config per message. It gives the in-process figures exactly (checked at 3 sites federated and 30 sites
---server-test, every round equal) at a fraction of the CPU, and reports each round's update sizes: the mean of
+no config per message. It gives the in-process figures exactly (checked every round: 3 sites federated, 2 rounds;
+30 sites --server-test, 8 rounds; tests/test_bench_sites.py) at a fraction of the CPU, and reports each round's update sizes: the mean of
 the sites' ||update|| and the norm of their average (how much of what the sites learn survives averaging).
 
 Printed per run: clips trained on, optimiser steps per site per round (epochs x batches), the held-out clips per
