@@ -101,11 +101,11 @@ def direct(n: int, overrides: list[str], out: Path) -> dict:
     cfg = C.absolute_paths(C.compose_config([*DATA, f"federation.num_sites={n}", f"paths.cache_dir={out / 'cache'}",
                                              *overrides]), Path.cwd())
     facts, t0 = layout(cfg), time.time()
-    data, part, audio = C.data_spec(cfg), C.partition_spec(cfg), C.audio_spec(cfg)
+    data, part, audio = C.data_spec(cfg), C.partition_spec(cfg), C.as_config(cfg).model.audio
     encoder = AudioEncoder(audio, torch.device("cpu"))
     sites = [load_site(data, part, encoder, s) for s in range(n)]
     clips, classes, parts = federation(data, part)
-    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.text_spec(cfg), C.t5_seq_len(cfg),
+    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.as_config(cfg).model.text, cfg.diffusion.t5_seq_len,
                             TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     norm = input_norm([embedding_moments(s.splits["train"][0]) for s in sites])
 
@@ -122,7 +122,7 @@ def direct(n: int, overrides: list[str], out: Path) -> dict:
         tests = [(x, torch.tensor([classes.index(c.category) for c in kept]))]
     else:
         tests = [s.splits[cfg.evaluate.split] for s in sites if len(s.splits[cfg.evaluate.split][1])]
-    spec, adapters, evals, sizes = C.train_spec(cfg), make(), [], []
+    spec, adapters, evals, sizes = C.as_config(cfg).train, make(), [], []
     state = adapters.state_dict()
     for rnd in range(1, cfg.num_rounds + 1):
         sent, updates, weights = wire(state), [], []
