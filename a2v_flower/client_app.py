@@ -69,7 +69,7 @@ def _setup(msg: Message, context: Context):
     norm = received(msg, cfg, site_id, "input_norm") if cfg.adapter.normalise else None
     dim = site.splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
     adapters = build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
-                              cfg.adapter.rank, norm)
+                              cfg.adapter.rank, norm, cfg.model.audio.tokens if cfg.adapter.token_embedding else 0)
     resumed = int(msg.content["config"].get("resume-round", 0))
     if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
         restore_site_state(site_state_dir(cfg, context.node_config), site_id, resumed, context.state)

@@ -93,7 +93,8 @@ class A2VPipeline:
                                 C.t5_seq_len(cfg), TensorCache(Path(cfg.paths.cache_dir) / "targets"), device)
         adapters = build_adapters(encoder_dim(audio), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed,
                                   OmegaConf.select(cfg, "adapter.kind", default="attention"),  # older runs lack it
-                                  OmegaConf.select(cfg, "adapter.rank", default=64))
+                                  OmegaConf.select(cfg, "adapter.rank", default=64), tokens=cfg.model.audio.tokens
+                                  if OmegaConf.select(cfg, "adapter.token_embedding", default=False) else 0)
         adapters.load_state_dict(state)  # the target space (shift, scale) comes from the same targets
         adapters.set_input_norm(norm or None)  # the federation's input standardisation, saved beside the weights
         return cls(adapters.to(device), AudioEncoder(audio, device), Renderer(C.diffusion_spec(cfg, device)), targets,

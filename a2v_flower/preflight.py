@@ -109,7 +109,8 @@ def check_resume(cfg: DictConfig) -> None:
     k, d = token_shape(cfg)
     want = {n: tuple(v.shape) for n, v in AdapterSet(d, head_shapes(cfg.diffusion.type, C.t5_seq_len(cfg)),
                                                      cfg.adapter.width, cfg.adapter.heads, cfg.adapter.kind,
-                                                     cfg.adapter.rank).state_dict().items()}
+                                                     cfg.adapter.rank, k if cfg.adapter.token_embedding else 0
+                                                     ).state_dict().items()}
     have = {n: tuple(v.shape) for n, v in adapters.items()}
     if have != want:
         bad = sorted(n for n in have.keys() | want.keys() if have.get(n) != want.get(n))[:3]

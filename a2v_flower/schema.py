@@ -185,6 +185,7 @@ class Adapter:
     rank: int = MISSING
     wire: str = MISSING
     normalise: bool = True            # standardise inputs with the federation's moments (old configs: absent)
+    token_embedding: bool = True      # a learned embedding per audio token index (old configs: absent)
 
     def __post_init__(self):
         _numbers("adapter.", self, positive=("width", "heads", "rank"))

@@ -172,7 +172,8 @@ def run_rounds(grid: Grid, cfg, run_dir: Path, node_sites: dict[int, int], summa
 
     def make_adapters():
         return build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed, cfg.adapter.kind,
-                              cfg.adapter.rank, norm if cfg.adapter.normalise else None)
+                              cfg.adapter.rank, norm if cfg.adapter.normalise else None,
+                              cfg.model.audio.tokens if cfg.adapter.token_embedding else 0)
 
     adapters = make_adapters()
     generators = ServerGenerators(classes, targets, (cfg.model.audio.tokens, dim), make_adapters, C.train_spec(cfg),
