@@ -65,8 +65,7 @@ def _setup(msg: Message, context: Context):
     targets = received(msg, conf, site_id, "targets")
     norm = received(msg, conf, site_id, "input_norm") if conf.adapter.normalise else None
     dim = site.splits["train"][0].shape[-1]  # D of the cached embeddings: no transformers import for it
-    a = conf.adapter
-    adapters = build_adapters(dim, targets, a.width, a.heads, conf.seed, a.kind, a.rank, norm)
+    adapters = build_adapters(dim, targets, seed=conf.seed, norm=norm, **C.adapter_keywords(conf))
     resumed = int(msg.content["config"].get("resume-round", 0))
     if resumed and "restored" not in context.state:  # first message of a resumed run: this site's saved state
         restore_site_state(site_state_dir(conf, context.node_config), site_id, resumed, context.state)

@@ -171,7 +171,7 @@ def plain(conf: Config) -> dict:
 
 
 # What a key a run saved before it existed meant then, where today's default differs (older runs load as they ran).
-ABSENT_THEN = {"adapter": {"kind": "attention", "rank": 64, "normalise": False}}
+ABSENT_THEN = {"adapter": {"kind": "attention", "rank": 64, "normalise": False, "token_embedding": False}}
 
 
 def load_run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -251,6 +251,15 @@ def schedule_of(conf: Config | DictConfig) -> dict | None:
     if not conf.schedule:
         return None
     return {int(k) if str(k).isdigit() else k: v for k, v in dict(conf.schedule).items()}
+
+
+def adapter_keywords(conf: Config | DictConfig) -> dict:
+    """The adapters' architecture as `AdapterSet` and `build_adapters` take it: adapter.* and, with
+    adapter.token_embedding, the audio token count it embeds (0: none)."""
+    conf = as_config(conf)
+    a = conf.adapter
+    return {"width": a.width, "heads": a.heads, "kind": a.kind, "rank": a.rank,
+            "tokens": conf.model.audio.tokens if a.token_embedding else 0}
 
 
 # ---- the specs that span several nodes -----------------------------------------------------------------

@@ -81,8 +81,7 @@ class A2VPipeline:
                                 who=f"a2v-generate (device.server={str(device)!r})")
         targets = class_targets(meta["classes"], conf.prompt_template, conf.diffusion.type, conf.model.text,
                                 conf.diffusion.t5_seq_len, TensorCache(Path(conf.paths.cache_dir) / "targets"), device)
-        a = conf.adapter
-        adapters = build_adapters(encoder_dim(audio), targets, a.width, a.heads, conf.seed, a.kind, a.rank)
+        adapters = build_adapters(encoder_dim(audio), targets, seed=conf.seed, **C.adapter_keywords(conf))
         adapters.load_state_dict(state)  # the target space (shift, scale) comes from the same targets
         adapters.set_input_norm(norm or None)  # the federation's input standardisation, saved beside the weights
         return cls(adapters=adapters.to(device), encoder=AudioEncoder(audio, device),

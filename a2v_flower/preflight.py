@@ -108,10 +108,8 @@ def check_resume(conf: Config) -> None:
     run_dir = Path(conf.resume)
     rnd, adapters, _, _ = load_server_checkpoint(run_dir, conf)
     k, d = token_shape(conf)
-    a = conf.adapter
     shapes = head_shapes(conf.diffusion.type, conf.diffusion.t5_seq_len)
-    want = {n: tuple(v.shape) for n, v in AdapterSet(d, shapes, width=a.width, heads=a.heads, kind=a.kind,
-                                                     rank=a.rank).state_dict().items()}
+    want = {n: tuple(v.shape) for n, v in AdapterSet(d, shapes, **C.adapter_keywords(conf)).state_dict().items()}
     have = {n: tuple(v.shape) for n, v in adapters.items()}
     if have != want:
         bad = sorted(n for n in have.keys() | want.keys() if have.get(n) != want.get(n))[:3]

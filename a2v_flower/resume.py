@@ -66,6 +66,9 @@ def save_server_checkpoint(run_dir: Path, rnd: int, adapters: torch.nn.Module, t
     return path
 
 
+ADDED = {"normalise": "input standardisation", "token_embedding": "token embedding"}  # adapter keys added since
+
+
 def load_server_checkpoint(run_dir: Path, conf) -> tuple[int, dict, dict, dict]:
     """The newest server checkpoint of `run_dir`: (round, adapter state, strategy tensors, metadata).
     Raises naming the file if it is corrupt, stray or not this app's, and the key with both values if the
@@ -86,12 +89,13 @@ def load_server_checkpoint(run_dir: Path, conf) -> tuple[int, dict, dict, dict]:
                          "not a server checkpoint written by this app")
     for key, saved in meta.get("resume_keys", {}).items():
         now = _value(conf, key)
-        if key == "adapter" and isinstance(saved, dict):  # written before input standardisation: it was off
-            saved = {"normalise": False} | saved
+        if key == "adapter" and isinstance(saved, dict):  # written before a key of ADDED existed: it was off
+            saved = dict.fromkeys(ADDED, False) | saved
         now = _known(now, saved)  # keys added since: the older run had no such key
         if now != saved:
-            hint = ("; it was written before the adapters' input standardisation: resume it with "
-                    "adapter.normalise=false") if key == "adapter" and not saved.get("normalise") else ""
+            off = [k for k in ADDED if key == "adapter" and saved.get(k) is False and now.get(k)]
+            hint = (f"; it was written before the adapters' {' and '.join(ADDED[k] for k in off)}: resume it with "
+                    + " ".join(f"adapter.{k}=false" for k in off)) if off else ""
             raise ValueError(f"resume: {key}={now!r} differs from the checkpoint's {key}={saved!r} ({files[-1]}); "
                              f"a resumed run must use the same config (num_rounds, name, paths may change){hint}")
     rnd = int(meta["round"])

@@ -223,6 +223,7 @@ class Adapter:
     rank: int = MISSING
     wire: str = MISSING
     normalise: bool = MISSING         # standardise inputs with the federation's moments
+    token_embedding: bool = MISSING   # a learned embedding per audio token index
 
     def __post_init__(self):
         _numbers("adapter.", self, positive=("width", "heads", "rank"))

@@ -191,8 +191,8 @@ def run_rounds(grid: Grid, conf: Config, run_dir: Path, node_sites: dict[int, in
 def global_models(conf: Config, classes: list[str], targets: dict, norm: dict | None, resumed: tuple | None):
     """The global adapters (inputs standardised with `norm`) and the server's side of generators, with a resumed
     run's state restored: (adapters, generators, rounds done, best accuracy per class so far)."""
-    dim, a = encoder_dim(conf.model.audio), conf.adapter
-    make_adapters = partial(build_adapters, dim, targets, a.width, a.heads, conf.seed, a.kind, a.rank, norm)
+    dim = encoder_dim(conf.model.audio)
+    make_adapters = partial(build_adapters, dim, targets, seed=conf.seed, norm=norm, **C.adapter_keywords(conf))
     adapters = make_adapters()
     generators = ServerGenerators(classes=classes, class_targets=targets, token_shape=(conf.model.audio.tokens, dim),
                                   make_adapters=make_adapters, train_spec=conf.train, options=conf.replay,

@@ -590,7 +590,8 @@ def main() -> None:
                 norm = input_norm([embedding_moments(s.splits["train"][0]) for s in sites]) \
                     if cfg.adapter.normalise else None
                 make = lambda s: build_adapters(dim, targets, cfg.adapter.width, cfg.adapter.heads, s,  # noqa: E731
-                                                cfg.adapter.kind, cfg.adapter.rank, norm)
+                                                cfg.adapter.kind, cfg.adapter.rank, norm,
+                                                cfg.model.audio.tokens if cfg.adapter.token_embedding else 0)
                 r = run(m, sc, sites, targets, make, spec, gspec, rounds, seed,
                         (rspec.samples_per_class, rspec.synthetic_samples_per_class), rspec.kd_epochs, REFINE_EPOCHS,
                         cfg.adapter.wire)

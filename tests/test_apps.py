@@ -36,8 +36,8 @@ def setup(cfg):
     _, classes, _ = federation(C.data_spec(cfg), C.partition_spec(cfg))
     targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.validate(cfg).model.text, cfg.diffusion.t5_seq_len,
                             TensorCache(f"{cfg.paths.cache_dir}/targets"))
-    adapters = build_adapters(encoder_dim(C.validate(cfg).model.audio), targets, cfg.adapter.width, cfg.adapter.heads, 0,
-                              cfg.adapter.kind, cfg.adapter.rank)
+    adapters = build_adapters(encoder_dim(C.validate(cfg).model.audio), targets, seed=0,
+                              **C.adapter_keywords(cfg))  # as the ServerApp builds them
     return classes, targets, adapters
 
 
@@ -109,9 +109,9 @@ def test_aggregation_none_keeps_site_adapters(make_cfg, task_identity):
     ctx = context()
     first = client_app.train(message(cfg, adapters, targets), ctx).content["arrays"].to_torch_state_dict()
     shape = (adapters["clip"].inp[1].in_features, targets, cfg.adapter.width, cfg.adapter.heads)
-    fresh = build_adapters(*shape, 99, cfg.adapter.kind, cfg.adapter.rank)
+    fresh = build_adapters(*shape, 99, cfg.adapter.kind, cfg.adapter.rank, tokens=cfg.model.audio.tokens)
     reply = client_app.evaluate(message(cfg, fresh, targets, "evaluate"), ctx)  # server's arrays are ignored
-    own = build_adapters(*shape, 0, cfg.adapter.kind, cfg.adapter.rank)
+    own = build_adapters(*shape, 0, cfg.adapter.kind, cfg.adapter.rank, tokens=cfg.model.audio.tokens)
     own.load_state_dict(first)
     assert reply.content["metrics"]["top1"] == pytest.approx(
         client_app.evaluate(message(cfg, own, targets, "evaluate"), context()).content["metrics"]["top1"])

@@ -138,18 +138,20 @@ def test_resume_refuses_a_changed_config_or_a_corrupt_checkpoint(make_cfg, tmp_p
         run_server(OmegaConf.merge(cfg, {"resume": str(run), "seed": 1, "num_rounds": 3}), tmp_path / "l1")
     with pytest.raises(ValueError, match="is at round 2 but num_rounds=2"):
         run_server(OmegaConf.merge(cfg, {"resume": str(run)}), tmp_path / "l2")
-    # a checkpoint written before the adapters' input standardisation: no such key, no input_norm tensors
+    # a checkpoint written before the adapters' input standardisation and token embedding: no such keys, no
+    # input_norm tensors, no token embeddings
     old = tmp_path / "old"
     shutil.copytree(run, old)
     ckpt = old / "checkpoints" / "server_round_2.safetensors"
     tensors, meta = load_tensors(ckpt)
-    del meta["resume_keys"]["adapter"]["normalise"]
-    save_tensors(ckpt, {k: v for k, v in tensors.items() if not k.startswith("input_norm/")}, meta)
-    with pytest.raises(ValueError, match=r"before the adapters' input standardisation: resume it with "
-                                         r"adapter.normalise=false"):
+    del meta["resume_keys"]["adapter"]["normalise"], meta["resume_keys"]["adapter"]["token_embedding"]
+    save_tensors(ckpt, {k: v for k, v in tensors.items() if not k.startswith("input_norm/")
+                        and not k.endswith(".token_embedding")}, meta)
+    with pytest.raises(ValueError, match=r"before the adapters' input standardisation and token embedding: resume "
+                                         r"it with adapter.normalise=false adapter.token_embedding=false"):
         run_server(OmegaConf.merge(cfg, {"resume": str(old), "num_rounds": 3}), tmp_path / "l4")
-    run_server(OmegaConf.merge(cfg, {"resume": str(old), "num_rounds": 3, "adapter": {"normalise": False}}),
-               tmp_path / "l5")
+    run_server(OmegaConf.merge(cfg, {"resume": str(old), "num_rounds": 3,
+                                     "adapter": {"normalise": False, "token_embedding": False}}), tmp_path / "l5")
     assert json.loads((old / "summary.json").read_text())["completed"]
     (run / "checkpoints" / "server_round_2.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="server_round_2.safetensors is corrupt"):

@@ -179,3 +179,18 @@ def test_standardised_adapters_ignore_an_offset_every_clip_shares():
     assert torch.allclose(outs[0], outs[1], atol=1e-4)
     raw = build_adapters(8, SD, 16, 2, seed=0, kind="lowrank", rank=4)
     assert raw.input_norm() is None and not torch.allclose(predict(raw, x + offset)["clip"], outs[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["attention", "lowrank"])
+def test_token_embedding_tells_the_audio_tokens_apart(kind):
+    """Attention pooling alone treats the K tokens as a set (an order swap changes nothing); with the token embedding
+    (model.audio.tokens, adapter.token_embedding) the adapters know which token holds what, and refuse another K."""
+    x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(2))
+    swapped = x[:, [1, 0, 2, 3]]
+    blind = build_adapters(8, SD, 16, 2, seed=0, kind=kind, rank=4)
+    assert torch.allclose(predict(blind, x)["clip"], predict(blind, swapped)["clip"], atol=1e-5)
+    told = build_adapters(8, SD, 16, 2, seed=0, kind=kind, rank=4, tokens=4)
+    assert {n for n, _ in told.named_parameters() if "token_embedding" in n} == {"clip.token_embedding"}
+    assert not torch.allclose(predict(told, x)["clip"], predict(told, swapped)["clip"], atol=1e-3)
+    with pytest.raises(ValueError, match="built for 4 audio tokens .* got 3"):
+        told(x[:, :3])
