@@ -105,13 +105,12 @@ def direct(n: int, overrides: list[str], out: Path) -> dict:
     encoder = AudioEncoder(audio, torch.device("cpu"))
     sites = [load_site(data, part, encoder, s) for s in range(n)]
     clips, classes, parts = federation(data, part)
-    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.as_config(cfg).model.text, cfg.diffusion.t5_seq_len,
-                            TensorCache(Path(cfg.paths.cache_dir) / "targets"))
+    targets = class_targets(classes, cfg.prompt_template, cfg.diffusion.type, C.as_config(cfg).model.text,
+                            cfg.diffusion.t5_seq_len, TensorCache(Path(cfg.paths.cache_dir) / "targets"))
     norm = input_norm([embedding_moments(s.splits["train"][0]) for s in sites])
 
     def make():
-        return build_adapters(encoder_dim(audio), targets, cfg.adapter.width, cfg.adapter.heads, cfg.seed,
-                              cfg.adapter.kind, cfg.adapter.rank, norm)
+        return build_adapters(encoder_dim(audio), targets, seed=cfg.seed, norm=norm, **C.adapter_keywords(cfg))
 
     def wire(state):  # as the adapters travel (adapter.wire), back in float32
         return {k: v.to(getattr(torch, cfg.adapter.wire)).float() for k, v in state.items()}
