@@ -8,7 +8,8 @@
         --label-skew "partition=classes partition.sites=[[dog,cow],[owl]]"   # classes not in ESC-50 groups
 
 Protocol (the same for every row):
-- Sites: 5, one ESC-50 semantic group each (--label-skew: other class sets); sites are simulated in one
+- Sites: 5, one ESC-50 semantic group each (--label-skew: other class sets; the Dirichlet scenario: 50 sites,
+  Dirichlet(0.1) over classes, FedPFT's setting); sites are simulated in one
   process with the functions the Flower apps call (`load_site`, `train_adapters`, the replay and
   server-generator functions, FedAvg's example-weighted mean), so a row's number is what its Flower run
   gives, minus transport.
@@ -105,8 +106,10 @@ class Scenario:
     reference: str = "centralised"    # the row every other row is compared with
 
 
+DIRICHLET = ("partition=dirichlet", "partition.alpha=0.1", "federation.num_sites=50")  # FedPFT's label skew
 SCENARIOS = [Scenario("non-IID", GROUPS), Scenario("non-IID, hard data", GROUPS + HARD),
-             Scenario("class-incremental, hard data", IID + HARD, incremental=True, reference="FedAvg")]
+             Scenario("class-incremental, hard data", IID + HARD, incremental=True, reference="FedAvg"),
+             Scenario("Dirichlet 0.1, 50 sites", DIRICHLET)]
 
 
 def select(name: str, skew: tuple[str, ...] = ()) -> list[Scenario]:
@@ -133,6 +136,10 @@ def methods(scenario: Scenario, quick: bool) -> list[Method]:
                             refine=True)]
             rows += [Method(f"+ replay + refinement ({g}, per_class)", generator=g, granularity="per_class",
                             augment=True, refine=True) for g in ("gaussian", "cvae")]
+            rows += [Method("+ refinement (gaussian, per_class, lowrank)", generator="gaussian",
+                            granularity="per_class", refine=True, covariance="lowrank"),
+                     Method("+ replay + refinement (gaussian, per_class, lowrank)", generator="gaussian",
+                            granularity="per_class", augment=True, refine=True, covariance="lowrank")]
             rows += [Method("+ kd (server generator)", kd=True, server_gen=True)]
         return rows
     rows = [Method("linear probe (ceiling)", kind="probe"), Method("centralised", kind="central"),
