@@ -8,7 +8,8 @@
         --label-skew "partition=classes partition.sites=[[dog,cow],[owl]]"   # classes not in ESC-50 groups
 
 Protocol (the same for every row):
-- Sites: 5, one ESC-50 semantic group each (--label-skew: other class sets); sites are simulated in one
+- Sites: 5, one ESC-50 semantic group each (--label-skew: other class sets; the Dirichlet scenario: 50 sites,
+  Dirichlet(0.1) over classes, FedPFT's setting); sites are simulated in one
   process with the functions the Flower apps call (`load_site`, `train_adapters`, the replay and
   server-generator functions, FedAvg's example-weighted mean), so a row's number is what its Flower run
   gives, minus transport.
@@ -103,16 +104,22 @@ class Scenario:
     overrides: tuple[str, ...] = ()   # partition and data difficulty
     incremental: bool = False
     reference: str = "centralised"    # the row every other row is compared with
+    quick: bool = True                # in --quick runs of every scenario (else only when --scenario names it)
 
 
+DIRICHLET = ("partition=dirichlet", "partition.alpha=0.1", "federation.num_sites=50")  # FedPFT's label skew
 SCENARIOS = [Scenario("non-IID", GROUPS), Scenario("non-IID, hard data", GROUPS + HARD),
-             Scenario("class-incremental, hard data", IID + HARD, incremental=True, reference="FedAvg")]
+             Scenario("class-incremental, hard data", IID + HARD, incremental=True, reference="FedAvg"),
+             Scenario("Dirichlet 0.1, 50 sites", DIRICHLET, quick=False)]  # 50 sites: too few clips a site at smoke size
 
 
-def select(name: str, skew: tuple[str, ...] = ()) -> list[Scenario]:
-    """The scenario called `name` (else those whose names contain it); `skew` replaces the ESC-50 groups partition."""
+def select(name: str, skew: tuple[str, ...] = (), quick: bool = False) -> list[Scenario]:
+    """The scenario called `name` (else those whose names contain it; with `quick` and no name, those marked for
+    smoke runs); `skew` replaces the ESC-50 groups partition."""
     scenarios = [replace(s, overrides=skew + s.overrides[len(GROUPS):]) if skew and s.overrides[:len(GROUPS)] == GROUPS
                  else s for s in SCENARIOS]
+    if quick and not name:
+        return [s for s in scenarios if s.quick]
     return [s for s in scenarios if s.name == name] or [s for s in scenarios if name in s.name]
 
 
@@ -133,6 +140,10 @@ def methods(scenario: Scenario, quick: bool) -> list[Method]:
                             refine=True)]
             rows += [Method(f"+ replay + refinement ({g}, per_class)", generator=g, granularity="per_class",
                             augment=True, refine=True) for g in ("gaussian", "cvae")]
+            rows += [Method("+ refinement (gaussian, per_class, lowrank)", generator="gaussian",
+                            granularity="per_class", refine=True, covariance="lowrank"),
+                     Method("+ replay + refinement (gaussian, per_class, lowrank)", generator="gaussian",
+                            granularity="per_class", augment=True, refine=True, covariance="lowrank")]
             rows += [Method("+ kd (server generator)", kd=True, server_gen=True)]
         return rows
     rows = [Method("linear probe (ceiling)", kind="probe"), Method("centralised", kind="central"),
@@ -567,7 +578,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path, done = out / "quality.csv", finished(out / "quality.csv", setup)
-    scenarios = select(args.scenario, skew)
+    scenarios = select(args.scenario, skew, args.quick)
     order = [(s.name, m.name) for s in scenarios for m in methods(s, args.quick)]
     references = {s.name: s.reference for s in scenarios}
     names = {m for _, m in order}

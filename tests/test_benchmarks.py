@@ -29,6 +29,19 @@ def test_quality_intervals_and_paired_test():
     assert bench_quality.paired(a, a.copy(), rng)[3] == 1.0  # identical rows: no difference
 
 
+def test_quality_scenarios_dirichlet_and_lowrank_incremental_rows():
+    dirichlet = bench_quality.select("Dirichlet 0.1, 50 sites")
+    assert [s.overrides for s in dirichlet] == [bench_quality.DIRICHLET]
+    assert "federation.num_sites=50" in bench_quality.DIRICHLET  # FedPFT's setting: 50 sites, alpha 0.1
+    assert dirichlet[0] not in bench_quality.select("", quick=True)  # smoke runs keep their three scenarios
+    assert len(bench_quality.select("", quick=True)) == 3 and dirichlet[0] in bench_quality.select("")
+    incremental = bench_quality.select("class-incremental, hard data")[0]
+    rows = {m.name: m for m in bench_quality.methods(incremental, quick=False)}
+    lowrank = rows["+ refinement (gaussian, per_class, lowrank)"]
+    assert lowrank.covariance == "lowrank" and lowrank.refine and not lowrank.augment
+    assert rows["+ replay + refinement (gaussian, per_class, lowrank)"].augment
+
+
 @pytest.mark.slow
 def test_quality_benchmark_quick_scores_every_method_on_the_same_clips_and_resumes(tmp_path, cache_dir):
     out = tmp_path / "bench"
