@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from a2v_flower.checkpoints import load_tensors, save_tensors
+from a2v_flower.config import value
 from a2v_flower.records import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,6 @@ def _plain(value):
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}  # as JSON metadata keeps them
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def _value(conf, dotted: str):
-    for part in dotted.split("."):
-        conf = getattr(conf, part)
-    return _plain(conf)
 
 
 def _known(now, saved):
@@ -59,7 +54,7 @@ def save_server_checkpoint(run_dir: Path, rnd: int, adapters: torch.nn.Module, t
                            conf) -> Path:
     """<run_dir>/checkpoints/server_round_{R}.safetensors: global adapters, strategy state, round, config keys."""
     tensors = tensors | {f"adapters/{k}": v for k, v in adapters.state_dict().items()}
-    meta = meta | {"round": rnd, "resume_keys": {k: _value(conf, k) for k in RESUME_KEYS}}
+    meta = meta | {"round": rnd, "resume_keys": {k: _plain(value(conf, k)) for k in RESUME_KEYS}}
     folder = run_dir / "checkpoints"
     path = save_tensors(folder / f"server_round_{rnd}.safetensors", tensors, meta)
     _keep_last_two(folder, "server", rnd)
@@ -88,7 +83,7 @@ def load_server_checkpoint(run_dir: Path, conf) -> tuple[int, dict, dict, dict]:
         raise ValueError(f"resume: {files[-1]} has no resume metadata of its round (it holds {sorted(meta)}): "
                          "not a server checkpoint written by this app")
     for key, saved in meta.get("resume_keys", {}).items():
-        now = _value(conf, key)
+        now = _plain(value(conf, key))
         if key == "adapter" and isinstance(saved, dict):  # written before a key of ADDED existed: it was off
             saved = dict.fromkeys(ADDED, False) | saved
         now = _known(now, saved)  # keys added since: the older run had no such key

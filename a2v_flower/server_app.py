@@ -279,11 +279,16 @@ def round_renderer(conf: Config, run_dir: Path, classes: list[str], targets: dic
                          targets=targets, judge_id=d.judge, free_after=d.free_after_render, device=device)
 
 
+def saved_input_norm(adapters) -> dict[str, torch.Tensor]:
+    """The adapters' input standardisation as saved beside their weights (`input_norm/mean|std`; none if off)."""
+    return {f"input_norm/{k}": v for k, v in (adapters.input_norm() or {}).items()}
+
+
 def round_end(conf: Config, run_dir: Path, adapters, generators: ServerGenerators, strategy: A2VStrategy,
               tracker: RunTracker, render, held_out: tuple | None, targets: dict, classes: list[str],
               summary: dict, done: int):
     """Flower's evaluate_fn: the end of each round (its number counted from the start of the run)."""
-    saved_norm = {f"input_norm/{k}": v for k, v in (adapters.input_norm() or {}).items()}  # beside the weights
+    saved_norm = saved_input_norm(adapters)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Rendering (when due), the server checkpoint, and the round's one line on the console."""
@@ -316,8 +321,7 @@ def round_end(conf: Config, run_dir: Path, adapters, generators: ServerGenerator
 
 def finish_run(conf: Config, run_dir: Path, adapters, tracker: RunTracker, classes: list[str], summary: dict) -> None:
     """adapters.safetensors (with the input standardisation beside the weights) and summary.json."""
-    saved_norm = {f"input_norm/{k}": v for k, v in (adapters.input_norm() or {}).items()}
-    save_tensors(run_dir / "adapters.safetensors", adapters.state_dict() | saved_norm,
+    save_tensors(run_dir / "adapters.safetensors", adapters.state_dict() | saved_input_norm(adapters),
                  {"diffusion": conf.diffusion.type, "classes": classes, "rounds": conf.num_rounds})
     evals = [r for r in tracker.history if r["kind"] == "eval"]
     summary |= {"completed": summary["rounds_done"] == conf.num_rounds, "classes": classes,
