@@ -27,10 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_quality as B  # noqa: E402
 from a2v_flower import config as C  # noqa: E402
-from a2v_flower.cache import TensorCache  # noqa: E402
 from a2v_flower.models import adapters as A  # noqa: E402
-from a2v_flower.models.audio_encoder import AudioEncoder, encoder_dim  # noqa: E402
-from a2v_flower.models.text_encoders import class_targets  # noqa: E402
+from a2v_flower.models.audio_encoder import encoder_dim  # noqa: E402
 
 torch.set_num_threads(1)
 SKEW = ("partition=classes", "partition.sites=[[dog,rooster],[pig,cow],[frog,cat],[duck,horse],[owl]]")
@@ -61,20 +59,6 @@ def forward(self, x):
 
 
 A.AdapterSet.forward = forward
-
-
-def setup(data_overrides, skew, seeds):
-    """bench_quality's 5 sites of the data for each seed (split): (config, encoder, [(seed, sites, targets)])."""
-    base = [*B.SITES, *B.DEFAULT_SIZE, *data_overrides]
-    cfg = C.absolute_paths(C.compose_config([*base, *skew]), Path.cwd())
-    encoder = AudioEncoder(C.as_config(cfg).model.audio)
-    out = []
-    for seed in seeds:
-        sites = B.load(base, skew, seed, encoder)
-        targets = class_targets(sites[0].classes, cfg.prompt_template, cfg.diffusion.type, C.as_config(cfg).model.text,
-                                cfg.diffusion.t5_seq_len, TensorCache(Path(cfg.paths.cache_dir) / "targets"))
-        out.append((seed, sites, targets))
-    return cfg, encoder, out
 
 
 def central(cfg, data, train=(), width=None, rank=None, kind=None, rounds=10, noise=0.0, norm=True, kd_epochs=5,
@@ -136,7 +120,7 @@ if __name__ == "__main__":
             "real5": ["data=esc50", "data.root=outputs/real", "data.clip_seconds=5.0"],
             "synth": []}[which]
     skew = SKEW if which.startswith("real") else B.GROUPS
-    cfg, enc, data = setup(over, skew, seeds)
+    cfg, data = B.load_splits(over, skew, seeds)
     t = time.time()
     ref, fit = probe(data)
     report("probe", ref, fit, t=time.time() - t)

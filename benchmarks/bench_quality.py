@@ -551,6 +551,21 @@ def load(base: list[str], overrides: tuple[str, ...], seed: int, encoder: AudioE
     return [load_site(data, C.partition_spec(scfg), encoder, i) for i in range(scfg.federation.num_sites)]
 
 
+def load_splits(overrides: list[str], skew: tuple[str, ...], seeds, encoder_cls=AudioEncoder):
+    """The config of the 5 sites' data with `overrides` and `skew`, and per seed (split) (seed, sites, class
+    targets), clips embedded by `encoder_cls` (the bench_adapter_gap / bench_window experiments)."""
+    base = [*SITES, *DEFAULT_SIZE, *overrides]
+    cfg = C.absolute_paths(C.compose_config([*base, *skew]), Path.cwd())
+    encoder, conf = encoder_cls(C.as_config(cfg).model.audio), C.as_config(cfg)
+    out = []
+    for seed in seeds:
+        sites = load(base, skew, seed, encoder)
+        targets = class_targets(sites[0].classes, conf.prompt_template, conf.diffusion.type, conf.model.text,
+                                conf.diffusion.t5_seq_len, TensorCache(Path(conf.paths.cache_dir) / "targets"))
+        out.append((seed, sites, targets))
+    return cfg, out
+
+
 def main() -> None:
     """Parse arguments, run every missing scenario x method x seed (appending to the CSV), write the tables."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

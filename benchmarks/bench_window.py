@@ -19,7 +19,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_adapter_gap as G  # noqa: E402
 from benchmarks import bench_quality as B  # noqa: E402
-from a2v_flower import config as C  # noqa: E402
 from a2v_flower.models.audio_encoder import (AST_DEFAULTS, AudioEncoder, compact_tokens,  # noqa: E402
                                              sound_columns)
 
@@ -58,22 +57,6 @@ class WindowEncoder(AudioEncoder):
         return torch.cat(out)
 
 
-def sites_with(encoder_cls, over, skew, seeds):
-    """The config and, per seed, (seed, sites, class targets) with clips embedded by `encoder_cls`."""
-    base = [*B.SITES, *B.DEFAULT_SIZE, *over]
-    cfg = C.absolute_paths(C.compose_config([*base, *skew]), Path.cwd())
-    enc = encoder_cls(C.as_config(cfg).model.audio)
-    data = []
-    for seed in seeds:
-        sites = B.load(base, skew, seed, enc)
-        from a2v_flower.cache import TensorCache
-        from a2v_flower.models.text_encoders import class_targets
-        targets = class_targets(sites[0].classes, cfg.prompt_template, cfg.diffusion.type, C.as_config(cfg).model.text,
-                                cfg.diffusion.t5_seq_len, TensorCache(Path(cfg.paths.cache_dir) / "targets"))
-        data.append((seed, sites, targets))
-    return cfg, data
-
-
 if __name__ == "__main__":
     which, nseeds = sys.argv[1], int(sys.argv[2])
     over = {"real0.5": ["data=esc50", "data.root=outputs/real", "data.clip_seconds=0.5"],
@@ -83,7 +66,7 @@ if __name__ == "__main__":
     seeds = list(range(nseeds))
     for name, cls in (("sound columns (main)", AudioEncoder), ("window follows clip", WindowEncoder)):
         t = time.time()
-        cfg, data = sites_with(cls, over, skew, seeds)
+        cfg, data = B.load_splits(over, skew, seeds, cls)
         ref, fit = G.probe(data)
         G.report(f"{which} {name}: probe", ref, fit, t=time.time() - t)
         t = time.time()
