@@ -247,10 +247,14 @@ def owners_of(stats: dict, key: str) -> dict[int, list[int]]:
 
 
 def hits(adapters, x: torch.Tensor, y: torch.Tensor, targets) -> torch.Tensor:
-    """(N,) 1.0 where retrieval among all classes ranks the clip's own class first."""
+    """(N,) 1.0 where retrieval among all classes ranks the clip's own class first; ValueError unless every
+    similarity behind it is finite."""
     if not len(y):
         return torch.empty(0)
-    return (similarity(predict(adapters, x), targets).argmax(1) == y).float()
+    scores = similarity(predict(adapters, x), targets)
+    if not torch.isfinite(scores).all():  # a NaN weight or input would score as a plausible number: refuse it
+        raise ValueError("adapters or inputs hold NaN or Inf: this row's figure would not be trusted")
+    return (scores.argmax(1) == y).float()
 
 
 def per_class(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
